@@ -1,0 +1,590 @@
+"""DeepSeekMoE: the V3 router, fused routed experts, load balancing and load metrics.
+
+What is here (names follow transformers' `DeepseekV3MoE`, so state dicts load 1:1):
+
+- `Router` (`mlp.gate`): sigmoid (V3) or softmax (V2) affinities, aux-loss-free bias used for expert *selection
+  only*, group-limited ("node-limited") routing, top-k, gate values from the unbiased scores (V3 report eqs. 13-16).
+- `Experts` (`mlp.experts`): all routed experts as two 3-D tensors in transformers v5's in-memory layout;
+  token slots are sorted by expert and pushed through `torch._grouped_mm` (or a per-expert loop).
+- `MoE` (`mlp`): routed + shared experts (V3 eq. 12); records `last_routing` for losses, metrics and plots.
+- Balancing: `update_bias` (aux-loss-free rule, LFB paper Alg. 1), `sequence_balance_loss` (V3 eqs. 17-20),
+  `switch_aux_loss`, `router_z_loss`.
+- `load_metrics` (MaxVio, CV, normalized entropy, dead experts, dropped fraction, relative load) and
+  `simulate_bias_controller` for the MoE page.
+
+Shapes: T = tokens (batch x sequence, flattened), H = hidden_size, E = n_routed_experts, K = num_experts_per_tok,
+I = moe_intermediate_size, G = n_group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.config import ModelConfig, get_preset
+from core.layers import MLP
+
+__all__ = [
+    "RouterOutput", "MoERouting", "Router", "Experts", "MoE", "EXPERT_IMPLS",
+    "update_bias", "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "expert_loads",
+    "load_metrics", "BiasSimResult", "simulate_bias_controller", "SIM_STRATEGIES",
+]
+
+EXPERT_IMPLS = ("grouped_mm", "loop")
+
+
+# ----------------------------------------------------------------------------------------------------- router
+@dataclass
+class RouterOutput:
+    """What the router decided for T tokens.
+
+    weights:    [T, K] gate values g_{i,t} (fp32, differentiable w.r.t. the router weight): the UNBIASED scores of
+                the chosen experts, renormalized if `norm_topk_prob`, times `routed_scaling_factor`.
+    indices:    [T, K] int64 chosen experts (sorted by biased score, best first).
+    scores:     [T, E] fp32 unbiased affinities s_{i,t} (sigmoid or softmax of the logits; differentiable).
+    logits:     [T, E] fp32 router logits u_t^T e_i (for the z-loss).
+    group_mask: [T, G] bool, True for the groups a token may use (None without group-limited routing).
+    """
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+    group_mask: torch.Tensor | None
+
+
+@dataclass
+class MoERouting(RouterOutput):
+    """`MoE.last_routing`: the `RouterOutput` of the last forward plus what the trainer and the app need.
+
+    loads:      [E] int64 token-slot counts per expert c_i (sum = T*K) in this forward, for `update_bias`
+                and `load_metrics`.
+    batch_size, seq_len: the input's leading shape (`[B, S, H]` input; a 2-D `[T, H]` input gives B=1, S=T),
+                so per-sequence losses can reshape `scores`/`indices` to [B, S, ...].
+    The tensors are the live autograd tensors (not detached) so balance losses can be backpropagated; call
+    `.detach()` before keeping them across steps.
+    """
+
+    loads: torch.Tensor
+    batch_size: int
+    seq_len: int
+
+
+class Router(nn.Module):
+    """DeepSeek-V3 gate (transformers `DeepseekV3TopkRouter`, official `Gate`); V2 softmax routing too.
+
+    V3 report §2.1.2, eqs. 13-16 (K_r = `num_experts_per_tok`, b_i = `e_score_correction_bias`; eq. 14 is the
+    same top-k without the bias, which is what a zero bias or `topk_method != "noaux_tc"` gives):
+        s_{i,t}  = Sigmoid(u_t^T e_i)                                                   (15)
+        g'_{i,t} = s_{i,t}  if  s_{i,t} + b_i  in  Topk({s_{j,t} + b_j}, K_r)  else 0   (16)
+        g_{i,t}  = g'_{i,t} / sum_j g'_{j,t}                                            (13)
+    then g *= `routed_scaling_factor`. The bias only decides WHICH experts are picked; the gate values are the
+    original scores (kept as a separate tensor, never recovered as (s+b)-b, which loses s when |b| >> s).
+
+    Group-limited (node-limited) routing with G = `n_group` > 1 (not for `topk_method="greedy"`): experts are split
+    into G contiguous groups; a group's score is the sum of its top-2 BIASED scores when the router has a bias
+    (`noaux_tc`, V3: "sum of the highest K_r/M affinity scores", K_r/M = 8/4) or its max score otherwise (V2
+    `group_limited_greedy`, official code with bias=None); the `topk_group` best groups are kept and all other
+    experts are masked with -inf (not 0.0: with negative biased scores a 0.0 mask can select masked experts;
+    official fix 1398800, transformers #45441).
+
+    Renormalization follows `norm_topk_prob` with transformers' denominator `sum + 1e-20` (published configs pair
+    sigmoid with True and softmax with False, which is also what the official code does).
+
+    Parameters (kept fp32 even after `.to(bfloat16)`: router precision matters, Switch §2.4 "selective precision";
+    official bias fp32 since 4592be4):
+        weight                   [E, H]  nn.Parameter
+        e_score_correction_bias  [E]     buffer, zeros, only when `topk_method == "noaux_tc"`; never gets a
+                                         gradient (topk is not differentiable); changed by `update_bias` only.
+
+    forward(x [..., H]) -> RouterOutput over the T = x.numel() // H flattened tokens.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.hidden_size = config.hidden_size
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = float(config.routed_scaling_factor)
+        self.group_limited = self.n_group > 1 and self.topk_method != "greedy"
+        self.weight = nn.Parameter(torch.empty(self.n_experts, self.hidden_size, dtype=torch.float32))
+        if config.uses_bias_routing:
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.register_buffer("e_score_correction_bias", None)
+        self.reset_parameters(config.initializer_range)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """weight ~ N(0, std) (transformers `_init_weights`), bias = 0."""
+        with torch.no_grad():
+            self.weight.normal_(0.0, std)
+            if self.e_score_correction_bias is not None:
+                self.e_score_correction_bias.zero_()
+
+    def _apply(self, fn, recurse=True):
+        # `.to(bf16)` / `.half()` must not lower the router's precision: cast back to fp32 after any conversion.
+        super()._apply(fn, recurse)
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32:
+            self.weight.data = self.weight.data.float()
+        b = self.e_score_correction_bias
+        if b is not None and b.dtype != torch.float32:
+            self.e_score_correction_bias = b.float()
+        return self
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """Alias of `e_score_correction_bias` (official name `Gate.bias`)."""
+        return self.e_score_correction_bias
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        x = x.reshape(-1, self.hidden_size)
+        logits = F.linear(x.float(), self.weight.float())  # fp32 logits whatever the model dtype
+        if self.scoring_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        # Selection runs on a detached copy: indices carry no gradient, so no graph is needed for it.
+        choice = scores.detach()
+        bias = self.e_score_correction_bias
+        if bias is not None:
+            choice = choice + bias  # biased scores for SELECTION only; `scores` stay unbiased
+        group_mask = None
+        if self.group_limited:
+            t = choice.shape[0]
+            grouped = choice.view(t, self.n_group, self.n_experts // self.n_group)
+            if bias is not None:
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of top-2 biased scores
+            else:
+                group_scores = grouped.amax(dim=-1)  # V2 / no bias: best expert of the group
+            group_idx = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros(t, self.n_group, dtype=torch.bool, device=x.device)
+            group_mask.scatter_(1, group_idx, True)
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).view(t, self.n_experts)
+        indices = choice.topk(self.top_k, dim=-1, sorted=True).indices
+        weights = scores.gather(1, indices)  # unbiased s_{i,t} of the chosen experts (eq. 16)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)  # eq. 13 (transformers' epsilon)
+        weights = weights * self.routed_scaling_factor
+        return RouterOutput(weights=weights, indices=indices, scores=scores, logits=logits, group_mask=group_mask)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.n_experts}, top_k={self.top_k}, groups={self.n_group}/{self.topk_group}, "
+                f"scoring={self.scoring_func}, method={self.topk_method}")
+
+
+# ---------------------------------------------------------------------------------------------------- experts
+def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int) -> bool:
+    """`torch._grouped_mm` needs 16-byte aligned row strides (fp32: widths % 4, bf16: % 8); off CPU only bf16."""
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    if device.type != "cpu" and dtype != torch.bfloat16:
+        return False
+    size = torch.finfo(dtype).bits // 8
+    return all((w * size) % 16 == 0 for w in widths)
+
+
+class Experts(nn.Module):
+    """The N_r routed SwiGLU experts as fused 3-D weights (transformers v5 `DeepseekV3Experts` layout).
+
+    gate_up_proj: [E, 2*I, H]  rows 0..I-1 = gate_proj (w1), rows I..2I-1 = up_proj (w3) of each expert
+    down_proj:    [E, H, I]    (w2)
+    FFN_i(x) = down_i(silu(gate_i x) * up_i x).
+
+    forward(hidden_states [T, H], top_k_index [T, K] int, top_k_weights [T, K]) -> [T, H]
+        = sum_k w_{t,k} FFN_{idx_{t,k}}(x_t)   (the routed sum of V3 eq. 12)
+
+    Dispatch (no capacity, no dropping, as V3): the T*K token slots are sorted by expert with a stable argsort;
+    the rows are gathered once (`index_select`, whose backward is a cheap `index_add_`), each expert's contiguous
+    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`.
+    `impl`:
+      "grouped_mm" (default): two `torch._grouped_mm` calls with int32 offsets = cumsum(bincount). Falls back to
+                   "loop" when the shapes/dtype are not supported (rows must be 16-byte aligned).
+      "loop":      the same sorted layout, one `F.linear` per expert with >= 1 token (official/HF style).
+    Never a per-token gather of weights + bmm (100x slower on CPU, reference §2.6).
+    The routing weight multiplies the SwiGLU output before the (linear) down projection: same result as
+    weighting the expert output, but on I instead of H columns.
+
+    FP8 hook: `self.fp8 = None` (no-op). Set it to an object with callables `quant_act(x)`, `quant_weight(w)`,
+    `quant_grad(y)` (fake quantization, same shape and dtype out) and every expert GEMM y = x @ w^T becomes
+    y = quant_grad(x' @ w'^T) with x' = quant_act(x) on the whole sorted [S, K_in] operand and
+    w' = quant_weight(w) on the whole 3-D weight [E, N, K_in]; `quant_grad` is expected to be identity in the
+    forward and to quantize the incoming gradient in the backward. Both impls apply it identically.
+    """
+
+    def __init__(self, config: ModelConfig, impl: str = "grouped_mm"):
+        super().__init__()
+        if impl not in EXPERT_IMPLS:
+            raise ValueError(f"impl must be one of {EXPERT_IMPLS}, got {impl!r}")
+        self.num_experts = config.n_routed_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.impl = impl
+        self.fp8 = None
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.reset_parameters(config.initializer_range)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Both weights ~ N(0, std) (transformers `_init_weights`)."""
+        with torch.no_grad():
+            self.gate_up_proj.normal_(0.0, std)
+            self.down_proj.normal_(0.0, std)
+
+    def resolved_impl(self) -> str:
+        """The implementation a forward actually uses ("grouped_mm" falls back to "loop" if unsupported)."""
+        w = self.gate_up_proj
+        if self.impl == "grouped_mm" and _grouped_mm_supported(w.device, w.dtype, self.hidden_dim,
+                                                                self.intermediate_dim):
+            return "grouped_mm"
+        return "loop"
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        n_tokens, hidden = hidden_states.shape
+        top_k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        perm = torch.argsort(flat, stable=True)  # slot order grouped by expert, token order within an expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        tok = torch.div(perm, top_k, rounding_mode="floor")  # token of each sorted slot
+        dtype = self.gate_up_proj.dtype
+        xs = hidden_states.index_select(0, tok).to(dtype)  # [S, H]
+        ws = top_k_weights.reshape(-1).index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
+
+        if self.resolved_impl() == "grouped_mm":
+            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's segment
+
+            def mm(a, w):  # a [S, K_in] sorted, w [E, N, K_in] -> [S, N]
+                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+        else:
+            sizes = counts.tolist()
+
+            def mm(a, w):
+                outs = [F.linear(a_e, w[e]) for e, a_e in enumerate(a.split(sizes)) if sizes[e]]
+                return torch.cat(outs) if outs else a.new_zeros(0, w.shape[1])
+
+        fp8 = self.fp8
+        w_gu, w_d = self.gate_up_proj, self.down_proj
+        if fp8 is not None:
+            xs, w_gu = fp8.quant_act(xs), fp8.quant_weight(w_gu)
+        gu = mm(xs, w_gu)  # [S, 2I]
+        if fp8 is not None:
+            gu = fp8.quant_grad(gu)
+        gate, up = gu.chunk(2, dim=-1)
+        h = F.silu(gate) * up * ws  # [S, I]
+        if fp8 is not None:
+            h, w_d = fp8.quant_act(h), fp8.quant_weight(w_d)
+        out = mm(h, w_d)  # [S, H]
+        if fp8 is not None:
+            out = fp8.quant_grad(out)
+        if out.dtype in (torch.bfloat16, torch.float16):
+            out = out.float()  # sum the K slots in fp32 (one rounding to the model dtype, not K)
+        y = out.new_zeros(n_tokens, hidden).index_add(0, tok, out)  # sum the K slots of every token
+        return y.to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, impl={self.impl}"
+
+
+# -------------------------------------------------------------------------------------------------------- MoE
+class MoE(nn.Module):
+    """DeepSeekMoE layer (transformers `DeepseekV3MoE`): y = sum_i g_{i,t} FFN^r_i(u_t) + sum FFN^s(u_t).
+
+    V3 report eq. 12 without the residual u_t (the decoder block adds it). Submodules (state-dict names):
+      gate           Router           mlp.gate.weight, mlp.gate.e_score_correction_bias
+      experts        Experts          mlp.experts.gate_up_proj, mlp.experts.down_proj
+      shared_experts MLP(H, N_s * I)  mlp.shared_experts.{gate,up,down}_proj.weight  (absent when N_s = 0;
+                                      the N_s shared experts are fused into one wide MLP, as official/HF)
+
+    forward(x [B, S, H] or [T, H]) -> same shape. After each forward `self.last_routing` is a `MoERouting`
+    (router weights/indices/scores/logits/group_mask + per-expert `loads` [E] + batch_size, seq_len), used by
+    the trainer (sequence_balance_loss, update_bias after the optimizer step, metrics) and by the app's routing
+    heatmap; it is None before the first forward.
+    """
+
+    def __init__(self, config: ModelConfig, impl: str = "grouped_mm"):
+        super().__init__()
+        self.config = config
+        self.gate = Router(config)
+        self.experts = Experts(config, impl=impl)
+        n_shared = config.n_shared_experts
+        self.shared_experts = (MLP(config.hidden_size, n_shared * config.moe_intermediate_size)
+                               if n_shared > 0 else None)
+        self.last_routing: MoERouting | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        r = self.gate(x)
+        y = self.experts(x, r.indices, r.weights)
+        loads = torch.bincount(r.indices.reshape(-1), minlength=self.gate.n_experts)
+        b, s = (shape[0], shape[1]) if len(shape) == 3 else (1, x.shape[0])
+        self.last_routing = MoERouting(weights=r.weights, indices=r.indices, scores=r.scores, logits=r.logits,
+                                       group_mask=r.group_mask, loads=loads, batch_size=b, seq_len=s)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)
+
+
+# -------------------------------------------------------------------------------------------------- balancing
+def expert_loads(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """c_i: how many token slots picked expert i. indices [..., K] -> [E] int64 (sum = T*K)."""
+    return torch.bincount(indices.reshape(-1), minlength=n_experts)
+
+
+@torch.no_grad()
+def update_bias(router: Router, loads: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Aux-loss-free balancing (V3 report §2.1.2; LFB paper arXiv 2408.15664, Algorithm 1).
+
+    b_i <- b_i + gamma * sign(mean_j c_j - c_i): an overloaded expert's bias goes down by gamma, an underloaded
+    one's goes up, an expert exactly at the mean is unchanged. Rule-based, in fp32, outside autograd (the bias
+    never receives a gradient). Use the loads of the batch just trained on (never the batch about to be routed:
+    that would leak future tokens). loads: [E] counts -> returns the applied step [E] (fp32).
+    """
+    bias = router.e_score_correction_bias
+    if bias is None:
+        raise ValueError(f"router has no e_score_correction_bias (topk_method={router.topk_method!r}); "
+                         "aux-loss-free balancing needs topk_method='noaux_tc'")
+    c = loads.detach().to(device=bias.device, dtype=torch.float32).reshape(-1)
+    if c.numel() != bias.numel():
+        raise ValueError(f"loads has {c.numel()} entries, router has {bias.numel()} experts")
+    step = float(gamma) * torch.sign(c.mean() - c)
+    bias.add_(step)
+    return step
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int,
+                          seq_len: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss, V3 report eqs. 17-20 (multiply by alpha yourself).
+
+        f_i  = N_r / (K_r T) * sum_t 1(token t routed to i)          (18)
+        s'_{i,t} = s_{i,t} / sum_j s_{j,t}                           (19)
+        P_i  = (1/T) sum_t s'_{i,t}                                  (20)
+        L    = sum_i f_i P_i, per sequence, averaged over sequences  (17)
+
+    scores [B*T, E] (or [B, T, E]) unbiased affinities (`RouterOutput.scores`, differentiable);
+    indices [B*T, K] the experts actually chosen (the paper's indicator uses Topk of the unbiased scores: pass
+    `scores.topk(K).indices` for that literal reading). T = seq_len. Perfect balance gives L = 1.
+    With seq_len = all tokens of the batch this is the batch-wise variant (V3 §4.5.3).
+    """
+    s = scores.reshape(-1, seq_len, n_experts)
+    n_seq = s.shape[0]
+    idx = indices.reshape(n_seq, seq_len * top_k)
+    counts = torch.zeros(n_seq, n_experts, dtype=s.dtype, device=s.device)
+    counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=s.dtype))
+    f = counts * (n_experts / (top_k * seq_len))  # no gradient: an indicator
+    p = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f * p).sum(dim=-1).mean()
+
+
+def switch_aux_loss(probs: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int) -> torch.Tensor:
+    """Switch Transformer load-balancing loss N * sum_i f_i P_i over all tokens (Fedus et al. 2022, eq. 4).
+
+    f_i = c_i / (T*K) (fraction of token slots, normalized by K so uniform routing gives 1 for any top-k),
+    P_i = mean_t p_{i,t} with p normalized per token to sum to 1 (a no-op for softmax probabilities; makes
+    sigmoid scores usable). probs [T, E], indices [T, K]. Uniform -> 1; multiply by alpha yourself.
+    """
+    p = probs.reshape(-1, n_experts)
+    p = p / p.sum(dim=-1, keepdim=True)
+    counts = torch.bincount(indices.reshape(-1), minlength=n_experts).to(p.dtype)
+    f = counts / (p.shape[0] * top_k)
+    return n_experts * (f * p.mean(dim=0)).sum()
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss (1/T) sum_t (logsumexp_j x_{t,j})^2 (Zoph et al. 2022, eq. 5). logits [T, E] -> scalar."""
+    return torch.logsumexp(logits.float().reshape(-1, logits.shape[-1]), dim=-1).pow(2).mean()
+
+
+# ---------------------------------------------------------------------------------------------------- metrics
+def load_metrics(loads, top_k: int | None = None, capacity_factor: float | None = None) -> dict:
+    """Load-balance metrics of per-expert counts c_i (reference fp8-and-moe.md §2.5).
+
+    loads: [E] counts (tensor, array or list; sum = T*K). Returns a dict:
+      max_vio            max_i c_i / c̄ - 1 with c̄ = sum c / E (LFB eq. 4); 0 = balanced, E-1 = one expert.
+      cv                 population std(c) / mean(c); 0 = balanced, sqrt(E-1) = one expert.
+      normalized_entropy -sum f log f / log E with f = c / sum c; 1 = balanced, 0 = one expert.
+      dead_experts       number of experts with c_i = 0 (int).
+      relative_load      [E] list c_i / c̄ (V3 Fig. 9 "relative expert load").
+      capacity           C = ceil(CF * T*K / E) slots per expert, or None without `capacity_factor`.
+      dropped_fraction   sum_i max(0, c_i - C) / (T*K): slots a capacity-limited router (Switch/GShard/V2)
+                         would drop; None without `capacity_factor`. (V3 itself drops nothing.)
+      tokens             T = sum c / top_k, or None without `top_k`.
+    All-zero loads give zeros (entropy 0) rather than NaN.
+    """
+    c = torch.as_tensor(loads).detach().to("cpu", torch.float64).reshape(-1)
+    n = c.numel()
+    total = float(c.sum())
+    out: dict = {"tokens": (total / top_k) if top_k else None, "capacity": None, "dropped_fraction": None}
+    if n == 0 or total <= 0:
+        out.update(max_vio=0.0, cv=0.0, normalized_entropy=0.0, dead_experts=n, relative_load=[0.0] * n)
+        return out
+    mean = total / n
+    f = c / total
+    nz = f[f > 0]
+    entropy = float(-(nz * nz.log()).sum())
+    out.update(
+        max_vio=float(c.max()) / mean - 1.0,
+        cv=float(c.std(unbiased=False)) / mean,
+        normalized_entropy=entropy / math.log(n) if n > 1 else 1.0,
+        dead_experts=int((c == 0).sum()),
+        relative_load=(c / mean).tolist(),
+    )
+    if capacity_factor is not None:
+        cap = math.ceil(capacity_factor * total / n - 1e-9)  # T*K/N slots per expert at CF = 1
+        out["capacity"] = cap
+        out["dropped_fraction"] = float((c - cap).clamp(min=0).sum()) / total
+    return out
+
+
+# ----------------------------------------------------------------------------------------- bias controller sim
+SIM_STRATEGIES = ("none", "aux_loss", "aux_free", "both")
+
+
+@dataclass
+class BiasSimResult:
+    """One strategy of `simulate_bias_controller` (S steps, E experts).
+
+    loads [S, E] int64 counts per step; biases [S, E] the bias used to route step s (before its update);
+    max_vio [S] MaxVio_batch per step; aux_loss [S] sequence-wise balance loss (eq. 17) per step.
+    """
+
+    strategy: str
+    loads: torch.Tensor
+    biases: torch.Tensor
+    max_vio: torch.Tensor
+    aux_loss: torch.Tensor
+
+
+def _sim_token_stream(gen, steps, tokens, hidden, n_domains, skew, zipf, stream):
+    """Token batches from a skewed mixture of 'domains': x = skew * m(t) + c_d + noise, d ~ Zipf(zipf).
+
+    A shared mean direction m (strength `skew`) favours the same few experts for every token and a Zipf domain
+    mix overloads the experts preferred by the common domains, so routing starts imbalanced.
+    stream: "fixed" (one batch reused every step), "resample" (i.i.d. batches), "drift" (i.i.d. batches whose
+    mean direction rotates from m0 to an orthogonal m1 over the run and whose domain popularity reverses).
+    """
+    centers = torch.randn(n_domains, hidden, generator=gen)
+    m0 = F.normalize(torch.randn(hidden, generator=gen), dim=0) * math.sqrt(hidden)
+    m1 = torch.randn(hidden, generator=gen)
+    m1 = m1 - (m1 @ m0) / (m0 @ m0) * m0
+    m1 = F.normalize(m1, dim=0) * math.sqrt(hidden)
+    pop = 1.0 / torch.arange(1, n_domains + 1, dtype=torch.float32) ** zipf
+
+    def batch(step):
+        frac = step / max(1, steps - 1) if stream == "drift" else 0.0
+        m = math.cos(frac * math.pi / 2) * m0 + math.sin(frac * math.pi / 2) * m1
+        probs = (1 - frac) * pop + frac * pop.flip(0)
+        d = torch.multinomial(probs, tokens, replacement=True, generator=gen)
+        return skew * m + centers[d] + torch.randn(tokens, hidden, generator=gen)
+
+    if stream == "fixed":
+        x = batch(0)
+        return [x] * steps
+    return [batch(s) for s in range(steps)]
+
+
+def simulate_bias_controller(
+    strategies: str | Iterable[str] = SIM_STRATEGIES,
+    *,
+    n_experts: int = 16,
+    top_k: int = 4,
+    n_group: int = 1,
+    topk_group: int = 1,
+    scoring_func: str = "sigmoid",
+    hidden_size: int = 32,
+    tokens: int = 512,
+    seq_len: int | None = None,
+    steps: int = 200,
+    gamma: float = 1e-2,
+    alpha: float = 1e-2,
+    lr: float = 1.0,
+    skew: float = 1.0,
+    zipf: float = 1.0,
+    n_domains: int = 8,
+    stream: str = "resample",
+    init_std: float | None = None,
+    seed: int = 0,
+) -> dict[str, BiasSimResult]:
+    """Step a V3 router over `steps` token batches under each balancing strategy; for the MoE page's MaxVio plot.
+
+    Strategies (same data, same initial router weight for all, derived from `seed`):
+      "none"      bias frozen at 0, weight frozen.
+      "aux_loss"  after routing step s, one SGD step (learning rate `lr`) on the router weight only, on
+                  alpha * sequence_balance_loss (V3 eqs. 17-20; sequences of `seq_len` tokens, default the batch).
+      "aux_free"  after routing step s, `update_bias(router, loads_s, gamma)` (LFB Alg. 1, V3 §2.1.2).
+      "both"      both updates.
+    No language-model loss is simulated, so the plot shows balance only, not the quality cost of the aux loss
+    gradient (V3 §4.5, LFB Fig. 2). Note gamma * steps bounds how far a bias can move: the paper's 1e-3 works over
+    thousands of steps; the default 1e-2 shows convergence within ~100 steps on this toy.
+
+    Tokens come from `_sim_token_stream` (skewed mixture of domains; `stream` "fixed" | "resample" | "drift").
+    Router weight ~ N(0, init_std) with init_std default 1/sqrt(hidden_size) so logits are O(1).
+    Returns {strategy: BiasSimResult}. Deterministic for a given seed; ~0.1 s per strategy at E=64, T=512.
+    """
+    if isinstance(strategies, str):
+        strategies = [strategies]
+    strategies = list(strategies)
+    for s in strategies:
+        if s not in SIM_STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; choose from {SIM_STRATEGIES}")
+    if stream not in ("fixed", "resample", "drift"):
+        raise ValueError(f"stream must be 'fixed', 'resample' or 'drift', got {stream!r}")
+    seq_len = tokens if seq_len is None else seq_len
+    if seq_len <= 0 or tokens % seq_len:
+        raise ValueError(f"seq_len ({seq_len}) must divide tokens ({tokens})")
+    cfg = get_preset("tiny").replace(
+        hidden_size=hidden_size, n_routed_experts=n_experts, num_experts_per_tok=top_k, n_group=n_group,
+        topk_group=topk_group, scoring_func=scoring_func, topk_method="noaux_tc",
+        norm_topk_prob=scoring_func == "sigmoid", routed_scaling_factor=1.0)
+    # Tiny ops: one intra-op thread avoids OpenMP barrier stalls when other work shares the cores (10x faster
+    # on a loaded 2-core box). The setting is per calling thread and restored afterwards.
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size)
+        w0 = torch.randn(n_experts, hidden_size, generator=gen) * std
+        batches = _sim_token_stream(gen, steps, tokens, hidden_size, n_domains, skew, zipf, stream)
+        return _run_sim(strategies, cfg, w0, batches, steps, n_experts, top_k, seq_len, gamma, alpha, lr)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _run_sim(strategies, cfg, w0, batches, steps, n_experts, top_k, seq_len, gamma, alpha, lr):
+    results: dict[str, BiasSimResult] = {}
+    for strategy in strategies:
+        router = Router(cfg)
+        with torch.no_grad():
+            router.weight.copy_(w0)
+        use_aux = strategy in ("aux_loss", "both")
+        use_bias = strategy in ("aux_free", "both")
+        loads = torch.zeros(steps, n_experts, dtype=torch.int64)
+        biases = torch.zeros(steps, n_experts)
+        aux = torch.zeros(steps)
+        for step, x in enumerate(batches):
+            biases[step] = router.e_score_correction_bias
+            with torch.set_grad_enabled(use_aux):
+                r = router(x)
+                c = expert_loads(r.indices, n_experts)
+                loss = sequence_balance_loss(r.scores, r.indices, n_experts, top_k, seq_len)
+            loads[step] = c
+            aux[step] = loss.detach()
+            if use_aux:
+                (g,) = torch.autograd.grad(alpha * loss, router.weight)
+                with torch.no_grad():
+                    router.weight.sub_(lr * g)
+            if use_bias:
+                update_bias(router, c, gamma)
+        lf = loads.double()
+        max_vio = (lf.max(dim=1).values / lf.mean(dim=1) - 1.0).float()
+        results[strategy] = BiasSimResult(strategy, loads, biases, max_vio, aux)
+    return results
