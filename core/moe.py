@@ -140,11 +140,6 @@ class Router(nn.Module):
             self.e_score_correction_bias = b.float()
         return self
 
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """Alias of `e_score_correction_bias` (official name `Gate.bias`)."""
-        return self.e_score_correction_bias
-
     def forward(self, x: torch.Tensor) -> RouterOutput:
         x = x.reshape(-1, self.hidden_size)
         logits = F.linear(x.float(), self.weight.float())  # fp32 logits whatever the model dtype
