@@ -194,10 +194,9 @@ def weight_bytes(cfg: ModelConfig, dtype: str = "bf16", include_mtp: bool = Fals
     high = c["embedding"] + c["head"] + c["router"] + c["norms"]
     n_layers_m = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if include_mtp else 0)
     # norms inside blocks and MLA latent norms are tiny and kept bf16
-    high += n_layers_m * (2 * cfg.hidden_size + (cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
-                                                 if cfg.attention_type == "mla" else 0))
+    high += n_layers_m * (cfg.kv_lora_rank + (cfg.q_lora_rank or 0) if cfg.attention_type == "mla" else 0)
     if include_mtp:
-        high += cfg.num_nextn_predict_layers * (router_params(cfg) + 3 * cfg.hidden_size)
+        high += cfg.num_nextn_predict_layers * (router_params(cfg) + 5 * cfg.hidden_size)
     low = total - high
     # Scales: approximate ceil per matrix by the element count / block² (exact for 128-multiples).
     scales = math.ceil(low / (block_size * block_size))

@@ -166,6 +166,10 @@ def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32, strict:
             raise CheckpointError(f"{k}: shape {tuple(t.shape)} in the checkpoint, {tuple(expected[k].shape)} "
                                   "expected from config.json")
     model = model.to_empty(device="cpu")
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+        if "model.embed_tokens.weight" in state:
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     # keep the router bias in fp32 (official commit 4592be4) whatever the model dtype
     state = {k: (t.float() if k.endswith("e_score_correction_bias") else t.to(dtype)) for k, t in state.items()}
     model.load_state_dict(state, strict=strict, assign=False)

@@ -16,8 +16,28 @@ import dataclasses
 import json
 import math
 import os
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
+
+MAX_INT = 2**31 - 1
+MAX_LAYERS = 10_000
+
+
+def _show(v) -> str:
+    """A short repr for error messages (bounded; safe for ints of any size)."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 64:
+        return f"an integer of ~{int(v.bit_length() * 0.30103)} digits"
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = 80
+    return r.repr(v)
+
+
+def _finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 class ConfigError(ValueError):
@@ -150,26 +170,36 @@ class ModelConfig:
                     setattr(self, name, int(v))  # JSON may carry 4096.0
                     v = int(v)
                 else:
-                    raise ConfigError(name, f"must be an integer, got {v!r}")
+                    raise ConfigError(name, f"must be an integer, got {_show(v)}")
             if name in positive_ints and v <= 0:
-                raise ConfigError(name, f"must be a positive integer, got {v}")
+                raise ConfigError(name, f"must be a positive integer, got {_show(v)}")
+            if v > (MAX_LAYERS if name == "num_hidden_layers" else MAX_INT):
+                raise ConfigError(name, f"is too large, got {_show(v)}")
             if v < 0:
-                raise ConfigError(name, f"must be >= 0, got {v}")
+                raise ConfigError(name, f"must be >= 0, got {_show(v)}")
         if self.q_lora_rank is not None:
             v = self.q_lora_rank
             if isinstance(v, float) and math.isfinite(v) and v.is_integer():
                 self.q_lora_rank = v = int(v)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError("q_lora_rank", f"must be a positive integer or null (no query compression), got {v!r}")
-            if v <= 0:
+                raise ConfigError("q_lora_rank", f"must be a positive integer or null (no query compression), got {_show(v)}")
+            if v <= 0 or v > MAX_INT:
                 raise ConfigError("q_lora_rank", f"must be a positive integer or null (no query compression), got {v}")
         for name in ["routed_scaling_factor", "initializer_range", "rms_norm_eps", "rope_theta", "aux_loss_alpha"]:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(name, f"must be a number, got {v!r}")
-            if not math.isfinite(v):
-                raise ConfigError(name, f"must be finite, got {v}")
+                raise ConfigError(name, f"must be a number, got {_show(v)}")
+            if not _finite(v):
+                raise ConfigError(name, f"must be finite, got {_show(v)}")
             setattr(self, name, float(v))
+        if self.routed_scaling_factor > 1e4:
+            raise ConfigError("routed_scaling_factor", "must be <= 1e4")
+        if self.rms_norm_eps < 1e-30:
+            raise ConfigError("rms_norm_eps", "must be >= 1e-30")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ConfigError(name, f"must be a token id >= 0 or null, got {_show(v)}")
         if self.routed_scaling_factor <= 0:
             raise ConfigError("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
         if self.rms_norm_eps <= 0:
@@ -184,22 +214,24 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
         if self.scoring_func not in SCORING_FUNCS:
-            raise ConfigError("scoring_func", f"must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+            raise ConfigError("scoring_func", f"must be one of {SCORING_FUNCS}, got {_show(self.scoring_func)}")
         if self.topk_method not in TOPK_METHODS:
-            raise ConfigError("topk_method", f"must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+            raise ConfigError("topk_method", f"must be one of {TOPK_METHODS}, got {_show(self.topk_method)}")
         if self.hidden_act != "silu":
-            raise ConfigError("hidden_act", f"only 'silu' (SwiGLU) is supported, got {self.hidden_act!r}")
+            raise ConfigError("hidden_act", f"only 'silu' (SwiGLU) is supported, got {_show(self.hidden_act)}")
         if self.attention_type not in ATTENTION_TYPES:
-            raise ConfigError("attention_type", f"must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+            raise ConfigError("attention_type", f"must be one of {ATTENTION_TYPES}, got {_show(self.attention_type)}")
         if self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim", f"must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.attention_type != "mla" and self.v_head_dim % 2:
+            raise ConfigError("v_head_dim", "must be even for mha/gqa/mqa")
         if self.attention_type == "gqa" and self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads}) "
                                                      f"for GQA, got {self.num_key_value_heads}")
         if self.first_k_dense_replace > self.num_hidden_layers:
             raise ConfigError("first_k_dense_replace", f"must be <= num_hidden_layers ({self.num_hidden_layers}), "
                                                        f"got {self.first_k_dense_replace}")
-        if self.num_moe_layers > 0 and self.n_routed_experts > 0:
+        if (self.num_moe_layers > 0 or self.num_nextn_predict_layers > 0) and self.n_routed_experts > 0:
             if self.moe_intermediate_size <= 0:
                 raise ConfigError("moe_intermediate_size", "must be positive when the model has MoE layers")
             if self.num_experts_per_tok < 1:
@@ -231,7 +263,7 @@ class ModelConfig:
             raise ConfigError("rope_scaling", f"must be an object or null, got {type(rs).__name__}")
         rtype = rs.get("rope_type", rs.get("type"))
         if rtype not in ROPE_TYPES:
-            raise ConfigError("rope_scaling.type", f"unknown rope type {rtype!r}; supported: {ROPE_TYPES}")
+            raise ConfigError("rope_scaling.type", f"unknown rope type {_show(rtype)}; supported: {ROPE_TYPES}")
         if rtype == "default":
             return
         for key, default, lo in [("factor", None, 1.0), ("original_max_position_embeddings", None, 1),
@@ -240,10 +272,15 @@ class ModelConfig:
             v = rs.get(key, default)
             if v is None:
                 raise ConfigError(f"rope_scaling.{key}", "is required for yarn")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ConfigError(f"rope_scaling.{key}", f"must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v > 1e6:
+                raise ConfigError(f"rope_scaling.{key}", f"must be a finite number <= 1e6, got {_show(v)}")
             if v < lo:
                 raise ConfigError(f"rope_scaling.{key}", f"must be >= {lo}, got {v}")
+        af = rs.get("attention_factor")
+        if af is not None and (isinstance(af, bool) or not isinstance(af, (int, float)) or not _finite(af) or af <= 0):
+            raise ConfigError("rope_scaling.attention_factor", f"must be a positive number, got {_show(af)}")
+        if rs.get("mscale", 1.0) > 100 or rs.get("mscale_all_dim", 0.0) > 100:
+            raise ConfigError("rope_scaling.mscale", "must be <= 100")
         if rs.get("beta_fast", 32) <= rs.get("beta_slow", 1):
             raise ConfigError("rope_scaling.beta_fast", "must be greater than beta_slow")
 
@@ -256,7 +293,10 @@ class ModelConfig:
         dict is accepted as `rope_scaling`.
         """
         if isinstance(path_or_dict, dict):
-            d = copy.deepcopy(path_or_dict)
+            try:
+                d = copy.deepcopy(path_or_dict)
+            except RecursionError:
+                raise ConfigError("config.json", "is nested too deeply") from None
         else:
             p = os.fspath(path_or_dict)
             if os.path.isdir(p):
@@ -266,6 +306,8 @@ class ModelConfig:
                     d = json.load(f)
             except json.JSONDecodeError as e:
                 raise ConfigError("config.json", f"is not valid JSON ({e.msg} at line {e.lineno})") from None
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise ConfigError("config.json", f"is not a readable JSON document ({type(e).__name__})") from None
         if not isinstance(d, dict):
             raise ConfigError("config.json", f"must be a JSON object, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
@@ -390,5 +432,5 @@ PRESETS: dict[str, ModelConfig] = _presets()
 def get_preset(name: str) -> ModelConfig:
     """A fresh (mutable) copy of a preset; raises ConfigError for an unknown name."""
     if name not in PRESETS:
-        raise ConfigError("preset", f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError("preset", f"unknown preset {_show(name)}; choose one of {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

@@ -226,13 +226,15 @@ def apply_rotary_interleaved(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary dim must be even, got {d}")
-    xc = torch.view_as_complex(x.float().contiguous().view(*x.shape[:-1], d // 2, 2))
+    x2 = x.float().unflatten(-1, (d // 2, 2))
+    xr, xi = x2[..., 0], x2[..., 1]
     f = freqs_cis
     if f.dim() == 2:
         if f.shape[0] != x.shape[1]:
             raise ValueError(f"freqs_cis covers {f.shape[0]} positions but x has {x.shape[1]}")
         f = f.view(1, f.shape[0], *([1] * (x.dim() - 3)), f.shape[1])
-    return torch.view_as_real(xc * f).flatten(-2).to(dtype)
+    fr, fi = f.real, f.imag
+    return torch.stack([xr * fr - xi * fi, xr * fi + xi * fr], dim=-1).flatten(-2).to(dtype)
 
 
 def interleaved_to_half(x: torch.Tensor) -> torch.Tensor:
