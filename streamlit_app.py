@@ -1,12 +1,22 @@
-"""Eva — the DeepSeek-V3 Explorer: entry point (temporary minimal page until the app issue lands)."""
+"""Eva — the DeepSeek-V3 Explorer: entry point (`streamlit run streamlit_app.py`).
+
+Page config, navigation over the dashboards in pages/, and the shared sidebar (model, seed, lesson mode) whose
+knobs are bound to the URL here, in the entry point, so they survive page changes and travel in a copied link.
+"""
 import streamlit as st
 
-from core.calc import human_count, param_counts
-from core.config import PRESETS
+st.set_page_config(page_title="Eva — DeepSeek-V3 Explorer", page_icon=":material/neurology:", layout="wide",
+                   initial_sidebar_state="auto",
+                   menu_items={"About": "Eva — the DeepSeek-V3 Explorer. Every number is computed live by `core/`, "
+                                        "a pure-PyTorch re-implementation of DeepSeek-V3."})
 
-st.set_page_config(page_title="Eva — DeepSeek-V3 Explorer", layout="wide")
-st.title("Eva — the DeepSeek-V3 Explorer")
-name = st.selectbox("Preset", list(PRESETS), key="preset")
-c = param_counts(PRESETS[name])
-st.metric("Total parameters", human_count(c["total"]))
-st.metric("Activated per token", human_count(c["activated"]))
+from app import shell, sidebar, state  # noqa: E402  (after set_page_config)
+
+pg = shell.navigation()
+state.note_slot()
+sidebar.render()
+try:
+    with shell.entered():
+        pg.run()
+finally:
+    state.flush_notes()

@@ -1,0 +1,155 @@
+"""AppTest for every dashboard: defaults render with charts and no exception, a knob changes the chart's data,
+an impossible combination shows st.error (not an exception), a URL parameter sets the bound knob, and an invalid
+URL value falls back to the default with a visible note.
+
+The app is started from the entry point (st.navigation) and switched to each page, as a browser would.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """The app runs torch with one intra-op thread per script run (app/compute.py torch_setup); give the other
+    test modules of this pytest process their thread count back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")  # 1.67 resolves relative paths vs. this file
+TIMEOUT = 120
+
+
+def open_page(page: str, query: dict | None = None) -> AppTest:
+    """A fresh session opening `page` directly (like pasting its URL), with `query` as the URL's parameters.
+
+    The page's url_path equals its file stem, so AppTest can route to it before the first run."""
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    if query:
+        at.query_params.update(query)
+    at.switch_page(page)
+    at.run()
+    return at
+
+
+def charts(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def widget(at: AppTest, key: str):
+    for kind in ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle"):
+        try:
+            return getattr(at, kind)(key=key)
+        except KeyError:
+            continue
+    raise KeyError(key)
+
+
+def notes(at: AppTest) -> list[str]:
+    return [w.value for w in at.warning]
+
+
+def chart_data(spec: dict) -> str:
+    """The data part of a plotly spec (traces), as canonical JSON."""
+    return json.dumps(spec.get("data"), sort_keys=True)
+
+
+PAGES = {
+    # page: (knob to change, new value, index of a chart whose data must change)
+    "pages/overview.py": ("ov_ctx", 8192, 1),
+    "pages/mla.py": ("mla_dc", 256, 0),
+    "pages/moe.py": ("moe_topk", 4, 0),
+    "pages/fp8.py": ("fp8_osz", 100000.0, 0),
+}
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_page_renders_defaults_with_charts(page):
+    at = open_page(page)
+    assert_clean(at)
+    specs = charts(at)
+    assert len(specs) >= 2
+    for s in specs:  # every chart has a title saying what to notice and at least one trace
+        assert s["layout"]["title"]["text"], page
+        assert s["data"], page
+    assert at.get("download_button"), "every chart offers its data as CSV"
+    assert any("How" in e.label for e in at.expander), "explanation expander"
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_knob_change_changes_chart_data(page):
+    key, value, idx = PAGES[page]
+    at = open_page(page)
+    before = chart_data(charts(at)[idx])
+    widget(at, key).set_value(value)
+    at.run()
+    assert_clean(at)
+    after = chart_data(charts(at)[idx])
+    assert before != after, f"{key} -> {value} did not change chart {idx}"
+    # (the browser writes a moved bound knob into the URL; tests/test_e2e_browser.py checks that)
+
+
+IMPOSSIBLE = {
+    "pages/overview.py": ({"ov_num_experts_per_tok": "300"}, "Experts per token"),
+    "pages/mla.py": ({"mla_groups": "7"}, "GQA groups"),
+    "pages/moe.py": ({"moe_groups": "4", "moe_topkg": "8"}, "Groups per token"),
+    "pages/fp8.py": ({"fp8_fmt": "BF16", "fp8_gran": "mx"}, "granularity"),
+}
+
+
+@pytest.mark.parametrize("page", list(IMPOSSIBLE))
+def test_impossible_combination_shows_error_not_exception(page):
+    query, knob = IMPOSSIBLE[page]
+    at = open_page(page, query)
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.error, "expected an st.error"
+    msg = " ".join(e.value for e in at.error)
+    assert knob.lower() in msg.lower(), msg
+
+
+# The URL holds an option's label (what the knob shows): ?ov_ctx=32K, ?fp8_fmt=E5M2.
+URL = {
+    "pages/overview.py": ("ov_ctx", "32K", 32768),
+    "pages/mla.py": ("mla_dc", "256", 256),
+    "pages/moe.py": ("moe_cf", "2", 2.0),
+    "pages/fp8.py": ("fp8_fmt", "E5M2", "e5m2"),
+}
+
+
+@pytest.mark.parametrize("page", list(URL))
+def test_url_parameter_sets_bound_knob(page):
+    key, raw, expected = URL[page]
+    at = open_page(page, {key: raw})
+    assert_clean(at)
+    assert widget(at, key).value == expected
+    assert not notes(at)
+
+
+INVALID = {
+    "pages/overview.py": ("ov_kvdt", "fp4"),
+    "pages/mla.py": ("mla_dc", "999"),
+    "pages/moe.py": ("moe_scoring", "relu"),
+    "pages/fp8.py": ("fp8_osz", "banana"),
+}
+
+
+@pytest.mark.parametrize("page", list(INVALID))
+def test_invalid_url_value_falls_back_with_note(page):
+    key, raw = INVALID[page]
+    at = open_page(page, {key: raw})
+    assert_clean(at)
+    default = widget(open_page(page), key).value
+    assert widget(at, key).value == default
+    msg = " ".join(notes(at))
+    assert raw in msg and "not a valid value" in msg, msg
