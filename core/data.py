@@ -99,7 +99,8 @@ class TokenDataset:
         doms = None if self.domain_splits is None else self.domain_splits[split][idx[:, :-1]]
         return Batch(chunk[:, :-1], chunk[:, 1:], doms)
 
-    def _check_len(self, split: str, seq_len: int) -> int:
+    def check_seq_len(self, split: str, seq_len: int) -> int:
+        """Raise ValueError naming `seq_len` if a window (+1 target) does not fit the split; return its length."""
         n = len(self._split(split))
         if seq_len + 1 > n:
             raise ValueError(f"seq_len: {seq_len} is longer than the {split} split ({n} tokens)")
@@ -108,7 +109,7 @@ class TokenDataset:
     def batch(self, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
               split: str = "train") -> Batch:
         """``batch_size`` windows of ``seq_len`` (+1 for the targets) at uniformly random offsets."""
-        n = self._check_len(split, seq_len)
+        n = self.check_seq_len(split, seq_len)
         starts = torch.randint(0, n - seq_len, (batch_size,), generator=generator)
         return self._windows(split, starts, seq_len)
 
@@ -119,7 +120,7 @@ class TokenDataset:
         ``num_batches=None``: every non-overlapping window of the split (the full validation loss);
         otherwise ``num_batches * batch_size`` windows evenly spread over the split.
         """
-        n = self._check_len(split, seq_len)
+        n = self.check_seq_len(split, seq_len)
         last = n - seq_len - 1
         if num_batches is None:
             starts = torch.arange(0, last + 1, seq_len)

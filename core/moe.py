@@ -187,6 +187,27 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int
     return all((w * size) % 16 == 0 for w in widths)
 
 
+# oneDNN (CPU bf16/fp16 matmul) compiles a kernel for every new GEMM shape (~0.3-0.4 ms each); expert segment
+# sizes change every step, so unpadded segments pay that on most expert GEMMs. Segments padded to a multiple of
+# this many rows keep the shapes to a few dozen sizes that oneDNN's primitive cache holds. fp32 uses MKL (no
+# per-shape cost), so it is not padded.
+_SEGMENT_GRANULE = {torch.bfloat16: 32, torch.float16: 32}
+
+
+def _pad_segments(perm: torch.Tensor, counts: torch.Tensor, granule: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad each expert's segment of the sorted slot order to a multiple of `granule` rows.
+
+    perm [S] slot ids sorted by expert, counts [E] -> (padded perm [S'] with pad entries = `fill`, padded counts [E]).
+    """
+    padded = (counts + granule - 1) // granule * granule
+    expert = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)  # [S]
+    rank = torch.arange(perm.numel(), device=perm.device) - (torch.cumsum(counts, 0) - counts)[expert]
+    dest = (torch.cumsum(padded, 0) - padded)[expert] + rank
+    out = perm.new_full((int(padded.sum()),), fill)
+    out[dest] = perm
+    return out, padded
+
+
 class Experts(nn.Module):
     """The N_r routed SwiGLU experts as fused 3-D weights (transformers v5 `DeepseekV3Experts` layout).
 
@@ -249,10 +270,16 @@ class Experts(nn.Module):
         flat = top_k_index.reshape(-1)
         perm = torch.argsort(flat, stable=True)  # slot order grouped by expert, token order within an expert
         counts = torch.bincount(flat, minlength=self.num_experts)
-        tok = torch.div(perm, top_k, rounding_mode="floor")  # token of each sorted slot
         dtype = self.gate_up_proj.dtype
+        slot_weights = top_k_weights.reshape(-1)
+        granule = _SEGMENT_GRANULE.get(dtype, 1) if hidden_states.device.type == "cpu" else 1
+        if granule > 1:
+            # pad rows point at an extra zero weight (and at the last token): they add exactly 0 to outputs and grads
+            perm, counts = _pad_segments(perm, counts, granule, fill=flat.numel())
+            slot_weights = torch.cat([slot_weights, slot_weights.new_zeros(1)])
+        tok = torch.div(perm, top_k, rounding_mode="floor").clamp_(max=n_tokens - 1)  # token of each sorted slot
         xs = hidden_states.index_select(0, tok).to(dtype)  # [S, H]
-        ws = top_k_weights.reshape(-1).index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
+        ws = slot_weights.index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
 
         if self.resolved_impl() == "grouped_mm":
             offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's segment

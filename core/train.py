@@ -1,0 +1,703 @@
+"""Training engine for small DeepSeek-V3 variants on CPU: short, fast, reproducible runs.
+
+    run = train(PRESETS["mini"], TrainConfig(steps=150))      # an iterator of per-step records
+    for rec in run:                                           # stoppable between steps (`stop=`)
+        print(rec["step"], rec["loss"], rec["max_vio"])
+    run.model, run.records, run.evaluate(), run.sample_text("The "), run.domain_expert_matrix()
+
+One step (`TrainRun.step`):
+  1. a batch of random windows from `core.data` (a torch.Generator seeded from `seed`);
+  2. forward + loss = LM cross-entropy + MTP loss (lambda / D * sum_k L_k, V3 eqs. 24-25, when `mtp`)
+     + alpha * sum over MoE layers of the sequence-wise balance loss (V3 eqs. 17-20, when `balancing` is
+     "aux_loss" / "both") + z_loss * sum over MoE layers of the router z-loss (ST-MoE, when `z_loss` > 0);
+  3. backward, gradient-norm clipping, AdamW with linear warm-up then cosine decay to `min_lr`;
+  4. aux-loss-free balancing (V3 §2.1.2, LFB Alg. 1): after the optimizer step, every MoE router's
+     `e_score_correction_bias` moves by gamma * sign(mean load - load_i) using THIS step's loads, outside
+     autograd (when `balancing` is "aux_free" / "both");
+  5. a record (see `RECORD_FIELDS`).
+A non-finite loss or gradient norm stops the run before the optimizer step: `TrainingDiverged` is raised
+(its `.record` is the final record, with an `error` message, also appended to `run.records`).
+
+Precision: "fp32"; "bf16" = bf16 compute with fp32 master weights (the model's parameters are bf16 for the
+forward/backward; AdamW updates fp32 copies that are rounded back after each step; the router, its bias,
+RMSNorm statistics, softmax and the losses stay fp32); or an FP8 recipe name from `core.fp8.RECIPES`
+(emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights; per-step overflow counts in the record).
+
+Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the batches all derive from
+`seed`; every op used is deterministic on CPU, so the same settings give bit-identical losses (same machine
+and thread count).
+
+CLI: `python -m core.train --preset mini --steps 300 --seed 0 --json run.json --save ckpt/` (see `main`);
+the JSON file is a JSON *list* with one record per logged step (every `log_every` steps and the last).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from core.config import ATTENTION_TYPES, ModelConfig, get_preset
+from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
+from core.fp8 import RECIPES
+from core.model import DeepSeekV3, generate
+from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
+
+__all__ = [
+    "TrainConfig", "TrainConfigError", "TrainingDiverged", "TrainRun", "train", "build_model", "lr_at",
+    "evaluate", "domain_expert_matrix", "sample_text", "APP_DEFAULT", "BALANCING", "PRECISIONS", "FFNS",
+    "RECORD_FIELDS", "main",
+]
+
+BALANCING = ("none", "aux_loss", "aux_free", "both")
+PRECISIONS = ("fp32", "bf16") + tuple(RECIPES)
+FFNS = ("moe", "dense")
+# Default sequence-wise balance-loss weight when `alpha` is None: 1e-3 alone (the Loss-Free Balancing paper's
+# aux-loss baseline, LFB §4.1), 1e-4 next to the bias controller (V3 report §4.2: "extremely small").
+DEFAULT_ALPHA = {"aux_loss": 1e-3, "both": 1e-4}
+
+#: Keys of every step record (values None when they do not apply, e.g. `val_loss` between evaluations).
+RECORD_FIELDS = (
+    "step", "loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "val_loss", "lr", "grad_norm",
+    "tokens_per_s", "tokens", "elapsed_s", "expert_loads", "max_vio", "max_vio_layers", "router_bias", "fp8",
+    "error",
+)
+
+
+class TrainConfigError(ValueError):
+    """An invalid training setting; the message starts with the knob's name."""
+
+    def __init__(self, knob: str, rule: str):
+        self.knob = knob
+        super().__init__(f"{knob}: {rule}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss (or the gradient norm) became NaN/inf; `.record` is the final record (with `error`)."""
+
+    def __init__(self, message: str, record: dict | None = None):
+        super().__init__(message)
+        self.record = record
+
+
+def _h(text: str, **kw):
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run (defaults = the issue's 300-step pydoc recipe on the `mini` model).
+
+    `alpha` None means 1e-3 for balancing="aux_loss" and 1e-4 for "both" (V3's value); it is ignored for
+    "none"/"aux_free". `gamma` is the bias update speed of aux-loss-free balancing (V3: 1e-3; short runs on
+    the app use a larger one). `kv_heads` sets the K/V heads for attention="gqa" (default: heads // 2).
+    `eval_every` 0 disables validation; otherwise it runs every `eval_every` steps and at the last step.
+    `max_time_s` stops the run (between steps) once that much wall time has passed.
+    """
+
+    steps: int = _h("optimizer steps", default=300)
+    batch_size: int = _h("sequences per batch", default=16)
+    seq_len: int = _h("tokens per sequence", default=128)
+    lr: float = _h("peak learning rate (AdamW)", default=3e-3)
+    betas: tuple[float, float] = _h("AdamW betas", default=(0.9, 0.95))
+    weight_decay: float = _h("AdamW decoupled weight decay (matrices and embeddings only)", default=0.1)
+    warmup: int = _h("linear warm-up steps", default=30)
+    min_lr: float = _h("learning rate at the end of the cosine decay", default=0.0)
+    grad_clip: float = _h("max global gradient norm (0 = no clipping)", default=1.0)
+    seed: int = _h("seed for init, data and batches", default=0)
+    dataset: str = _h(f"one of {DATASETS}", default="pydoc")
+    balancing: str = _h(f"one of {BALANCING}", default="aux_free")
+    gamma: float = _h("aux-loss-free bias update speed", default=1e-3)
+    alpha: float | None = _h("sequence-wise balance loss weight (None: 1e-3 aux_loss, 1e-4 both)", default=None)
+    z_loss: float = _h("router z-loss coefficient", default=0.0)
+    mtp: bool = _h("multi-token prediction module on/off", default=True)
+    mtp_lambda: float = _h("MTP loss weight lambda", default=0.3)
+    precision: str = _h(f"one of {PRECISIONS}", default="fp32")
+    attention: str = _h(f"one of {ATTENTION_TYPES}", default="mla")
+    kv_heads: int | None = _h("K/V heads for attention=gqa (default heads // 2)", default=None)
+    ffn: str = _h(f"one of {FFNS}", default="moe")
+    eval_every: int = _h("validate every N steps (0 = never)", default=50)
+    eval_batches: int = _h("validation batches per evaluation", default=4)
+    log_every: int = _h("CLI: write/print a record every N steps", default=1)
+    max_time_s: float | None = _h("stop after this many seconds", default=None)
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def balance_alpha(self) -> float:
+        """The balance-loss weight actually used (0 unless balancing uses the aux loss)."""
+        if self.balancing not in DEFAULT_ALPHA:
+            return 0.0
+        return DEFAULT_ALPHA[self.balancing] if self.alpha is None else float(self.alpha)
+
+    @property
+    def uses_bias_update(self) -> bool:
+        return self.balancing in ("aux_free", "both")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise TrainConfigError naming the knob for every impossible value."""
+        def integer(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TrainConfigError(name, f"must be an integer, got {v!r}")
+            if v < lo:
+                raise TrainConfigError(name, f"must be >= {lo}, got {v}")
+
+        def number(name, lo=0.0, strict=False, hi=None, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise TrainConfigError(name, f"must be a finite number, got {v!r}")
+            if (v <= lo) if strict else (v < lo):
+                raise TrainConfigError(name, f"must be {'>' if strict else '>='} {lo}, got {v}")
+            if hi is not None and v > hi:
+                raise TrainConfigError(name, f"must be <= {hi}, got {v}")
+
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise TrainConfigError(name, f"must be one of {options}, got {getattr(self, name)!r}")
+
+        for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup", 0), ("seed", 0),
+                         ("eval_every", 0), ("eval_batches", 1), ("log_every", 1)):
+            integer(name, lo)
+        number("lr", strict=True)
+        number("weight_decay")
+        number("min_lr", hi=self.lr)
+        number("grad_clip")
+        number("gamma")
+        number("alpha", optional=True)
+        number("z_loss")
+        number("mtp_lambda")
+        number("max_time_s", strict=True, optional=True)
+        b = self.betas
+        if (not isinstance(b, (tuple, list)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)):
+            raise TrainConfigError("betas", f"must be two numbers in [0, 1), got {b!r}")
+        self.betas = (float(b[0]), float(b[1]))
+        choice("dataset", DATASETS)
+        choice("balancing", BALANCING)
+        choice("precision", PRECISIONS)
+        choice("attention", ATTENTION_TYPES)
+        choice("ffn", FFNS)
+        if not isinstance(self.mtp, bool):
+            raise TrainConfigError("mtp", f"must be true or false, got {self.mtp!r}")
+        if self.mtp and self.mtp_lambda == 0:
+            raise TrainConfigError("mtp_lambda", "must be > 0 when mtp is on (turn mtp off to train without MTP)")
+        if self.kv_heads is not None:
+            integer("kv_heads", 1)
+
+
+#: The training lab's default run: the `mini` model on the synthetic domains, 150 steps of 8 x 64 tokens
+#: (~0.3 s to the first record, well under 30 s in total on 2 cores), with a bias speed large enough
+#: for the aux-loss-free controller to act within a short run.
+APP_DEFAULT = TrainConfig(steps=150, batch_size=8, seq_len=64, lr=3e-3, warmup=15, dataset="synthetic",
+                          balancing="aux_free", gamma=1e-2, eval_every=25, eval_batches=2)
+
+
+# ---------------------------------------------------------------------------------------------- model
+def resolve_model_config(model_cfg: ModelConfig | str, cfg: TrainConfig) -> ModelConfig:
+    """The model config a run trains: `model_cfg` (or a preset name) with the run's attention/FFN/MTP knobs."""
+    base = get_preset(model_cfg) if isinstance(model_cfg, str) else model_cfg
+    changes: dict = {"attention_type": cfg.attention}
+    if cfg.attention == "gqa":
+        kv = cfg.kv_heads or max(1, base.num_attention_heads // 2)
+        if base.num_attention_heads % kv:
+            raise TrainConfigError("kv_heads", f"must divide num_attention_heads ({base.num_attention_heads}), "
+                                               f"got {kv}")
+        changes["num_key_value_heads"] = kv
+    if cfg.ffn == "dense":
+        changes["first_k_dense_replace"] = base.num_hidden_layers
+    changes["num_nextn_predict_layers"] = max(1, base.num_nextn_predict_layers) if cfg.mtp else 0
+    mcfg = base.replace(**changes)
+    if mcfg.vocab_size < TOKENIZER.vocab_size:
+        raise TrainConfigError("vocab_size", f"byte-level data needs vocab_size >= 256, got {mcfg.vocab_size}")
+    if cfg.seq_len > mcfg.max_position_embeddings:
+        raise TrainConfigError("seq_len", f"must be <= max_position_embeddings ({mcfg.max_position_embeddings}), "
+                                          f"got {cfg.seq_len}")
+    if cfg.uses_bias_update and mcfg.n_routed_experts and not mcfg.uses_bias_routing:
+        raise TrainConfigError("balancing", f"{cfg.balancing!r} needs topk_method='noaux_tc' (the router bias), "
+                                            f"got {mcfg.topk_method!r}")
+    return mcfg
+
+
+def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
+    """A freshly initialised model (from `torch.manual_seed(cfg.seed)`), converted for `cfg.precision`."""
+    torch.manual_seed(cfg.seed)
+    model = DeepSeekV3(mcfg)
+    if cfg.precision == "bf16":
+        model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
+    elif cfg.precision in RECIPES:
+        from core.fp8 import convert_to_fp8
+        convert_to_fp8(model, cfg.precision)
+    return model
+
+
+def all_moe_layers(model: DeepSeekV3) -> list[MoE]:
+    """Every MoE module, main layers first, then the MTP modules' (all are balanced; main ones are logged)."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to `lr` over `warmup` steps, then cosine to `min_lr`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class _MasterWeights:
+    """bf16 compute with fp32 master weights: AdamW sees fp32 copies of the low-precision parameters.
+
+    `grads_to_master()` after backward (fp32 master grads), `master_to_model()` after the optimizer step
+    (round the masters back into the bf16 parameters). Parameters already in fp32 (the routers) are used
+    directly.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.low = [p for p in params if p.dtype != torch.float32]
+        self.master = [p.detach().float().requires_grad_(True) for p in self.low]
+        self._map = {id(p): m for p, m in zip(self.low, self.master)}
+
+    def optim_param(self, p: torch.nn.Parameter) -> torch.Tensor:
+        return self._map.get(id(p), p)
+
+    def grads_to_master(self) -> None:
+        for p, m in zip(self.low, self.master):
+            m.grad = None if p.grad is None else p.grad.float()
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        if self.low:
+            torch._foreach_copy_(self.low, self.master)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: DeepSeekV3, data: TokenDataset, batch_size: int = 16, seq_len: int = 128,
+             num_batches: int | None = 4, split: str = "val") -> float:
+    """Mean next-token cross-entropy (nats per token = per byte) over fixed evaluation windows.
+
+    `num_batches=None` covers every non-overlapping window of the split (the full validation loss).
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y, _ in data.eval_batches(batch_size, seq_len, num_batches, split):
+        logits = model(x)
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
+                                       reduction="sum"))
+        count += y.numel()
+    model.train(was_training)
+    return total / count
+
+
+@torch.no_grad()
+def domain_expert_matrix(model: DeepSeekV3, data: TokenDataset, batch_size: int = 16, seq_len: int = 128,
+                         num_batches: int | None = 8, split: str = "val") -> dict:
+    """Which experts each domain's tokens are routed to, per MoE layer of the main model.
+
+    Runs fixed windows of a labelled dataset (`core.data.synthetic_dataset`) and counts, for every
+    (domain d, expert e), the token slots of domain-d tokens assigned to expert e. Returns
+      {"domains": [names], "layers": [layer indices], "counts": [L, D, E] int64,
+       "fractions": [L, D, E] float (each row sums to 1: where a domain's slots go),
+       "relative": [L, D, E] float (fraction * E: 1 = the uniform share, V3 Fig. 9 "relative expert load")}.
+    """
+    if not data.labelled:
+        raise ValueError(f"data: dataset {data.name!r} has no domain labels; use the synthetic dataset")
+    moes = model.moe_layers()
+    layer_ids = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
+    n_dom = len(data.domain_names)
+    n_exp = model.config.n_routed_experts
+    counts = torch.zeros(len(moes), n_dom, n_exp, dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    for x, _, doms in data.eval_batches(batch_size, seq_len, num_batches, split):
+        model(x)
+        d = doms.reshape(-1, 1)
+        for li, moe in enumerate(moes):
+            idx = moe.last_routing.indices  # [B*T, K]
+            flat = (d * n_exp + idx).reshape(-1)
+            counts[li] += torch.bincount(flat, minlength=n_dom * n_exp).view(n_dom, n_exp)
+    model.train(was_training)
+    frac = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
+    return {"domains": list(data.domain_names), "layers": layer_ids, "counts": counts,
+            "fractions": frac.float(), "relative": (frac * n_exp).float()}
+
+
+def sample_text(model: DeepSeekV3, prompt: str = "", n: int = 200, temperature: float = 0.8, seed: int = 0,
+                top_k: int | None = None) -> dict:
+    """Generate `n` bytes after `prompt` (default "\\n") with `core.model.generate` (KV-cached, MTP drafts
+    measured). Returns {"prompt", "completion", "text", "tokens", "mtp_drafts", "mtp_accepted",
+    "mtp_acceptance" (None without MTP)}."""
+    ids = TOKENIZER.encode(prompt or "\n")
+    p = torch.tensor([ids], dtype=torch.long)
+    res = generate(model, p, n, temperature=temperature, top_k=top_k, seed=seed)
+    completion = TOKENIZER.decode(res.tokens[0])
+    return {"prompt": prompt, "completion": completion, "text": prompt + completion, "tokens": res.tokens[0],
+            "mtp_drafts": res.mtp_drafts, "mtp_accepted": res.mtp_accepted,
+            "mtp_acceptance": res.acceptance if res.mtp_drafts else None}
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _stop_requested(stop) -> bool:
+    if stop is None:
+        return False
+    if hasattr(stop, "is_set"):
+        return bool(stop.is_set())
+    return bool(stop())
+
+
+def _finite_or_none(v):
+    return v if v is None or math.isfinite(v) else None
+
+
+class TrainRun:
+    """A training run: an iterator of step records that keeps the model and everything learned.
+
+    Attributes: `model`, `model_config`, `config` (TrainConfig), `data` (TokenDataset), `optimizer`,
+    `records` (every record yielded so far), `step_count`, `status` ("ready" | "running" | "done" | "stopped"
+    | "time limit" | "diverged"), `error`. Iterate it (or call `step()`) to train.
+    """
+
+    def __init__(self, model_cfg: ModelConfig | str, cfg: TrainConfig | None = None,
+                 stop: threading.Event | Callable[[], bool] | None = None):
+        self.config = cfg = cfg if cfg is not None else TrainConfig()
+        cfg.validate()
+        self.t0 = time.perf_counter()
+        self.model_config = resolve_model_config(model_cfg, cfg)
+        self.data = get_dataset(cfg.dataset, cfg.seed)
+        self.data.check_seq_len("train", cfg.seq_len)
+        self.model = build_model(self.model_config, cfg)
+        self.model.train()
+        self.stop = stop
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.moes = all_moe_layers(self.model)
+        self.main_moes = self.model.moe_layers()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.master = _MasterWeights(params) if cfg.precision == "bf16" else None
+        opt_params = [self.master.optim_param(p) if self.master else p for p in params]
+        decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
+        no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=cfg.betas, fused=True)
+        self.opt_params = opt_params
+        self.fp8_stats = None
+        if cfg.precision in RECIPES:
+            from core.fp8 import get_fp8_stats
+            self.fp8_stats = get_fp8_stats(self.model)
+        self.records: list[dict] = []
+        self.step_count = 0
+        self.tokens_seen = 0
+        self.status = "ready"
+        self.error: str | None = None
+
+    # -- iteration
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.status in ("done", "stopped", "time limit", "diverged"):
+            raise StopIteration
+        if self.step_count >= self.config.steps:
+            self.status = "done"
+            raise StopIteration
+        if _stop_requested(self.stop):
+            self.status = "stopped"
+            raise StopIteration
+        if self.config.max_time_s is not None and self.step_count and self.elapsed() >= self.config.max_time_s:
+            self.status = "time limit"
+            raise StopIteration
+        return self.step()
+
+    def run(self) -> list[dict]:
+        """Train to the end (or until stopped) and return all records."""
+        for _ in self:
+            pass
+        return self.records
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    # -- one step
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        cfg = self.config
+        out = self.model.compute_loss(x, y, cfg.mtp_lambda if cfg.mtp else 0.0)
+        loss = out["loss"]
+        alpha, zc = cfg.balance_alpha, cfg.z_loss
+        bal_terms, z_terms = [], []
+        for moe in self.moes:
+            r = moe.last_routing
+            with torch.set_grad_enabled(alpha > 0):
+                bal_terms.append(sequence_balance_loss(r.scores, r.indices, r.scores.shape[-1],
+                                                       r.indices.shape[-1], r.seq_len))
+            with torch.set_grad_enabled(zc > 0):
+                z_terms.append(router_z_loss(r.logits))
+        aux = alpha * torch.stack(bal_terms).sum() if bal_terms and alpha > 0 else None
+        zl = zc * torch.stack(z_terms).sum() if z_terms and zc > 0 else None
+        if aux is not None:
+            loss = loss + aux
+        if zl is not None:
+            loss = loss + zl
+        n_main = len(self.main_moes)
+        info = {
+            "lm_loss": float(out["lm_loss"].detach()),
+            "mtp_loss": float(out["mtp_loss"].detach()) if cfg.mtp else None,
+            # unweighted means over the main model's MoE layers (1.0 = perfectly balanced)
+            "balance_loss": float(sum(t.detach() for t in bal_terms[:n_main]) / n_main) if n_main else None,
+            "aux_loss": float(aux.detach()) if aux is not None else 0.0,
+            "z_loss": float(sum(t.detach() for t in z_terms[:n_main]) / n_main) if n_main else None,
+        }
+        return loss, info
+
+    def step(self, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+        """Train one step and return its record (raises TrainingDiverged on a NaN/inf loss or gradient).
+
+        `batch`: optional (input_ids, targets) [B, T] to train on instead of the run's own random windows
+        (benchmarks feed two models the same batch)."""
+        cfg = self.config
+        self.status = "running"
+        t_start = time.perf_counter()
+        lr = lr_at(self.step_count, cfg)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        x, y = batch[:2] if batch is not None else self.data.batch(cfg.batch_size, cfg.seq_len, self.generator)[:2]
+        loss, info = self._losses(x, y)
+        loss_value = float(loss.detach())
+        grad_norm = math.nan
+        if math.isfinite(loss_value):
+            loss.backward()
+            if self.master:
+                self.master.grads_to_master()
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm))
+        loads = [moe.last_routing.loads.detach() for moe in self.moes]
+        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+            return self._diverged(loss_value, grad_norm, lr, info)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.master:
+            self.master.master_to_model()
+        if cfg.uses_bias_update:
+            for moe, c in zip(self.moes, loads):
+                update_bias(moe.gate, c, cfg.gamma)
+        dt = time.perf_counter() - t_start
+        self.step_count += 1
+        n_tok = y.numel()
+        self.tokens_seen += n_tok
+        rec = self._record(loss_value, lr, grad_norm, info, loads[:len(self.main_moes)], n_tok / dt)
+        if cfg.eval_every and (self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps):
+            rec["val_loss"] = self.evaluate(cfg.eval_batches)
+        rec["elapsed_s"] = self.elapsed()
+        if self.step_count >= cfg.steps:
+            self.status = "done"
+        self.records.append(rec)
+        return rec
+
+    def _record(self, loss, lr, grad_norm, info, loads, tokens_per_s) -> dict:
+        vios = [load_metrics(c)["max_vio"] for c in loads]
+        fp8 = None
+        if self.fp8_stats is not None:
+            snap = self.fp8_stats.snapshot()
+            fp8 = {k: v for k, v in snap.items() if k != "tensors"}
+            self.fp8_stats.reset()
+        rec = dict.fromkeys(RECORD_FIELDS)
+        rec.update(info)
+        rec.update(
+            step=self.step_count, loss=loss, lr=lr, grad_norm=grad_norm, tokens_per_s=tokens_per_s,
+            tokens=self.tokens_seen, expert_loads=[c.tolist() for c in loads],
+            max_vio=sum(vios) / len(vios) if vios else None, max_vio_layers=vios,
+            router_bias=[moe.gate.e_score_correction_bias.tolist() for moe in self.main_moes
+                         if moe.gate.e_score_correction_bias is not None],
+            fp8=fp8,
+        )
+        return rec
+
+    def _diverged(self, loss, grad_norm, lr, info) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.zero_grad(set_to_none=True)
+        what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+        self.error = (f"Training diverged at step {self.step_count + 1}: the {what}. The model was not updated; "
+                      f"try a lower learning rate (lr={self.config.lr:g}), gradient clipping or fp32 precision.")
+        rec = dict.fromkeys(RECORD_FIELDS)
+        rec.update({k: _finite_or_none(v) if isinstance(v, float) else v for k, v in info.items()})
+        rec.update(step=self.step_count + 1, loss=_finite_or_none(loss), lr=lr, grad_norm=_finite_or_none(grad_norm),
+                   tokens=self.tokens_seen, elapsed_s=self.elapsed(), error=self.error)
+        self.records.append(rec)
+        self.status = "diverged"
+        raise TrainingDiverged(self.error, rec)
+
+    # -- after (or during) a run
+    def evaluate(self, num_batches: int | None = 4) -> float:
+        """Validation loss (nats/byte) on fixed windows of `seq_len`; None batches = the whole split."""
+        return evaluate(self.model, self.data, self.config.batch_size, self.config.seq_len, num_batches)
+
+    def domain_expert_matrix(self, num_batches: int | None = 8, data: TokenDataset | None = None) -> dict:
+        """Domain x expert assignment fractions (see `domain_expert_matrix`); the synthetic dataset by default."""
+        if data is None:
+            data = self.data if self.data.labelled else get_dataset("synthetic", self.config.seed)
+        return domain_expert_matrix(self.model, data, self.config.batch_size, self.config.seq_len, num_batches)
+
+    def sample_text(self, prompt: str = "", n: int = 200, temperature: float = 0.8, seed: int = 0,
+                    top_k: int | None = None) -> dict:
+        return sample_text(self.model, prompt, n, temperature, seed, top_k)
+
+    def save(self, path) -> None:
+        """Save the model with `core.checkpoint.save_hf` (config.json + model.safetensors)."""
+        from core.checkpoint import save_hf
+        save_hf(self.model, path)
+
+
+def train(model_cfg: ModelConfig | str, train_cfg: TrainConfig | None = None,
+          stop: threading.Event | Callable[[], bool] | None = None) -> TrainRun:
+    """Start a run: returns a `TrainRun`, an iterator that yields one record per step (see `RECORD_FIELDS`).
+
+    `stop`: a threading.Event or a callable checked between steps. The run object keeps the model, the
+    records and helpers for after training (`evaluate`, `domain_expert_matrix`, `sample_text`, `save`).
+    """
+    return TrainRun(model_cfg, train_cfg, stop)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_records(path, records: list[dict]) -> None:
+    """Write records as one JSON list (strict JSON: non-finite numbers become null), atomically."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_json_safe(records), f, allow_nan=False)
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """A one-line text progress bar on stderr (redrawn in place on a terminal, every ~10 % otherwise)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream = total, stream
+        self.tty = stream.isatty()
+        self.last_pct = -1
+
+    def update(self, rec: dict) -> None:
+        step = rec["step"]
+        frac = step / self.total
+        pct = int(frac * 10)
+        if not self.tty and pct == self.last_pct and step != self.total:
+            return
+        self.last_pct = pct
+        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
+        parts = [f"step {step}/{self.total} [{bar}] loss {rec['loss']:.4f}"]
+        if rec.get("val_loss") is not None:
+            parts.append(f"val {rec['val_loss']:.4f}")
+        if rec.get("max_vio") is not None:
+            parts.append(f"maxvio {rec['max_vio']:.2f}")
+        parts.append(f"{rec['tokens_per_s']:,.0f} tok/s  {rec['elapsed_s']:.1f}s")
+        line = "  ".join(parts)
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--preset", default="mini", help="model preset from core.config.PRESETS")
+    ap.add_argument("--json", help="write the step records to this file (a JSON list)")
+    ap.add_argument("--save", help="save the trained model here with save_hf (config.json + safetensors)")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--sample", type=int, default=0, help="print this many sampled bytes after training")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"default": f.default, "help": f.metadata.get("help", "")}
+        if f.name == "betas":
+            ap.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kw)
+        elif f.name == "mtp":
+            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif f.name in ("alpha", "max_time_s"):
+            ap.add_argument(flag, type=float, **kw)
+        elif f.name == "kv_heads":
+            ap.add_argument(flag, type=int, **kw)
+        else:
+            ap.add_argument(flag, type=type(f.default), **kw)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _arg_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+        run = train(args.preset, cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    progress = None if args.quiet else _Progress(cfg.steps)
+    logged: list[dict] = []
+    code = 0
+    try:
+        for rec in run:
+            if rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps:
+                logged.append(rec)
+            if progress:
+                progress.update(rec)
+    except TrainingDiverged as e:
+        logged.append(e.record)
+        print(f"\nerror: {e}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        code = 130
+    finally:
+        if progress:
+            progress.close()
+        if args.json:
+            write_records(args.json, logged)
+    if args.save and code != 1:
+        run.save(args.save)
+        print(f"saved checkpoint to {args.save}", file=sys.stderr)
+    if args.sample and code == 0:
+        s = run.sample_text("", args.sample, seed=cfg.seed)
+        print(s["text"])
+        if s["mtp_acceptance"] is not None:
+            print(f"MTP draft acceptance: {s['mtp_acceptance']:.1%} ({s['mtp_accepted']}/{s['mtp_drafts']})",
+                  file=sys.stderr)
+    if run.records and code == 0:
+        last = run.records[-1]
+        print(json.dumps(_json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
+                                     "status": run.status, "elapsed_s": round(run.elapsed(), 2)})))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
