@@ -130,10 +130,16 @@ def max_context_table(cfg_json: str, memory_gib: float, batch: int, dtype: str, 
 MEASURE_HIDDEN = 256
 MEASURE_MAX_HEADS = 8
 MEASURE_DIM_DIV = 8
+# Hosted-mode cap on the measured module: each scaled dim is at most what the page's largest knob option gives
+# (d_c 4096, d'_c 3072, head dims 256, ÷ 8). An uploaded config.json may carry any size up to 2**31 - 1; without
+# this cap its own value (added to the knob's options) would build a module of hundreds of GB.
+MEASURE_MAX_DIMS = {"kv_lora_rank": 512, "q_lora_rank": 384, "qk_rope_head_dim": 32, "qk_nope_head_dim": 32,
+                    "v_head_dim": 32}
 
 
 def scaled_down(cfg_json: str) -> str:
-    """A one-layer CPU-sized copy of the page's attention: at most 8 heads, every head/latent dim / 8, hidden 256.
+    """A one-layer CPU-sized copy of the page's attention: at most 8 heads, every head/latent dim / 8 (capped at
+    `MEASURE_MAX_DIMS`), hidden 256.
 
     Keeps MLA's structure (query compression if any, decoupled RoPE, latent cache); plain RoPE (no YaRN) so
     positions up to 4096 are all in range.
@@ -142,14 +148,17 @@ def scaled_down(cfg_json: str) -> str:
 
     cfg = cfg_of(cfg_json)
     div = MEASURE_DIM_DIV
+    cap = MEASURE_MAX_DIMS
     even = lambda v: max(2, (v // 2) * 2)  # noqa: E731
     small = PRESETS["mini"].replace(
         hidden_size=MEASURE_HIDDEN, num_hidden_layers=1, first_k_dense_replace=1,
         num_attention_heads=min(cfg.num_attention_heads, MEASURE_MAX_HEADS),
         num_key_value_heads=min(cfg.num_attention_heads, MEASURE_MAX_HEADS),
-        kv_lora_rank=max(4, cfg.kv_lora_rank // div), qk_rope_head_dim=even(cfg.qk_rope_head_dim // div),
-        qk_nope_head_dim=max(2, cfg.qk_nope_head_dim // div), v_head_dim=even(cfg.v_head_dim // div),
-        q_lora_rank=None if cfg.q_lora_rank is None else max(4, cfg.q_lora_rank // div),
+        kv_lora_rank=max(4, min(cfg.kv_lora_rank // div, cap["kv_lora_rank"])),
+        qk_rope_head_dim=even(min(cfg.qk_rope_head_dim // div, cap["qk_rope_head_dim"])),
+        qk_nope_head_dim=max(2, min(cfg.qk_nope_head_dim // div, cap["qk_nope_head_dim"])),
+        v_head_dim=even(min(cfg.v_head_dim // div, cap["v_head_dim"])),
+        q_lora_rank=None if cfg.q_lora_rank is None else max(4, min(cfg.q_lora_rank // div, cap["q_lora_rank"])),
         max_position_embeddings=4096, rope_scaling=None)
     return json.dumps(small.to_hf(), sort_keys=True)
 
@@ -643,8 +652,18 @@ def moe_simulation(n_experts: int, top_k: int, n_group: int, topk_group: int, sc
     for s, res in r.items():
         loads = res.loads.double()
         rel = loads / loads.sum(1, keepdim=True) * n_experts
-        per[s] = {"relative_load": rel.numpy(), "biases": res.biases.double().numpy(),
-                  "table": pd.DataFrame([{"step": i, "expert": e, "relative_load": float(rel[i, e]),
-                                          "bias": float(res.biases[i, e])}
-                                         for i in range(rel.shape[0]) for e in range(n_experts)])}
+        # float32 arrays only: at the largest knobs (512 experts x 240 steps) an entry is ~4 MB instead of the
+        # ~24 MB a per-cell DataFrame took (x max_entries=16 on a shared server); tables are built per run
+        # by sim_table() for the one strategy shown.
+        per[s] = {"relative_load": rel.float().numpy(), "biases": res.biases.float().numpy()}
     return {"max_vio": maxvio, "per_strategy": per}
+
+
+def sim_table(ps: dict) -> pd.DataFrame:
+    """The CSV table behind the load/bias-over-steps heatmaps of one strategy (vectorized; not cached)."""
+    import numpy as np
+    rel, bias = ps["relative_load"], ps["biases"]
+    steps, n = rel.shape
+    return pd.DataFrame({"step": np.repeat(np.arange(steps), n), "expert": np.tile(np.arange(n), steps),
+                         "relative_load": rel.reshape(-1).astype(np.float64),
+                         "bias": bias.reshape(-1).astype(np.float64)})

@@ -17,4 +17,6 @@ PAGES = [
     PageSpec("pages/mla.py", "MLA & KV cache", ":material/memory:", "mla"),
     PageSpec("pages/moe.py", "MoE routing", ":material/hub:", "moe"),
     PageSpec("pages/fp8.py", "FP8 lab", ":material/data_array:", "fp8"),
+    PageSpec("pages/training.py", "Training lab", ":material/model_training:", "training"),
+    PageSpec("pages/lessons.py", "Lessons", ":material/school:", "lessons"),
 ]

@@ -60,3 +60,7 @@ HIGHLIGHT = _O["vermillion"]
 
 HEATMAP = "Viridis"      # routing, attention
 HEATMAP_ALT = "Cividis"  # second heatmap on a page (bias trajectories, ...)
+
+# Training lab (loss curves) and run overlays: train loss blue, validation vermillion, MTP sky; runs in this order.
+LOSS = {"train": _O["blue"], "val": _O["vermillion"], "mtp": _O["sky"]}
+RUNS = [_O["blue"], _O["vermillion"], _O["green"], _O["orange"], _O["purple"], _O["sky"], _O["black"], _O["grey"]]

@@ -16,6 +16,7 @@ Knob keys are short, stable identifiers: they are the query-parameter names of t
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -24,36 +25,60 @@ import streamlit as st
 _NOTES = "_eva_url_notes"        # key -> (message, value shown) ; shown until that knob changes
 _BASES = "_eva_knob_bases"       # key -> model id the knob's default was taken from
 
-_slot_holder: dict[str, Any] = {}
+_run = threading.local()  # per script run (each session's script runs in its own thread): slot + placeholders
 
 
 # ---------------------------------------------------------------- notes
 def note_slot() -> None:
-    """Create the container (top of the main area) where URL fallback notes are written. Call once per run,
-    in the entry point before ``pg.run()``."""
-    _slot_holder["slot"] = st.container()
+    """Create the container (top of the main area) where URL fallback notes are written, and show the notes
+    kept from earlier runs whose knob still holds the fallback value. Call once per run, in the entry point
+    before ``pg.run()``.
+
+    Notes are written as soon as they arise (not at the end of the run), so a page that stops early with
+    ``st.stop()`` after an impossible combination still shows them."""
+    _run.slot = st.container()
+    _run.shown = {}
+    notes = _notes()
+    for key in list(notes):
+        # A knob the user changed since, or one that is not on this page (another page's knob): forget the note.
+        if key not in st.session_state or st.session_state[key] != notes[key][1]:
+            del notes[key]
+        else:
+            _show(key, notes[key][0])
 
 
 def _notes() -> dict:
     return st.session_state.setdefault(_NOTES, {})
 
 
+def _show(key: str, message: str) -> None:
+    slot = getattr(_run, "slot", None)
+    if slot is None:
+        return
+    ph = _run.shown.get(key)
+    if ph is None:
+        ph = _run.shown[key] = slot.empty()
+    ph.warning(message, icon=":material/link_off:")
+
+
 def add_note(key: str, message: str, shown_value: Any) -> None:
+    """Record and show a note for knob `key`; it stays (across reruns) until the knob leaves `shown_value`."""
     _notes()[key] = (message, shown_value)
+    _show(key, message)
+
+
+def drop_note(key: str) -> None:
+    _notes().pop(key, None)
+    ph = getattr(_run, "shown", {}).pop(key, None)
+    if ph is not None:
+        ph.empty()
 
 
 def flush_notes() -> None:
-    """Write the pending URL notes into the slot. A note disappears once its knob is changed by the user."""
-    notes = _notes()
-    for key in list(notes):
-        if key in st.session_state and st.session_state[key] != notes[key][1]:
-            del notes[key]
-    slot = _slot_holder.get("slot")
-    if not notes or slot is None:
-        return
-    with slot:
-        for key, (msg, _) in notes.items():
-            st.warning(msg, icon=":material/link_off:")
+    """End of run (called from a ``finally``, possibly after ``st.stop()``): forget this run's slot. Writes no
+    element, so it is safe after a stop."""
+    _run.slot = None
+    _run.shown = {}
 
 
 # ---------------------------------------------------------------- value matching
@@ -78,7 +103,7 @@ def _prepare(key: str, default: Any, follow: str | None) -> tuple[bool, str | No
     if follow is not None:
         if key in st.session_state and bases.get(key) not in (None, follow):
             st.session_state[key] = default
-            _notes().pop(key, None)
+            drop_note(key)
         bases[key] = follow
     first = key not in st.session_state
     raw = None
@@ -92,9 +117,43 @@ def _after(key: str, label: str, raw: str | None, value: Any, fmt: Callable[[Any
     if raw is None or _matches(raw, value, fmt):
         return
     shown = "empty" if value is None else fmt(value)
-    msg = (f"The link set **{label}** to `{raw}`, which is not a valid value here"
-           f"{' (' + invalid_hint + ')' if invalid_hint else ''}; showing the default (**{shown}**) instead.")
-    add_note(key, msg, value)
+    add_note(key, _fallback_msg(label, raw, shown, invalid_hint), value)
+
+
+_MAX_SHOWN = 40  # characters of a rejected URL value quoted in the note (a link may carry kilobytes)
+
+
+def _fallback_msg(label: str, raw: str, shown: str, invalid_hint: str | None) -> str:
+    r = raw if len(raw) <= _MAX_SHOWN else raw[:_MAX_SHOWN] + f"… ({len(raw):,} characters)"
+    r = r.replace("`", "'")
+    quoted = f"`{r}`" if r.strip() else "an empty value"
+    return (f"The link set **{label}** to {quoted}, which is not a valid value here"
+            f"{' (' + invalid_hint + ')' if invalid_hint else ''}; showing the default (**{shown}**) instead.")
+
+
+def _forget_url_value(key: str) -> None:
+    """Remove ``?key=`` from the URL *and* from the values Streamlit seeds widgets with on this load.
+
+    Deleting from ``st.query_params`` alone is not enough: a widget seeds from the query string the run started
+    with (1.67: ``QueryParams._initial_query_params``), which has no public setter. The private access is guarded:
+    if a later Streamlit renames it, this degrades to the public deletion (tests/test_fuzz_app.py would notice)."""
+    if key in st.query_params:
+        del st.query_params[key]
+    try:
+        from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+        ctx = get_script_run_ctx()
+        if ctx is not None:
+            with ctx.session_state.query_params() as qp:
+                qp._initial_query_params.pop(key, None)
+    except Exception:  # pragma: no cover - internal layout changed
+        pass
+
+
+def _non_finite(raw: str) -> bool:
+    try:
+        return not math.isfinite(float(raw))
+    except (TypeError, ValueError, OverflowError):
+        return False
 
 
 # ---------------------------------------------------------------- knobs
@@ -166,10 +225,18 @@ def number(label: str, key: str, default, *, min_value=None, max_value=None, ste
            **kw):
     """``st.number_input`` bound to ``?key=``; ``default=None`` gives an empty box ("use the model's value")."""
     first, raw = _prepare(key, default, follow)
-    v = _where(container).number_input(label, min_value=min_value, max_value=max_value, value=default, step=step,
-                                       key=key, bind="query-params", help=help, placeholder=placeholder, **kw)
     hint = None
     if min_value is not None or max_value is not None:
-        hint = f"allowed {min_value if min_value is not None else '−∞'}…{max_value if max_value is not None else '∞'}"
+        # an int input without max_value is capped by Streamlit at JavaScript's largest safe integer, 2**53 - 1
+        top = max_value if max_value is not None else ("2⁵³−1" if isinstance(step, int) else "∞")
+        hint = f"allowed {min_value if min_value is not None else '−∞'}…{top}"
+    if raw is not None and _non_finite(raw):
+        # Streamlit 1.67 raises OverflowError seeding an int number_input from ?key=inf / 1e400: drop it first.
+        _forget_url_value(key)
+        add_note(key, _fallback_msg(label, raw, "empty" if default is None else fmt(default),
+                                    "a finite number" + (f"; {hint}" if hint else "")), default)
+        raw = None
+    v = _where(container).number_input(label, min_value=min_value, max_value=max_value, value=default, step=step,
+                                       key=key, bind="query-params", help=help, placeholder=placeholder, **kw)
     _after(key, label, raw, v, fmt, hint)
     return v

@@ -170,3 +170,48 @@ MOE_EQUATIONS = [
     r"\text{MaxVio} = \frac{\max_i c_i}{\bar c} - 1,\qquad \text{CV} = \frac{\operatorname{std}(c)}{\bar c},\qquad "
     r"H = -\frac{\sum_i p_i \log p_i}{\log N_r}",
 ]
+
+# ====================================================================== Training lab
+TRAIN_TITLE = "Training lab — watch a mini DeepSeek-V3 learn"
+TRAIN_SUB = "Build a small model from the V3 ingredients, train it on this server's CPU, compare the runs"
+
+TRAIN_EXPLAIN = r"""
+**What trains.** The lab trains the `mini` preset (4 layers, hidden size 256, byte-level vocabulary of 256) with
+your knobs: the attention (MLA as in V3, or MHA / GQA / MQA), the feed-forward (DeepSeekMoE: 1 shared expert plus
+top-$k$ of $N_r$ routed experts in every layer after the first, or a dense SwiGLU), the balancing strategy, the
+number format of every matrix multiply, and the multi-token-prediction (MTP) module. Runs are tiny — a few
+seconds to a minute on one CPU core — so the point is the *shape* of the curves, not the final quality.
+
+**The loss.** Each step takes a batch of random windows of the dataset and minimises the next-byte cross-entropy
+$\mathcal{L}_{\text{LM}}$ (nats per byte; a uniform guess over 256 bytes scores $\ln 256 = 5.55$). With MTP on, a
+sequential module also predicts the byte after next from the main model's hidden state and the next byte's
+embedding (V3 §2.2, eqs. 21–25); its loss is added with weight $\lambda = 0.3$. The validation loss is the same
+cross-entropy on held-out text, measured every ~1/6 of the run.
+
+**Load balancing.** *aux-loss-free* (V3 §2.1.2): after every step each router bias $b_i$ moves by $\gamma$ against
+its expert's load error; the bias only changes *which* experts are picked. *aux loss*: a sequence-wise balance
+loss $\alpha \sum_i f_i P_i$ (eqs. 17–20) pulls the router towards uniform loads through the gradient. *both*:
+V3's recipe — the bias plus an "extremely small" aux loss. *none*: watch the router collapse onto a few experts.
+MaxVio $= \max_i c_i/\bar c - 1$ measures the imbalance of each batch.
+
+**Precision.** FP32; BF16 compute with FP32 master weights; or an **FP8 recipe**: every linear layer quantizes its
+input and weight to FP8 before the GEMM (emulated on the CPU, same rounding as the GPU), with the scaling of the
+recipe — DeepSeek's 1×128 activation tiles and 128×128 weight blocks, per-tensor current or delayed scaling,
+MX 1×32 blocks or one power-of-two scale per row. The optimizer always keeps FP32 master weights.
+
+**Optimizer.** AdamW ($\beta = 0.9, 0.95$, weight decay 0.1 on matrices), gradient clipping at norm 1, linear
+warm-up over the first 10% of the steps, then cosine decay to 0.
+"""
+
+TRAIN_EQUATIONS = [
+    r"\mathcal{L} = \underbrace{-\tfrac{1}{T}\textstyle\sum_t \log P(x_{t+1}\mid x_{\le t})}_{\mathcal{L}_{\text{LM}}}"
+    r" + \frac{\lambda}{D}\sum_{k=1}^{D} \mathcal{L}^{k}_{\text{MTP}} + \alpha \sum_{\text{MoE layers}}\sum_{i=1}^{N_r} f_i P_i",
+    r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)\quad\text{(after every step, outside the gradient)},"
+    r"\qquad \text{MaxVio} = \frac{\max_i c_i}{\bar c} - 1",
+    r"\eta_s = \begin{cases} \eta\,\frac{s+1}{s_w} & s < s_w \\ \tfrac{\eta}{2}\big(1 + \cos\frac{\pi (s - s_w)}{S - s_w}\big)"
+    r" & s \ge s_w \end{cases}",
+]
+
+# ====================================================================== Lessons
+LESSONS_TITLE = "Lessons — the DeepSeek-V3 masterclass"
+LESSONS_SUB = "Six guided sections; every step sets a dashboard's knobs and says what to look at"

@@ -44,8 +44,19 @@ class CheckpointError(ValueError):
 def _safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [folder / n for n in names]
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise CheckpointError(f"{index.name}: not a valid index (needs a JSON object with a weight_map)") from None
+        root = folder.resolve()
+        files = []
+        for n in names:
+            f = (folder / str(n)).resolve()
+            # the index is user-supplied: it may only name files inside the checkpoint folder
+            if not isinstance(n, str) or f.parent != root:
+                raise CheckpointError(f"{index.name}: {str(n)[:80]!r} is not a file inside the checkpoint folder")
+            files.append(f)
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -35,8 +35,8 @@ with sb.expander("Architecture", expanded=True, icon=":material/architecture:"):
                              help="q_lora_rank ('none' = no query compression). Changes parameters, not the cache.")
     layers = state.slider("Layers L", "mla_layers", 1, 128, cfg.num_hidden_layers, follow=f)
     h0 = cfg.num_attention_heads
-    groups = state.slider("GQA groups n_g (baseline)", "mla_groups", 1, 256,
-                          8 if h0 % 8 == 0 and h0 > 8 else max(1, h0 // 2), follow=f,
+    g0 = next((g for g in (8, 4, 2) if h0 % g == 0 and g < h0), 1)  # a divisor of the heads: a valid default
+    groups = state.slider("GQA groups n_g (baseline)", "mla_groups", 1, 256, g0, follow=f,
                           help="K/V heads of the GQA baseline; must divide the number of heads.")
 with sb.expander("Serving", expanded=True, icon=":material/dns:"):
     context = state.select_slider("Context (tokens per sequence)", "mla_ctx", [2**i for i in range(10, 21)], 131072,

@@ -12,17 +12,18 @@ sh = sidebar.shared()
 cfg = sh.cfg
 f = sh.model_id
 sb = st.sidebar
+EXPERT_OPTIONS = [4, 8, 16, 32, 64, 128, 160, 256, 512]  # hosted-mode cap: the real router runs on at most 512
 sb.subheader("MoE knobs")
 with sb.expander("Router", expanded=True, icon=":material/hub:"):
-    experts = state.select_slider("Routed experts N_r", "moe_experts", [4, 8, 16, 32, 64, 128, 160, 256, 512],
-                                  max(cfg.n_routed_experts, 4), follow=f)
+    experts = state.select_slider("Routed experts N_r", "moe_experts", EXPERT_OPTIONS,
+                                  min(max(cfg.n_routed_experts, 4), EXPERT_OPTIONS[-1]), follow=f)
     shared = state.slider("Shared experts N_s", "moe_shared", 0, 4, min(cfg.n_shared_experts, 4), follow=f,
                           help="Experts every token uses; they take no part in routing.")
     top_k = state.slider("Experts per token K_r (top-k)", "moe_topk", 1, 16, min(max(cfg.num_experts_per_tok, 1), 16),
                          follow=f)
-    groups = state.select_slider("Expert groups (nodes)", "moe_groups", [1, 2, 4, 8, 16], cfg.n_group
-                                 if cfg.n_group in (1, 2, 4, 8, 16) else 1, follow=f)
-    topk_groups = state.slider("Groups per token", "moe_topkg", 1, 16, min(cfg.topk_group, 16), follow=f,
+    g0 = cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1
+    groups = state.select_slider("Expert groups (nodes)", "moe_groups", [1, 2, 4, 8, 16], g0, follow=f)
+    topk_groups = state.slider("Groups per token", "moe_topkg", 1, 16, min(cfg.topk_group, g0), follow=f,
                                help="topk_group: how many groups (nodes) one token may use.")
     scoring = state.radio("Scoring", "moe_scoring", ["sigmoid", "softmax"], cfg.scoring_func, follow=f)
     scale = state.select_slider("Route scale", "moe_scale", [0.5, 1.0, 2.0, 2.5, 4.0, 8.0, 16.0],
@@ -44,6 +45,10 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
                                                              "same experts at first.")
 
 ui.page_header(texts.MOE_TITLE, texts.MOE_SUB, sh)
+if cfg.n_routed_experts > EXPERT_OPTIONS[-1]:
+    st.info(f"**{sh.label}** has {cfg.n_routed_experts:,} routed experts; this page routes real tokens through at "
+            f"most {EXPERT_OPTIONS[-1]} (the hosted app's cap), so it starts at {EXPERT_OPTIONS[-1]}.",
+            icon=":material/speed:")
 ui.explanation("How routing and balancing work", texts.MOE_EXPLAIN, texts.MOE_EQUATIONS, lesson=sh.lesson)
 
 try:
@@ -67,11 +72,12 @@ def bias_controller_section(experts, top_k, groups, topk_groups, scoring, gamma,
              notice="Grey never improves. The orange aux loss moves slowly (its gradient is weighted by α and fights "
                     "nothing else here); the blue bias controller converges in about 1/γ steps.")
     ps = sim["per_strategy"][strategy]
+    table = compute.sim_table(ps)
     label = compute.STRATEGY_LABELS[strategy]
-    ui.chart(ui.fig("load_over_steps", ps["relative_load"], label), ps["table"], "load over steps",
+    ui.chart(ui.fig("load_over_steps", ps["relative_load"], label), table, "load over steps",
              key="moe_loadsteps", lesson=lesson,
              notice="Pick another strategy in the sidebar ('Strategy shown in detail') to compare the load patterns.")
-    ui.chart(ui.fig("bias_over_steps", ps["biases"], label), ps["table"], "bias over steps", key="moe_biassteps",
+    ui.chart(ui.fig("bias_over_steps", ps["biases"], label), table, "bias over steps", key="moe_biassteps",
              lesson=lesson)
 
 

@@ -1,0 +1,480 @@
+"""The masterclass as data: six sections of short steps. Each step explains one idea (a few sentences, optional
+display math), names the dashboard and the knob values that show it, and says what to notice.
+
+`url_params(step)` turns a step's knobs into the exact query parameters the target page binds (the URL holds each
+option's label, e.g. `?ov_ctx=128K`, `?fp8_fmt=E5M2`), so the same dict serves the in-app button, the "open in a
+new tab" link an instructor shares, and the tests (tests/test_app_lessons.py opens every step's page with these
+parameters and checks every widget value).
+
+The lessons page itself is bound to `?ls_sec=<section>&ls_step=<n>`, so a link reaches any step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from app.pages import PAGES
+from app.units import tokens
+
+# ====================================================================== data model
+PAGE_TITLES = {p.path: p.title for p in PAGES}
+PAGE_URLS = {p.path: p.url_path for p in PAGES}
+
+
+@dataclass(frozen=True)
+class Step:
+    title: str
+    body: str                              # Markdown; $...$ math allowed
+    page: str                              # target page script, e.g. "pages/mla.py"
+    knobs: dict = field(default_factory=dict)   # URL key -> knob value (Python value, as the widget returns it)
+    notice: str = ""                       # "what to notice"
+    latex: tuple = ()                      # display equations
+    preview: tuple = ()                    # preview charts on the lessons page (see app/lesson_previews)
+
+
+@dataclass(frozen=True)
+class Section:
+    id: str                                # short label, also the URL value of ?ls_sec=
+    title: str
+    summary: str
+    steps: tuple
+
+
+# ====================================================================== URL formatting
+def _g(v) -> str:
+    return f"{v:g}"
+
+
+def _osz(v) -> str:
+    return f"{v:.0e}".replace("e+0", "e")
+
+
+def _bool(v) -> str:
+    return "true" if v else "false"
+
+
+def _formatters() -> dict[str, Callable[[Any], str]]:
+    """How each bound knob's value is written in the URL (the widget's option label)."""
+    from app.compute import FMT_LABELS, STRATEGY_LABELS
+    from app.training import KNOBS
+
+    f: dict[str, Callable[[Any], str]] = {
+        "lesson": _bool, "mla_log": _bool,
+        "ov_ctx": tokens, "mla_ctx": tokens,
+        "fp8_fmt": FMT_LABELS.__getitem__, "fp8_osz": _osz,
+        "fp8_over": {"saturate": "saturate", "nan": "NaN / inf"}.__getitem__,
+        "moe_strategy": STRATEGY_LABELS.__getitem__,
+        "moe_gamma": _g, "moe_alpha": _g, "moe_cf": _g, "moe_skew": _g,
+    }
+    f.update({k: kn.fmt for k, kn in KNOBS.items()})
+    return f
+
+
+def url_value(key: str, value) -> str:
+    return _formatters().get(key, str)(value)
+
+
+def url_params(step: Step) -> dict[str, str]:
+    """The query parameters that open `step.page` with the step's knobs."""
+    return {k: url_value(k, v) for k, v in step.knobs.items()}
+
+
+def query_string(step: Step) -> str:
+    from urllib.parse import urlencode
+    return urlencode(url_params(step))
+
+
+# ====================================================================== the six sections
+L = {"lesson": True}   # every step opens its dashboard in lesson mode (explanations open, "what to notice" notes)
+
+FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache problem",
+                      "Why a language model that generates text needs memory that grows with every token.", (
+    Step("Attention looks back at every earlier token",
+         "A transformer layer turns each token into a query $q$, a key $k$ and a value $v$. The output for token $t$ "
+         "is a weighted average of the values of tokens $1 \\dots t$, with weights from a softmax over "
+         "$q_t^\\top k_j$. The mask is *causal*: a token never sees the future. Every head of every layer does this.",
+         "pages/mla.py", {**L, "mla_heatview": "probability"},
+         "In **Attention map and low rank** (near the bottom of the page): the upper triangle is empty (causal mask) "
+         "and every row sums to 1. Move **Heatmap head**: each head attends differently.",
+         (r"\operatorname{Attn}(q_t, K, V) = \sum_{j \le t} \operatorname{softmax}_j\!\Big(\frac{q_t^\top k_j}"
+          r"{\sqrt{d_h}}\Big)\, v_j",),
+         ("attention", "kv")),
+    Step("The KV cache grows with every token",
+         "When generating, the keys and values of earlier tokens never change, so they are kept — the **KV cache** — "
+         "instead of being recomputed. Standard multi-head attention (MHA) stores $2 n_h d_h$ numbers per token "
+         "per layer: for a DeepSeek-V3-sized model with MHA that is 32,768 numbers × 61 layers for *every* token of "
+         "*every* sequence being served.",
+         "pages/mla.py", {**L, "mla_ctx": 131072, "mla_batch": 1, "mla_log": False},
+         "On a linear scale every line is straight: memory is proportional to the context. Read the MHA line at "
+         "128K tokens: that is the cache of ONE sequence.",
+         (r"\text{KV bytes} = 2\, n_h\, d_h \cdot L \cdot T \cdot B \cdot \text{bytes/element}",),
+         ("kv",)),
+    Step("The memory wall: what fits on the GPUs",
+         "Serving means many sequences at once. The GPUs hold the weights first; whatever is left holds the KV "
+         "caches. With an MHA-sized cache, a node of 8 × 80 GiB fits only a short context for a batch of 16 — "
+         "the cache, not compute, limits how many users one server can take.",
+         "pages/mla.py", {**L, "mla_batch": 16, "mla_gpus": 8, "mla_gpumem": 80, "mla_wdtype": "fp8"},
+         "In **What fits on your GPUs**, compare the MHA bar with the MLA bar: same memory, very different "
+         "longest context.",
+         (r"T_{\max} = \Big\lfloor \frac{M_{\text{GPUs}} - M_{\text{weights}}}{e \cdot L \cdot B \cdot "
+          r"\text{bytes}} \Big\rfloor",),
+         ("kv",)),
+    Step("GQA and MQA: share the K/V heads",
+         "The classic fix shares one K/V head between a group of query heads: grouped-query attention (GQA, $n_g$ "
+         "groups) or multi-query attention (MQA, one K/V head). The cache shrinks by $n_h / n_g$ — by removing K/V "
+         "capacity, which costs quality.",
+         "pages/mla.py", {**L, "mla_groups": 8},
+         "The orange GQA-8 line sits 16× below MHA, the green MQA line 128× below. Keep the MLA (blue) line in mind "
+         "for the next section.",
+         (r"e_{\text{GQA}} = 2\, n_g\, d_h,\qquad e_{\text{MQA}} = 2\, d_h",),
+         ("kv",)),
+))
+
+MLA = Section("MLA", "Multi-head Latent Attention: compress the cache, keep the heads",
+              "DeepSeek-V2/V3 cache one small latent vector per token and rebuild every head's K and V from it.", (
+    Step("One latent vector per token",
+         "MLA projects each token down to a latent $c^{KV}_t$ of $d_c = 512$ numbers and rebuilds all 128 heads' keys "
+         "and values from it with up-projections. Only the latent (plus a small RoPE key, next step) is cached: "
+         "576 numbers per token per layer instead of 32,768.",
+         "pages/mla.py", {**L},
+         "The **MLA saves vs MHA** card: 98.2% for DeepSeek-V3's shape, and the blue line far below all others.",
+         (r"c^{KV}_t = W^{DKV} h_t,\qquad k^C_{t,i} = W^{UK}_i c^{KV}_t,\qquad v^C_{t,i} = W^{UV}_i c^{KV}_t",),
+         ("kv",)),
+    Step("The latent dimension is the knob",
+         "$d_c$ (`kv_lora_rank`) sets the cache size directly, independent of the number of heads. Halve it and "
+         "the MLA cache nearly halves; the other lines do not move.",
+         "pages/mla.py", {**L, "mla_dc": 256},
+         "Only the blue MLA line moved. Then try **Attention heads** in the sidebar: MHA moves, MLA does not.",
+         (r"e_{\text{MLA}} = d_c + d_h^R",),
+         ("kv",)),
+    Step("Decoupled RoPE",
+         "Rotary position embeddings rotate keys by their position, so they cannot be folded into $W^{UK}$. MLA "
+         "adds one small extra key $k^R_t$ ($d_h^R = 64$) that carries the position and is shared by all heads. It "
+         "is cached too — a fixed cost per token.",
+         "pages/mla.py", {**L, "mla_rope": 128},
+         "Doubling the RoPE key dim adds 64 numbers per token per layer: the MLA card's element count goes from "
+         "576 × 61 to 640 × 61.",
+         (r"k^R_t = \operatorname{RoPE}(W^{KR} h_t),\qquad k_{t,i} = [k^C_{t,i};\ k^R_t]",),
+         ("kv",)),
+    Step("Absorb the up-projection: decode on the latent",
+         "Because $q^\\top (W^{UK} c) = (W^{UK\\top} q)^\\top c$, the up-projection can be folded into the query, "
+         "and $W^{UV}$ into the output projection: decoding attends directly over the cached latents. The "
+         "measured section runs the real module both ways.",
+         "pages/mla.py", {**L, "mla_dtype": "bf16"},
+         "In **Measured: the real MLA module**: naive and absorbed decodes give the same output, and the measured "
+         "cache bytes equal the formula — the absorbed cache is many times smaller.",
+         (r"(q^C_{t,i})^\top k^C_{j,i} = \big((W^{UK}_i)^\top q^C_{t,i}\big)^\top c^{KV}_j",),
+         ("kv",)),
+))
+
+MOE = Section("MoE", "DeepSeekMoE and load balancing",
+              "256 small experts, 8 per token — and how DeepSeek-V3 keeps them evenly loaded without an aux loss.", (
+    Step("Many small experts, a few per token",
+         "Every MoE layer has 1 shared expert that every token uses and 256 routed experts; a router scores them "
+         "with a sigmoid and each token uses its top 8. Most weights live in experts, but a token touches only "
+         "8/256 of them.",
+         "pages/moe.py", {**L},
+         "The **Experts per token** card (8 + 1) and the routing heatmap: rows are token domains, columns experts.",
+         (r"h'_t = u_t + \sum_{i=1}^{N_s} \text{FFN}^{(s)}_i(u_t) + \sum_{i=1}^{N_r} g_{i,t}\,\text{FFN}^{(r)}_i(u_t)",),
+         ("maxvio",)),
+    Step("Routing collapse",
+         "A fresh router is not balanced: tokens share a common direction, so they all prefer the same few experts. "
+         "Those experts become the bottleneck, others idle and never learn. MaxVio measures it.",
+         "pages/moe.py", {**L, "moe_strategy": "none", "moe_skew": 2.0},
+         "The grey 'no balancing' line stays high in **The bias controller over time**; in the load heatmap a few "
+         "bright columns take most tokens for the whole run.",
+         (r"\text{MaxVio} = \frac{\max_i c_i}{\bar c} - 1",),
+         ("maxvio",)),
+    Step("The classic fix: an auxiliary loss",
+         "Add a balance loss $\\alpha \\sum_i f_i P_i$ to the training loss: its gradient pushes the router towards "
+         "uniform loads. It works slowly, and it pulls against the language-modelling objective — too large an "
+         "$\\alpha$ hurts quality.",
+         "pages/moe.py", {**L, "moe_strategy": "aux_loss", "moe_alpha": 0.1},
+         "The orange aux-loss line falls, but slowly; move **Aux loss weight α** and see the speed change.",
+         (r"\mathcal{L}_{\text{Bal}} = \alpha \sum_{i=1}^{N_r} f_i P_i,\qquad f_i = \frac{N_r}{K_r T}"
+          r"\sum_t \mathbb{1}[i \in \text{Top}_k(t)]",),
+         ("maxvio",)),
+    Step("DeepSeek-V3: aux-loss-free balancing",
+         "V3 adds a per-expert bias $b_i$ to the scores *only to choose* the top-k, and after each batch moves it by "
+         "$\\gamma$ against the expert's load error. Gate weights still use the unbiased scores, so balancing costs "
+         "no gradient at all.",
+         "pages/moe.py", {**L, "moe_strategy": "aux_free", "moe_gamma": 0.01, "moe_steps": 120},
+         "The blue line reaches a low MaxVio within about 1/γ = 100 steps; the bias heatmap shows busy experts "
+         "pushed down, idle ones pulled up.",
+         (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
+         ("maxvio",)),
+    Step("Node-limited routing",
+         "Experts are spread over nodes (8 groups in V3). Each token may use experts from at most 4 groups, chosen "
+         "by the sum of each group's two best scores — a cap on cross-node traffic.",
+         "pages/moe.py", {**L, "moe_topkg": 2},
+         "In **Group-limited routing, token by token**: each row uses experts from only 2 groups; the blank columns "
+         "are groups the token was not allowed to use.",
+         (r"\text{group score}_g = \sum \operatorname{top}_2\{s_{i,t} + b_i : i \in g\}",),
+         ("maxvio",)),
+))
+
+FP8 = Section("FP8", "FP8 training",
+              "Eight-bit floats halve the memory traffic of BF16 — if the scaling and the accumulation are right.", (
+    Step("Two FP8 formats",
+         "E4M3 has 3 mantissa bits and a max of 448; E5M2 has 2 mantissa bits but reaches 57,344. Rounding to "
+         "nearest costs at most $2^{-(m+1)}$ relative error: 6.25% for E4M3. DeepSeek-V3 uses E4M3 for all "
+         "tensors and gets range from fine-grained scales.",
+         "pages/fp8.py", {**L, "fp8_data": "gaussian", "fp8_fmt": "e4m3"},
+         "SQNR ≈ 31.6 dB on Gaussian data. Switch **Format** to E5M2: about 6 dB worse (one mantissa bit less).",
+         (r"x = (-1)^s \cdot 2^{E - \text{bias}} \cdot 1.M",),
+         ("fp8hist",)),
+    Step("Outliers break per-tensor scaling",
+         "One scale per tensor maps the largest value onto the format's max. A few outlier channels (as real "
+         "activations have) set that scale, and every ordinary value is pushed down into the subnormals or to zero.",
+         "pages/fp8.py", {**L, "fp8_data": "outliers", "fp8_gran": "tensor", "fp8_osz": 10000.0},
+         "The histogram's bulk slides left of the 'smallest subnormal' line; the **Flushed to zero** card counts "
+         "the lost values.",
+         (r"s = \frac{\max|x|}{448},\qquad q = \operatorname{RNE}(x / s)",),
+         ("fp8hist",)),
+    Step("Fine-grained scaling: 1×128 tiles and 128×128 blocks",
+         "DeepSeek-V3 gives every 1×128 tile of an activation and every 128×128 block of a weight its own scale, so "
+         "an outlier only affects its own group.",
+         "pages/fp8.py", {**L, "fp8_data": "outliers", "fp8_gran": "tile", "fp8_osz": 10000.0},
+         "Same data as the last step: SQNR of the non-outlier values jumps back up; in the granularity sweep the "
+         "1×128 tile line stays high while per-tensor falls.",
+         (r"s_g = \frac{\max_{i \in g}|x_i|}{448}\ \text{for every group } g \text{ of } 1\times128",),
+         ("fp8hist", "sweep")),
+    Step("Promote the accumulator every 128 products",
+         "An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with about 14 bits, so the error grows with "
+         "$K$. V3 copies partial sums to FP32 registers every $N_C = 128$ products, where the scales are applied "
+         "too.",
+         "pages/fp8.py", {**L, "fp8_nc": 128, "fp8_accbits": 13},
+         "In **GEMM accumulation**: without promotion the error grows with K; with promotion every 128 it stays "
+         "flat. Set N_C to 1024 and watch the bound rise.",
+         (r"C = \sum_{k_b} s^A_{k_b} s^B_{k_b} \sum_{k \in k_b} q^A_k q^B_k",),
+         ("gemm",)),
+))
+
+TOGETHER = Section("Putting it together", "Putting it together: the training lab",
+                   "Train a mini DeepSeek-V3 on this server, change one ingredient, overlay the runs.", (
+    Step("Train the default mini DeepSeek-V3",
+         "The lab's default is a 4-layer model with MLA, DeepSeekMoE (16 routed experts, top-4, 1 shared), "
+         "aux-loss-free balancing and MTP, trained for 150 steps on four synthetic token domains. Press **Start**: "
+         "it takes about half a minute on one core.",
+         "pages/training.py", {**L, "tr_steps": 150},
+         "The loss falls well below ln 256 = 5.55 (a uniform guess); MaxVio drops as the bias controller acts; "
+         "after the run the domain × expert matrix shows experts specialising by domain.",
+         (r"\mathcal{L} = \mathcal{L}_{\text{LM}} + \tfrac{\lambda}{D}\textstyle\sum_k \mathcal{L}^k_{\text{MTP}}",),
+         ("lab",)),
+    Step("Balancing matters: turn it off",
+         "Run again with balancing **none**, then overlay the two runs under **Compare runs**. Without balancing the "
+         "router may collapse onto a few experts.",
+         "pages/training.py", {**L, "tr_bal": "none"},
+         "MaxVio stays high and the expert-load heatmap keeps a few bright rows; compare the final losses in the "
+         "overlay's title.",
+         (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
+         ("lab",)),
+    Step("FP8 versus FP32",
+         "Run the same model with the DeepSeek FP8 recipe (E4M3, 1×128 activation tiles, 128×128 weight blocks, "
+         "FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within 0.25% of "
+         "its BF16 baseline. The FP8 GEMMs are emulated on the CPU, so this run takes about twice as long.",
+         "pages/training.py", {**L, "tr_prec": "deepseek"},
+         "The overlay's title gives the final-loss delta. Compare it with the gap between two FP32 runs that differ "
+         "only in the seed: on a tiny model trained for seconds, is the FP8 gap bigger than that noise?",
+         (),
+         ("lab",)),
+    Step("MLA versus MHA",
+         "MLA caches a fraction of MHA's keys and values — does it learn as well? Switch the attention to MHA and "
+         "overlay.",
+         "pages/training.py", {**L, "tr_attn": "mha"},
+         "Similar curves at this size: MLA's saving is in serving memory, not in what the model can learn here.",
+         (),
+         ("lab",)),
+))
+
+SCALE = Section("Scale and deployment", "Scale and deployment: 671B parameters, 37B per token",
+                "From the mini model back to the real one: where the parameters are and what serving needs.", (
+    Step("671B total, 37B activated",
+         "DeepSeek-V3 has 671B parameters, but each token runs through only about 37B: the embedding, attention, "
+         "the dense layers, the shared expert and its 8 routed experts per layer. Compute follows the activated "
+         "count; memory follows the total.",
+         "pages/overview.py", {**L, "model": "deepseek-v3"},
+         "In the parameter breakdown the purple routed-expert segment dominates the total bar and nearly vanishes "
+         "in the activated bar.",
+         (r"N_{\text{act}} = N_{\text{total}} - (N_r - K_r)\cdot 3\,d\,d_e \cdot L_{\text{MoE}}",),
+         ("params",)),
+    Step("Serving memory: weights in FP8, cache in MLA",
+         "The released checkpoint stores matrices in FP8 (1 byte plus a scale per 128×128 block): about half of "
+         "BF16. The KV cache of a whole 128K-token sequence is small next to the weights thanks to MLA.",
+         "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ctx": 131072, "ov_kvdt": "bf16"},
+         "In **Memory and compute**: FP8 weights ≈ 50% of BF16; the MLA cache bar is tiny next to the MHA one.",
+         (r"M_{\text{FP8}} \approx N_{\text{lin}} + 2 N_{\text{other}} + 4\lceil N_{\text{lin}}/128^2\rceil\ "
+          r"\text{bytes}",),
+         ("params", "memory")),
+    Step("How many users fit on a node",
+         "Serve a batch of 32 sequences from 16 GPUs of 80 GiB with FP8 weights: what is left after the weights "
+         "holds the caches. This is where MLA pays for itself.",
+         "pages/mla.py", {**L, "model": "deepseek-v3", "mla_batch": 32, "mla_gpus": 16, "mla_gpumem": 80,
+                          "mla_wdtype": "fp8"},
+         "**Longest MLA context** vs the MHA figure below it: the ratio is the cache reduction factor.",
+         (),
+         ("kv",)),
+    Step("DeepSeek-V2 for comparison",
+         "DeepSeek-V2 (236B total, 21B activated) used the same MLA but 160 routed experts with top-6, softmax "
+         "scoring and an auxiliary balance loss. Switch the model and compare.",
+         "pages/overview.py", {**L, "model": "deepseek-v2"},
+         "Total and activated parameters both shrink; the share of weights a token activates is similar.",
+         (),
+         ("params",)),
+))
+
+SECTIONS: tuple[Section, ...] = (FOUNDATIONS, MLA, MOE, FP8, TOGETHER, SCALE)
+SECTION_IDS = [s.id for s in SECTIONS]
+
+
+KNOB_LABELS = {
+    "lesson": "Lesson mode", "model": "Model", "seed": "Seed",
+    "ov_ctx": "Context length", "ov_kvdt": "KV cache dtype",
+    "mla_dc": "KV latent dim d_c", "mla_rope": "RoPE key dim d_h^R", "mla_heads": "Attention heads",
+    "mla_groups": "GQA groups n_g", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
+    "mla_gpus": "GPUs", "mla_gpumem": "Memory per GPU (GiB)", "mla_wdtype": "Weights dtype",
+    "mla_log": "Log scale for memory", "mla_heatview": "Heatmap colour",
+    "moe_strategy": "Strategy shown in detail", "moe_skew": "Shared direction", "moe_alpha": "Aux loss weight α",
+    "moe_gamma": "Bias update speed γ", "moe_steps": "Steps", "moe_topkg": "Groups per token",
+    "fp8_data": "Data", "fp8_fmt": "Format", "fp8_gran": "Scaling granularity", "fp8_osz": "Outlier size",
+    "fp8_nc": "Promote every N_C", "fp8_accbits": "Accumulator mantissa bits",
+}
+
+
+def knob_label(key: str) -> str:
+    if key.startswith("tr_"):
+        from app.training import KNOBS
+        return KNOBS[key].label
+    return KNOB_LABELS.get(key, key)
+
+
+_POS = "_ls_pos"  # (section id, step) of this session's lesson, kept while the user visits a dashboard
+
+
+def remember_position(sec_id: str, n: int) -> None:
+    import streamlit as st
+    st.session_state[_POS] = (sec_id, n)
+
+
+def restore_position() -> None:
+    """Before the lessons page draws its selectors: if this session was on a lesson step and the link names no
+    step, continue there (the selectors are page widgets, so Streamlit forgets them on other pages)."""
+    import streamlit as st
+    pos = st.session_state.get(_POS)
+    if pos is None or "ls_sec" in st.session_state or "ls_sec" in st.query_params or "ls_step" in st.query_params:
+        return
+    st.session_state["ls_sec"], st.session_state["ls_step"] = pos
+
+
+def sidebar_back(page) -> None:
+    """On a dashboard opened from a lesson: a link back to that lesson step (entry point, every page)."""
+    import streamlit as st
+    pos = st.session_state.get(_POS)
+    if pos is None or getattr(page, "url_path", "") == "lessons":
+        return
+    st.sidebar.page_link("pages/lessons.py", label=f"Back to the lesson: {pos[0]}, step {pos[1]}",
+                         icon=":material/school:")
+
+
+def section(sid: str) -> Section:
+    return next(s for s in SECTIONS if s.id == sid)
+
+
+def all_steps() -> list[tuple[Section, int, Step]]:
+    """Every (section, 1-based step number, step)."""
+    return [(s, i + 1, st) for s in SECTIONS for i, st in enumerate(s.steps)]
+
+
+def step_query(sec: Section, n: int) -> dict[str, str]:
+    """Query parameters of the lessons page showing step `n` of `sec` (a shareable link to the step)."""
+    return {"ls_sec": sec.id, "ls_step": str(n)}
+
+
+# ====================================================================== previews (the lessons page)
+def _model_json(model: str) -> str:
+    import json
+
+    from core.config import PRESETS
+    return json.dumps(PRESETS[model].to_hf(), sort_keys=True)
+
+
+def previews(step: Step, seed: int = 0) -> list[tuple]:
+    """[(figure, data, name)] for the step's preview charts: the target dashboard's key chart computed with the
+    step's knobs (the page's other knobs at their defaults). Uses the same cached computations as the pages."""
+    from app import charts, compute
+    from app import charts_training as ct
+
+    kn = step.knobs
+    model = kn.get("model", "deepseek-v3")
+    seed = kn.get("seed", seed)
+    cfg_json = _model_json(model)
+    cfg = compute.cfg_of(cfg_json)
+    out = []
+    for kind in step.preview:
+        if kind == "kv":
+            h0 = cfg.num_attention_heads
+            arch = dict(kv_lora_rank=kn.get("mla_dc", cfg.kv_lora_rank),
+                        qk_rope_head_dim=kn.get("mla_rope", cfg.qk_rope_head_dim),
+                        num_attention_heads=kn.get("mla_heads", h0), v_head_dim=kn.get("mla_dh", cfg.v_head_dim),
+                        qk_nope_head_dim=kn.get("mla_nope", cfg.qk_nope_head_dim),
+                        num_hidden_layers=kn.get("mla_layers", cfg.num_hidden_layers))
+            arch["num_key_value_heads"] = arch["num_attention_heads"]
+            groups = kn.get("mla_groups", 8 if h0 % 8 == 0 and h0 > 8 else max(1, h0 // 2))
+            ctx, batch = kn.get("mla_ctx", 131072), kn.get("mla_batch", 1)
+            arch_json = compute.mla_arch(cfg_json, **arch)
+            kv = compute.kv_vs_context(arch_json, ctx, batch, kn.get("mla_dtype", "bf16"), groups)
+            out.append((charts.kv_vs_context(kv, ctx, batch, groups, kn.get("mla_log", True)), kv, "kv cache"))
+        elif kind == "attention":
+            small = compute.scaled_down(cfg_json)
+            amap = compute.attention_map(small, seed)
+            rel = kn.get("mla_heatview", "× uniform") == "× uniform"
+            out.append((charts.attention_heatmap(amap["probs"][0], 0, amap["ids"], rel), amap["table"],
+                        "attention heatmap"))
+        elif kind == "maxvio":
+            e = kn.get("moe_experts", max(cfg.n_routed_experts, 4))
+            groups = kn.get("moe_groups", cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1)
+            sim = compute.moe_simulation(e, kn.get("moe_topk", min(max(cfg.num_experts_per_tok, 1), 16)), groups,
+                                         kn.get("moe_topkg", min(cfg.topk_group, 16)),
+                                         kn.get("moe_scoring", cfg.scoring_func), kn.get("moe_gamma", 1e-2),
+                                         kn.get("moe_alpha", 1e-2), kn.get("moe_steps", 30), kn.get("moe_skew", 1.0),
+                                         seed)
+            out.append((charts.maxvio_over_steps(sim["max_vio"]), sim["max_vio"], "maxvio per step"))
+        elif kind in ("fp8hist", "sweep"):
+            fmt, gran = kn.get("fp8_fmt", "e4m3"), kn.get("fp8_gran", "tensor")
+            och, osz = kn.get("fp8_och", 4), kn.get("fp8_osz", 10000.0)
+            if kind == "fp8hist":
+                q = compute.fp8_quantize(fmt, gran, kn.get("fp8_over", "saturate"), kn.get("fp8_data", "outliers"),
+                                         och, osz, seed)
+                out.append((charts.fp8_histogram(q["hist"], q["grid"], q["metrics"], fmt, compute.GRAN_LABELS[gran]),
+                            q["hist"], "fp8 histogram"))
+            else:
+                f = "e4m3" if fmt == "bf16" else fmt
+                sw = compute.fp8_granularity_sweep(f, och, seed)
+                out.append((charts.granularity_sweep(sw, osz, f, och), sw, "granularity vs outliers"))
+        elif kind == "gemm":
+            nc, bits = kn.get("fp8_nc", 128), kn.get("fp8_accbits", 13)
+            g = compute.fp8_gemm_curves(bits, nc, kn.get("fp8_fmt", "e4m3"), seed)
+            out.append((charts.gemm_error(g, nc, bits), g, "gemm error vs k"))
+        elif kind in ("params", "memory"):
+            d = compute.overview(cfg_json, kn.get("ov_ctx", 131072), kn.get("ov_kvdt", "bf16"))
+            if kind == "params":
+                out.append((charts.params_breakdown(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
+                            "parameter breakdown"))
+            else:
+                out.append((charts.memory_bars(d["memory"]), d["memory"], "memory"))
+        elif kind == "lab":
+            from app import training
+            from core.train import lr_at
+            knobs = {k: v for k, v in kn.items() if k.startswith("tr_")}
+            mcfg, tcfg = training.lab_config(knobs, seed)
+            d = compute.overview(_json(mcfg), tcfg.seq_len, "fp32")
+            out.append((ct.lab_params(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
+                        "lab model parameters"))
+            lrs = ct.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])
+            out.append((ct.lr_schedule(lrs, tcfg.warmup), lrs, "learning rate schedule"))
+    return out
+
+
+def _json(cfg) -> str:
+    import json
+    return json.dumps(cfg.to_hf(), sort_keys=True)

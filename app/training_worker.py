@@ -1,0 +1,130 @@
+"""The training lab's worker process: `python -m app.training_worker` trains one run at a time, off the server.
+
+Why a process, not a thread: a training step is thousands of small torch ops, each taking and releasing the GIL.
+In a thread of the Streamlit server it fights every page rerun of every session for the GIL (measured here:
+polling the live charts every 0.5 s doubled the run time, and the other users' pages slowed down too). A separate
+process has its own GIL and uses one core (`torch.set_num_threads(1)`); the server keeps the other.
+
+Why a plain subprocess, not `multiprocessing`: spawn re-imports the parent's `__main__`, which inside Streamlit is
+the app script — the child would run the whole app. This module imports only `core` (no Streamlit).
+
+Protocol: JSON lines.
+  stdin  (server -> worker): {"cmd": "run", "seq": n, "id": run_id, "model": ModelConfig.to_hf(),
+                              "train": TrainConfig.to_dict()}
+                             {"cmd": "stop", "seq": n, "after": bool}   (stop job n between two steps;
+                                                        after: still sample text / measure experts)
+                             end of input: exit
+  stdout (worker -> server): {"ev": "ready"} once, then per job {"ev": "record", "id", "rec"} for every step,
+                             {"ev": "finishing", "id"}, {"ev": "end", "id", "status", "message", "after"}
+Anything else the child prints goes to stderr, so stdout carries only the protocol.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import queue
+import sys
+import threading
+
+
+def _plain(obj):
+    """JSON-safe copy (non-finite floats become None)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return _plain(obj.tolist())
+    return obj
+
+
+def after_run(tr, cfg) -> dict:
+    """Measurements for the 'after' view: text sampled with MTP drafts, the domain × expert matrix."""
+    out: dict = {}
+    prompt = "47+8=" if cfg.dataset == "synthetic" else "The "
+    try:
+        out["sample"] = _plain(tr.sample_text(prompt, 160, temperature=0.8, seed=cfg.seed))
+        out["sample_prompt"] = prompt
+    except Exception as e:  # pragma: no cover - defensive
+        out["sample_error"] = f"Sampling failed: {e}"
+    if tr.model.moe_layers():
+        try:
+            m = tr.domain_expert_matrix(num_batches=4)
+            out["domains"] = {"domains": m["domains"], "layers": m["layers"], "relative": m["relative"].tolist()}
+        except Exception as e:  # pragma: no cover - defensive
+            out["domains_error"] = str(e)
+    return out
+
+
+def main() -> None:  # pragma: no cover - runs in the child process (tested through the app)
+    out = os.fdopen(os.dup(1), "w", buffering=1)   # the protocol stream
+    os.dup2(2, 1)                                  # stray prints go to stderr
+    sys.stdout = sys.stderr
+    lock = threading.Lock()
+
+    def send(**ev):
+        with lock:
+            out.write(json.dumps(ev) + "\n")
+
+    jobs: queue.Queue = queue.Queue()
+    stop = {"seq": 0, "after": True}
+
+    def read_commands():
+        for line in sys.stdin:
+            try:
+                cmd = json.loads(line)
+            except ValueError:
+                continue
+            if cmd.get("cmd") == "stop":
+                stop["after"] = bool(cmd.get("after", True))
+                stop["seq"] = cmd.get("seq", 0)
+            elif cmd.get("cmd") == "run":
+                jobs.put(cmd)
+        jobs.put(None)  # stdin closed: the server went away
+
+    threading.Thread(target=read_commands, daemon=True).start()
+
+    import torch
+    torch.set_num_threads(1)
+    import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: ~1 s; do it before any job)
+
+    from core.config import ModelConfig
+    from core.data import get_dataset
+    from core.train import TrainConfig, TrainingDiverged, train
+    try:
+        get_dataset("synthetic", 0)  # the default dataset, built once
+    except Exception:
+        pass
+    send(ev="ready")
+    while True:
+        job = jobs.get()
+        if job is None:
+            return
+        seq, run_id = job["seq"], job["id"]
+        status, message, after = "error", None, {}
+        try:
+            cfg = TrainConfig(**job["train"])
+            tr = train(ModelConfig.from_hf(job["model"]), cfg, stop=lambda: stop["seq"] == seq)
+            for rec in tr:
+                send(ev="record", id=run_id, rec=_plain(rec))
+            status = tr.status if tr.status in ("done", "stopped", "time limit") else "done"
+            message = {"stopped": f"Stopped at step {tr.step_count} of {cfg.steps}.",
+                       "time limit": f"Stopped at step {tr.step_count} of {cfg.steps}: this server caps a run at "
+                                     f"{cfg.max_time_s:.0f} s."}.get(status)
+            if tr.records and (stop["seq"] != seq or stop["after"]):
+                send(ev="finishing", id=run_id)
+                after = after_run(tr, cfg)
+        except TrainingDiverged as e:
+            if e.record is not None:
+                send(ev="record", id=run_id, rec=_plain(e.record))
+            status, message = "diverged", str(e)
+        except Exception as e:  # report, never die: the next job starts fresh
+            status, message = "error", f"{type(e).__name__}: {e}"
+        send(ev="end", id=run_id, status=status, message=message, after=after)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""AppTest for the lessons page: six sections, every step renders (text, math, preview, what to notice) from its
+shareable link, and every step's dashboard link opens the right page with exactly the step's knobs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import lessons as ls
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """The app runs torch with one intra-op thread per script run; give other test modules their threads back."""
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+KINDS = ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle")
+STEPS = ls.all_steps()
+
+
+def open_page(page: str, query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    if query:
+        at.query_params.update(query)
+    at.switch_page(page)
+    return at.run()
+
+
+def widget(at: AppTest, key: str):
+    for kind in KINDS:
+        try:
+            return getattr(at, kind)(key=key)
+        except KeyError:
+            continue
+    raise KeyError(key)
+
+
+def clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def test_six_sections_with_steps_on_real_pages():
+    assert [s.id for s in ls.SECTIONS] == ["Foundations", "MLA", "MoE", "FP8", "Putting it together",
+                                          "Scale and deployment"]
+    pages = {p.path for p in __import__("app.pages", fromlist=["PAGES"]).PAGES}
+    for sec in ls.SECTIONS:
+        assert 3 <= len(sec.steps) <= 6, sec.id
+        for step in sec.steps:
+            assert step.page in pages and step.page != "pages/lessons.py"
+            assert step.title and step.body and step.notice
+            assert step.knobs.get("lesson") is True
+    assert sum(1 for s in ls.SECTIONS for st in s.steps if st.latex) >= 20, "most steps carry the math"
+
+
+def test_every_step_renders_from_its_shareable_link():
+    for sec, n, step in STEPS:
+        at = open_page("pages/lessons.py", ls.step_query(sec, n))
+        clean(at)
+        assert at.radio(key="ls_sec").value == sec.id
+        assert at.select_slider(key="ls_step").value == n
+        assert any(step.title in s.value for s in at.subheader), (sec.id, n)
+        assert any("What to notice" in i.value for i in at.info)
+        assert len(at.latex) >= len(step.latex)
+        assert len(at.get("plotly_chart")) == sum(2 if p == "lab" else 1 for p in step.preview), (sec.id, n)
+        assert at.button(key="ls_open").proto.label.startswith(f"Open {ls.PAGE_TITLES[step.page]}")
+
+
+@pytest.mark.parametrize("sec,n,step", STEPS, ids=[f"{s.id}-{n}" for s, n, _ in STEPS])
+def test_step_link_opens_dashboard_with_its_knobs(sec, n, step):
+    """Build the step's URL parameters, open its page with them (a fresh browser tab) and compare every knob."""
+    at = open_page(step.page, ls.url_params(step))
+    clean(at)
+    assert not at.warning or all("not a valid value" not in w.value for w in at.warning), [w.value for w in at.warning]
+    for key, value in step.knobs.items():
+        assert widget(at, key).value == value, (sec.id, n, key)
+
+
+def test_open_button_navigates_in_session_with_shared_knobs():
+    # Scale section, step 4: model DeepSeek-V2 on the Overview (a shared sidebar knob) + lesson mode.
+    sec = ls.section("Scale and deployment")
+    at = open_page("pages/lessons.py", ls.step_query(sec, 4))
+    assert at.selectbox(key="model").value == "deepseek-v3"
+    at.button(key="ls_open").click().run()
+    clean(at)
+    assert at.selectbox(key="model").value == "deepseek-v2"
+    assert at.toggle(key="lesson").value is True
+    assert at.title[0].value.startswith("Overview")
+
+
+def test_next_and_previous_walk_across_sections():
+    at = open_page("pages/lessons.py", {"ls_sec": "MLA", "ls_step": "4"})
+    at.button(key="ls_next").click().run()
+    assert (at.radio(key="ls_sec").value, at.select_slider(key="ls_step").value) == ("MoE", 1)
+    at.button(key="ls_prev").click().run()
+    assert (at.radio(key="ls_sec").value, at.select_slider(key="ls_step").value) == ("MLA", 4)
+    at.radio(key="ls_sec").set_value("FP8").run()
+    assert at.select_slider(key="ls_step").value == 1, "a new section starts at its first step"
+    clean(at)

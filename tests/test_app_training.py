@@ -1,0 +1,275 @@
+"""AppTest for the training lab: a tiny run to completion with its curve and results, Stop, a second concurrent
+start refused politely (then queued), a run stopping when its session goes away, caps and impossible knob
+combinations as messages; plus the pure chart builders on real records.
+
+Runs are tiny (25 steps of 4 × 32 tokens, ~2-4 s on one core) so the module stays around a minute."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import charts_training as ct
+from app import training as tl
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    import torch
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def idle_server():
+    """Every test starts and ends with no run on the (process-wide) run manager."""
+    mgr = tl.manager()
+    _drain(mgr)
+    yield mgr
+    _drain(mgr)
+
+
+def _drain(mgr, timeout=60):
+    for r in list(mgr.queue):
+        mgr.cancel(r)
+    t0 = time.time()
+    while mgr.active is not None and time.time() - t0 < timeout:
+        mgr.active.stop_event.set()
+        time.sleep(0.1)
+    assert mgr.active is None, "a run did not stop"
+
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+TINY = {"tr_steps": "25", "tr_batch": "4", "tr_seq": "32"}
+LONG = {"tr_steps": "400", "tr_batch": "4", "tr_seq": "32"}
+
+
+def lab(query: dict | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=120)
+    at.query_params.update(query or {})
+    at.switch_page("pages/training.py")
+    return at.run()
+
+
+def run_of(at: AppTest):
+    return at.session_state["_tr_run"] if "_tr_run" in at.session_state else None
+
+
+def poll_until(at: AppTest, cond, timeout=90, every=0.3):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        at.run()
+        if cond():
+            return
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def specs(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def npoints(arr) -> int:
+    """Length of a plotly data array in a figure's JSON (a list, or a typed array {'dtype', 'bdata'})."""
+    if isinstance(arr, dict) and "bdata" in arr:
+        import base64
+
+        import numpy as np
+        return len(np.frombuffer(base64.b64decode(arr["bdata"]), dtype=np.dtype(arr["dtype"])))
+    return len(arr)
+
+
+def clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
+    at = lab(TINY)
+    clean(at)
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) >= 2, "the preview (parameters, learning rate) before any run"
+    at.button(key="tr_start").click().run()
+    clean(at)
+    run = run_of(at)
+    assert run is not None and idle_server.active is run
+    poll_until(at, lambda: len(run.records) >= 3)
+    loss = next(s for s in specs(at) if "loss falls" in s["layout"]["title"]["text"])  # live curve, growing
+    n_live = npoints(loss["data"][0]["x"])
+    assert 1 <= n_live <= 25
+    assert any(p.proto.value for p in at.get("progress")), "progress bar while running"
+    poll_until(at, lambda: not run.active)
+    at.run()
+    clean(at)
+    assert run.status == "done" and len(run.records) == 25
+    assert idle_server.active is None, "the server is free again"
+    titles = [s["layout"]["title"]["text"] for s in specs(at)]
+    loss = next(s for s in specs(at) if "loss falls" in s["layout"]["title"]["text"])
+    assert npoints(loss["data"][0]["x"]) == 25 >= n_live
+    assert any("MaxVio" in t for t in titles) and any("busiest expert" in t for t in titles)
+    assert any("domains" in t for t in titles), "domain x expert specialisation matrix"
+    assert at.code and at.code[0].value.startswith("47+8="), "sampled text"
+    assert any(m.label == "MTP draft acceptance" for m in at.metric)
+    labels = [b.proto.label for b in at.get("download_button")]
+    assert any("every record" in lbl and "25 rows" in lbl for lbl in labels)
+    csv = tl.records_csv(run).decode()
+    assert csv.count("\n") == 26 and "load_moe0_e0" in csv and "bias_moe2_e15" in csv and "val_loss" in csv
+    assert any("#1 steps=25" in o for o in at.multiselect(key=f"tr_overlay_{run.id}").value)
+
+
+def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
+    at = lab(LONG)
+    at.button(key="tr_start").click().run()
+    run = run_of(at)
+    poll_until(at, lambda: len(run.records) >= 2)
+    at.button(key="tr_stop").click().run()
+    poll_until(at, lambda: not run.active, timeout=30)
+    clean(at)
+    assert run.status == "stopped" and len(run.records) < 400
+    assert idle_server.active is None
+    assert any("Stopped at step" in w.value for w in at.warning)
+    # a second run with one knob changed, then the overlay names both and gives the final-loss delta
+    at.radio(key="tr_attn").set_value("mha").run()
+    at.select_slider(key="tr_steps").set_value(25).run()
+    at.button(key="tr_start").click().run()
+    run2 = run_of(at)
+    assert run2 is not run
+    poll_until(at, lambda: not run2.active)
+    at.run()
+    clean(at)
+    assert at.selectbox(key=f"tr_pick_{run2.id}").value.startswith("#2 MHA"), "the picker shows the newest run"
+    assert any(c.value.startswith("47+8=") for c in at.code)
+    shown = next(m.value for m in at.metric if m.label == "Train loss (moving avg)")
+    assert shown == f"{ct.final_losses(run2.records)['train']:.3f}", "the cards describe the picked (newest) run"
+    overlay = next(s for s in specs(at) if "nats/byte" in s["layout"]["title"]["text"])
+    names = {t["name"] for t in overlay["data"] if t.get("name")}
+    assert any(n.startswith("#1") for n in names) and any(n.startswith("#2 MHA") for n in names), names
+    assert "#2 MHA" in overlay["layout"]["title"]["text"]
+
+
+def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
+    a = lab(LONG)
+    a.button(key="tr_start").click().run()
+    run_a = run_of(a)
+    assert idle_server.active is run_a
+    b = lab(TINY)
+    clean(b)
+    assert any("server is busy" in w.value for w in b.warning), "B sees the busy server before pressing Start"
+    b.button(key="tr_start").click().run()
+    clean(b)
+    assert run_of(b) is None, "B's run must not start"
+    assert idle_server.active is run_a
+    msg = " ".join(w.value for w in b.warning)
+    assert "Your run was not started" in msg and "one run at a time" in msg
+    assert b.toggle(key="tr_watch").value is True, "B can watch A's run"
+    # B queues its run: position 1, it starts by itself once A is stopped
+    b.button(key="tr_queue").click().run()
+    run_b = run_of(b)
+    assert run_b is not None and run_b.status == "queued" and idle_server.position(run_b) == 1
+    assert any("#1 in the queue" in i.value for i in b.info)
+    a.button(key="tr_stop").click().run()
+    poll_until(b, lambda: run_b.status not in ("queued",), timeout=30)
+    assert idle_server.active is run_b or run_b.status == "done"
+    poll_until(b, lambda: not run_b.active)
+    assert run_b.status == "done"
+
+
+def test_run_stops_when_its_session_goes_away(idle_server, monkeypatch):
+    monkeypatch.setattr(tl, "STALE_AFTER_S", 1.0)
+    at = lab(LONG)
+    at.button(key="tr_start").click().run()
+    run = run_of(at)
+    t0 = time.time()
+    while run.active and time.time() - t0 < 20:  # nobody polls: the tab "went away"
+        time.sleep(0.2)
+    assert run.status == "abandoned", run.status
+    assert "nobody was watching" in run.message
+    assert idle_server.active is None
+
+
+def test_other_pages_show_progress_and_keep_the_run_alive(idle_server):
+    at = lab(LONG)
+    at.button(key="tr_start").click().run()
+    run = run_of(at)
+    beat = run.heartbeat
+    at.switch_page("pages/overview.py").run()
+    clean(at)
+    texts = [p.proto.text for p in at.get("progress")]
+    assert any(t.startswith("Training #1") for t in texts), texts
+    assert run.heartbeat > beat, "polling from another page refreshes the heartbeat"
+    assert [lnk.proto.label for lnk in at.get("page_link")] == ["Open the training lab"]
+    idle_server.cancel(run)
+
+
+@pytest.mark.parametrize("query,knob", [
+    ({"tr_steps": "400", "tr_batch": "32", "tr_seq": "256"}, "Steps × batch × sequence length"),
+    ({"tr_experts": "4", "tr_topk": "4"}, "Experts per token"),
+])
+def test_caps_and_impossible_combinations_are_messages(query, knob):
+    at = lab(query)
+    clean(at)
+    assert at.error and knob in at.error[0].value, [e.value for e in at.error]
+    assert at.button(key="tr_start").disabled
+
+
+def test_url_sets_every_lab_knob():
+    q = {"tr_attn": "GQA", "tr_ffn": "MoE", "tr_experts": "8", "tr_topk": "2", "tr_bal": "both",
+         "tr_gamma": "0.003", "tr_alpha": "0.0001", "tr_prec": "FP8 deepseek", "tr_mtp": "false",
+         "tr_data": "pydoc", "tr_steps": "50", "tr_lr": "0.001", "tr_batch": "4", "tr_seq": "128", "seed": "3"}
+    at = lab(q)
+    clean(at)
+    assert not at.warning, [w.value for w in at.warning]
+    vals = {"tr_attn": at.radio(key="tr_attn").value, "tr_topk": at.select_slider(key="tr_topk").value,
+            "tr_prec": at.selectbox(key="tr_prec").value, "tr_mtp": at.toggle(key="tr_mtp").value,
+            "tr_gamma": at.select_slider(key="tr_gamma").value, "tr_data": at.radio(key="tr_data").value}
+    assert vals == {"tr_attn": "gqa", "tr_topk": 2, "tr_prec": "deepseek", "tr_mtp": False, "tr_gamma": 0.003,
+                    "tr_data": "pydoc"}
+    mcfg, cfg = tl.lab_config({k: at.session_state[k] for k in tl.KNOBS}, 3)
+    assert (cfg.attention, cfg.precision, cfg.mtp, cfg.balancing, cfg.seed) == ("gqa", "deepseek", False, "both", 3)
+    assert mcfg.n_routed_experts == 8 and mcfg.num_experts_per_tok == 2
+
+
+def _records(steps=6, layers=3, experts=16, seed=0):
+    """Step records shaped like core.train's (see core.train.RECORD_FIELDS), without training."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    recs = []
+    for i in range(1, steps + 1):
+        loads = rng.integers(1, 200, size=(layers, experts))
+        recs.append({"step": i, "loss": 5.5 - 0.3 * i, "lm_loss": 5.0 - 0.3 * i, "mtp_loss": 0.5, "val_loss":
+                     (5.2 - 0.3 * i) if i % 3 == 0 else None, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0,
+                     "tokens": 64 * i, "elapsed_s": 0.1 * i, "expert_loads": loads.tolist(),
+                     "max_vio": 0.5, "max_vio_layers": [0.5] * layers,
+                     "router_bias": (rng.normal(size=(layers, experts)) * 0.01 * i).tolist(), "fp8": None,
+                     "error": None})
+    return recs
+
+
+def test_chart_builders_on_records():
+    recs = _records()
+    df = ct.records_frame(recs)
+    assert len(df) == 6 and {"loss", "val_loss", "max_vio_moe0", "load_moe0_e15", "bias_moe2_e0"} <= set(df)
+    rel = ct.relative_loads(recs)
+    assert rel.shape == (6, 16) and abs(rel.mean() - 1) < 1e-6
+    assert ct.loss_curve(df, 6).data and ct.maxvio_curve(df, 6).data
+    assert ct.loss_curve(df.iloc[:0], 6).layout.title.text.startswith("Waiting for the first step")
+    assert ct.expert_load_heatmap(rel, list(df["step"]), 6, "mean").data
+    assert ct.bias_heatmap(ct.router_biases(recs), list(df["step"]), 6, "mean").data
+    fig = ct.overlay_runs([("A", recs), ("B", _records(4, seed=1))])
+    assert "B ends" in fig.layout.title.text and "A" in fig.layout.title.text
+    assert ct.domain_expert_heatmap([[1, 0], [0, 1]], ["x", "y"], "layer").layout.title.text.startswith("Experts")
+    f = ct.final_losses(recs)
+    assert f["val"] == pytest.approx(5.2 - 1.8) and f["train"] < 5.0
+
+
+def test_run_labels_and_estimates():
+    assert tl.run_label({}, 1) == "#1 default"
+    assert tl.run_label({"tr_prec": "deepseek", "tr_attn": "mha"}, 2) == "#2 MHA, FP8 deepseek"
+    assert tl.run_label({"tr_ffn": "dense", "tr_experts": 4}, 3) == "#3 dense", "MoE knobs do not apply to dense"
+    _, small = tl.lab_config({"tr_steps": 25}, 0)
+    _, default = tl.lab_config({}, 0)
+    _, fp8 = tl.lab_config({"tr_prec": "deepseek"}, 0)
+    assert tl.estimate_seconds(small) < tl.estimate_seconds(default) < tl.estimate_seconds(fp8)
