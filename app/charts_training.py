@@ -128,7 +128,8 @@ def lab_params(params: pd.DataFrame, counts: dict) -> go.Figure:
         sub = "routed experts (purple) hold most weights; each token uses only its top-k of them"
     else:
         title, sub = f"Dense: every one of the {total / 1e6:.1f}M weights runs for every token", None
-    return _layout(fig, title, sub, "Parameters (millions)", None, height=330, width_chars=46)
+    fig.update_xaxes(ticksuffix="M")  # millions of parameters (no axis title: the legend sits right below)
+    return _layout(fig, title, sub, None, None, height=330, width_chars=46)
 
 
 def lr_schedule(df: pd.DataFrame, warmup: int) -> go.Figure:

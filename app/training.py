@@ -43,7 +43,7 @@ MAX_SECONDS = float(os.environ.get("EVA_LAB_MAX_SECONDS", 120))         # wall t
 STALE_AFTER_S = float(os.environ.get("EVA_LAB_STALE_S", 20))            # owner not seen for this long -> stop
 MAX_QUEUE = 5
 HISTORY = 8            # finished runs kept per session
-POLL_S = 0.5           # owner's live view refresh
+POLL_S = 1.0           # owner's live view refresh (the first point comes with the Start response itself)
 WATCH_POLL_S = 2.0     # a watcher's refresh (cheaper: many watchers share the server)
 SIDEBAR_POLL_S = 2.0   # heartbeat + progress in the sidebar on other pages
 
@@ -765,6 +765,8 @@ def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
             else:
                 st.info("Dense FFN: no router, so no expert load or biases to show.", icon=":material/info:")
         if moe:
+            if run.active:  # the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
+                recs = recs[:max(1, len(recs) // 15 * 15)] if len(recs) >= 15 else recs
             steps = [r["step"] for r in recs if r.get("expert_loads")]
             with cell():
                 st.plotly_chart(ct.expert_load_heatmap(ct.relative_loads(recs, layer), steps, total,
@@ -832,7 +834,7 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
     f = ct.final_losses(r.records)
     last = r.records[-1]
     sample = r.after.get("sample") or {}
-    w = 235
+    w = 210  # four cards in one row on a wide screen
     with ui.cards():
         ui.number_with_formula("Train loss (moving avg)", f"{f['train']:.3f}" if f["train"] is not None else "—",
                                r"\mathcal{L}_{\text{LM}}", width=w,

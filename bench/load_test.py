@@ -235,7 +235,10 @@ async def timed(page, wire: Wire, action, timeout_ms: int, must_run: bool = True
                                f"{wire.started - n_start}, finished {wire.finished - n_done}; at {path})")
         await asyncio.sleep(0.02)
     ms = 1e3 * (time.perf_counter() - t0)
-    await page.wait_for_selector(IDLE, timeout=timeout_ms)
+    try:
+        await page.wait_for_selector(IDLE, timeout=timeout_ms)
+    except Exception as e:  # the run finished on the server but the app never showed idle: a failed load
+        raise RuntimeError(f"the app did not become idle after its run: {str(e)[:80]}") from None
     return ms
 
 
@@ -320,7 +323,10 @@ async def session(idx: int, browser, base: str, links: list[str], deadline: floa
                     if await link.count() == 0:
                         st.errors.append(f"{where}: navigation link missing")
                         continue
-                    ms = await timed(page, wire, lambda: link.first.click(), timeout_ms)
+                    ms = await timed(page, wire, lambda: link.first.click(timeout=30_000), timeout_ms)
+                except PlaywrightTimeout as e:  # the tab could not even perform the click (client starved of CPU)
+                    st.notes.append(f"{where}: navigation click not performed: {str(e).splitlines()[0][:120]}")
+                    continue
                 except Exception as e:
                     st.errors.append(f"{where}: navigation did not finish: {type(e).__name__}: {str(e)[:160]}")
                     continue

@@ -220,7 +220,9 @@ class Experts(nn.Module):
 
     Dispatch (no capacity, no dropping, as V3): the T*K token slots are sorted by expert with a stable argsort;
     the rows are gathered once (`index_select`, whose backward is a cheap `index_add_`), each expert's contiguous
-    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`.
+    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`. For bf16/fp16
+    on CPU each segment is padded to a multiple of 32 rows (pad rows carry routing weight 0) so that oneDNN sees a
+    bounded set of GEMM shapes (`_SEGMENT_GRANULE`).
     `impl`:
       "grouped_mm" (default): two `torch._grouped_mm` calls with int32 offsets = cumsum(bincount). Falls back to
                    "loop" when the shapes/dtype are not supported (rows must be 16-byte aligned).

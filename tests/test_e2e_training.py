@@ -17,7 +17,7 @@ import pytest
 from test_e2e_browser import SHOTS, browser, full_screenshot, server, wait_ready  # noqa: F401  (fixtures)
 
 EXC = "[data-testid='stException']"
-STEPS = 60
+STEPS = 50  # a Steps option of the lab
 # Points of the live loss curve: the plotly graph whose title says the loss falls; its first trace = train loss.
 _POINTS_JS = """() => {
   for (const gd of document.querySelectorAll('.js-plotly-plot')) {
@@ -92,9 +92,11 @@ def test_lesson_button_opens_dashboard_with_knobs(server, browser):  # noqa: F81
     page.goto(server + "/lessons?ls_sec=Scale+and+deployment&ls_step=4")
     wait_ready(page)
     page.get_by_role("button", name="Open Overview with these knobs").click()
-    page.wait_for_function("() => location.pathname.endsWith('/overview')", timeout=30_000)
+    # the Overview is the default page: its URL is "/" (or /overview)
+    page.wait_for_function("() => !location.pathname.endsWith('/lessons')", timeout=30_000)
     wait_ready(page)
     assert page.locator(EXC).count() == 0
+    assert page.get_by_role("heading", name="Overview — how big is DeepSeek-V3, really?").count() == 1
     for part in ("model=deepseek-v2", "lesson=true"):  # shared sidebar knobs, set in this session
         assert part in page.url, page.url
     assert "ov_ctx" not in page.url, "the step leaves the context at its default, not the earlier 4K"
@@ -120,7 +122,7 @@ def test_default_run_timing(server, browser):  # noqa: F811
         page.wait_for_timeout(1000)
     t_click = _start(page)
     t_first = _wait_points(page, 1, 30)
-    _wait_points(page, 150, 180)
+    _wait_points(page, 150, 400)
     t_last = time.perf_counter()
     _wait_results(page, 60)
     t_results = time.perf_counter()

@@ -56,6 +56,8 @@ def test_same_seed_bit_identical_and_seed_matters():
     assert [r["router_bias"] for r in a] == [r["router_bias"] for r in b]
     c = train(TINY, cfg.replace(seed=1)).run()
     assert [r["loss"] for r in a] != [r["loss"] for r in c]
+    bf16 = cfg.replace(precision="bf16", steps=3)
+    assert [r["loss"] for r in train(TINY, bf16).run()] == [r["loss"] for r in train(TINY, bf16).run()]
 
 
 def test_records_carry_every_field():
