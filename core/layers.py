@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class _LowPrecisionRMSNorm(torch.autograd.Function):
-    """RMSNorm for bf16/fp16 inputs with fp32 statistics and a hand-written backward (~1.6x faster fwd+bwd on
-    CPU than autograd through the upcast ops).
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with fp32 statistics and a hand-written backward, for training. On CPU it is ~3x faster fwd+bwd
+    than autograd through `F.rms_norm` in fp32 (whose CPU backward is a chain of ~10 elementwise ops; the fused
+    `_fused_rms_norm_backward` has no CPU kernel) and ~1.6x faster than autograd through the upcast ops in bf16.
 
     Forward (transformers' semantics): x_hat = x * rstd in fp32, rstd = (mean(x^2) + eps)^-1/2, rounded to x's
     dtype; y = weight * x_hat.
@@ -45,9 +46,44 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # one fused kernel
-        return _LowPrecisionRMSNorm.apply(x, self.weight, self.eps)
+        if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # inference: one fused kernel
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """h = silu(gate) * up (* weight), with a hand-written backward that reuses its buffers (~25% faster fwd+bwd
+    on CPU than autograd through the three ops, bit-identical: the same products in the same order)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, weight)
+        h = F.silu(gate).mul_(up)
+        return h.mul_(weight) if weight is not None else h
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate, up, weight = ctx.saved_tensors
+        s = F.silu(gate)
+        dw = None
+        if weight is not None:
+            if ctx.needs_input_grad[2]:
+                dw = (s * up).mul_(dh).sum_to_size(weight.shape)
+            dh = dh * weight  # a fresh tensor: safe to reuse in place below
+            du = dh * s
+            dg = torch.ops.aten.silu_backward(dh.mul_(up), gate)
+        else:
+            du = dh * s
+            dg = torch.ops.aten.silu_backward(dh * up, gate)
+        return dg, du, dw
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up, times `weight` (broadcast, e.g. routing weights [S, 1]) if given. gate, up: [..., I]."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, weight)):
+        return _SwiGLU.apply(gate, up, weight)
+    h = F.silu(gate).mul_(up)
+    return h.mul_(weight) if weight is not None else h
 
 
 class MLP(nn.Module):
@@ -64,4 +100,4 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))

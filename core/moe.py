@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import ModelConfig, get_preset
-from core.layers import MLP
+from core.layers import MLP, swiglu
 
 __all__ = [
     "RouterOutput", "MoERouting", "Router", "Experts", "MoE", "EXPERT_IMPLS",
@@ -303,7 +303,7 @@ class Experts(nn.Module):
         if fp8 is not None:
             gu = fp8.quant_grad(gu)
         gate, up = gu.chunk(2, dim=-1)
-        h = F.silu(gate) * up * ws  # [S, I]
+        h = swiglu(gate, up, ws)  # [S, I] = silu(gate) * up * routing weight
         if fp8 is not None:
             h, w_d = fp8.quant_act(h), fp8.quant_weight(w_d)
         out = mm(h, w_d)  # [S, H]

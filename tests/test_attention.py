@@ -415,6 +415,26 @@ def test_interleaved_rope_equals_permute_then_rotate_half(rope_scaling):
     assert (torch.einsum("bhtd,bhsd->bhts", qw, kw_) - ours).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("nope", [4, 5])  # 5: the rope slice sits at an odd offset (no complex view possible)
+def test_rope_on_a_sliced_head_matches_the_rotation_formula_with_gradients(nope):
+    """x[2i], x[2i+1] -> (x0 cos - x1 sin, x0 sin + x1 cos), for the q[..., nope:] slices MLA rotates."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 6, 3, nope + 8, generator=g, requires_grad=True)
+    ang = torch.randn(6, 4, generator=g)
+    freqs = torch.polar(torch.ones_like(ang), ang)
+    out = apply_rotary_interleaved(q[..., nope:], freqs)
+    x0, x1 = q[..., nope::2], q[..., nope + 1::2]
+    c, s = ang.cos()[None, :, None], ang.sin()[None, :, None]
+    ref = torch.stack([x0 * c - x1 * s, x0 * s + x1 * c], dim=-1).flatten(-2)
+    assert (out - ref).abs().max() <= 1e-6
+    w = torch.randn(out.shape, generator=g)
+    (gq,) = torch.autograd.grad((out * w).sum(), q)
+    (gr,) = torch.autograd.grad((ref * w).sum(), q)
+    assert (gq - gr).abs().max() <= 1e-6 and gq[..., :nope].abs().max() == 0
+    one = torch.randn(3, generator=g)[1:].view(1, 1, 2)  # one pair at an odd storage offset, size-1 dims
+    assert torch.equal(apply_rotary_interleaved(one, freqs[:1]), apply_rotary_interleaved(one.clone(), freqs[:1]))
+
+
 def test_rotary_cache_grows_lazily():
     cfg = our_cfg(yarn(), max_position_embeddings=64)
     rot = RotaryEmbedding(cfg, initial_len=8)

@@ -260,19 +260,21 @@ def test_causal_attention_matches_sdpa():
     torch.testing.assert_close(causal_attention(q, k, v, 0.3), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_low_precision_rmsnorm_backward_matches_autograd():
-    """The hand-written bf16 RMSNorm backward equals autograd through the same (fp32-statistics) forward."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rmsnorm_training_backward_matches_autograd(dtype):
+    """The hand-written RMSNorm backward (used whenever gradients are needed) equals autograd through
+    transformers' fp32-statistics forward, in bf16 and fp32; inference (no grad) gives the same output."""
     from core.layers import RMSNorm
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 9, 64, generator=g).bfloat16()
-    dy = torch.randn(4, 9, 64, generator=g).bfloat16()
-    norm = RMSNorm(64).bfloat16()
+    x = torch.randn(4, 9, 64, generator=g).to(dtype)
+    dy = torch.randn(4, 9, 64, generator=g).to(dtype)
+    norm = RMSNorm(64).to(dtype)
     with torch.no_grad():
         norm.weight.copy_(1 + 0.3 * torch.randn(64, generator=g))
 
     def reference(xi, w):  # transformers' DeepseekV3RMSNorm, differentiated by autograd in fp32
         h = xi.float()
-        return w.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).bfloat16().float()
+        return w.float() * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(dtype).float()
 
     xi = x.clone().requires_grad_()
     y = norm(xi)
@@ -280,10 +282,37 @@ def test_low_precision_rmsnorm_backward_matches_autograd():
     xr, wr = x.float().requires_grad_(), norm.weight.detach().float().requires_grad_()
     yr = reference(xr, wr)
     yr.backward(dy.float())
-    assert y.dtype == torch.bfloat16 and torch.equal(y.float(), yr.bfloat16().float())
+    with torch.no_grad():
+        y_inference = norm(x)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    assert y.dtype == dtype
+    if dtype == torch.bfloat16:  # same fp32 statistics, same rounding point: bit-equal
+        assert torch.equal(y.float(), yr.bfloat16().float())
+    torch.testing.assert_close(y.float(), yr.to(dtype).float(), **tol)
+    torch.testing.assert_close(y_inference.float(), y.detach().float(), **tol)
     for ours, ref in ((xi.grad, xr.grad), (norm.weight.grad, wr.grad)):
-        assert ours.dtype == torch.bfloat16
-        torch.testing.assert_close(ours.float(), ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()))
+        assert ours.dtype == dtype
+        torch.testing.assert_close(ours.float(), ref, rtol=tol["rtol"], atol=tol["rtol"] * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_swiglu_backward_equals_autograd(dtype, weighted):
+    """The hand-written SwiGLU (experts and MLPs) gives autograd's values and gradients through
+    silu(gate) * up * weight: bit-identical (same products, same order)."""
+    from core.layers import swiglu
+    g = torch.Generator().manual_seed(1)
+    gate, up = (torch.randn(37, 24, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    w = torch.rand(37, 1, generator=g).to(dtype).requires_grad_() if weighted else None
+    dh = torch.randn(37, 24, generator=g).to(dtype)
+    inputs = (gate, up, w) if weighted else (gate, up)
+    ref = torch.nn.functional.silu(gate) * up * (w if weighted else 1)
+    ours = swiglu(gate, up, w)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, inputs, dh), torch.autograd.grad(ref, inputs, dh)):
+        assert a.dtype == dtype and torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(swiglu(gate, up, w), ref)
 
 
 def test_padded_expert_segments_are_exact():
