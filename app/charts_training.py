@@ -302,6 +302,50 @@ def overlay_runs(runs: list[tuple[str, list[dict]]], metric: str = "val") -> go.
     return _layout(fig, title, sub, "Step", "Loss (nats per byte)", height=440, width_chars=85)
 
 
+def maxvio_table(runs: list[tuple[str, list[dict]]]) -> pd.DataFrame:
+    """The data behind `overlay_maxvio`: one row per run and step (run, step, max_vio = mean over MoE layers)."""
+    frames = []
+    for label, recs in runs:
+        df = records_frame(recs)
+        if len(df) and df["max_vio"].notna().any():
+            frames.append(df.loc[df["max_vio"].notna(), ["step", "max_vio"]].assign(run=label))
+    cols = ["run", "step", "max_vio"]
+    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
+
+
+def overlay_maxvio(runs: list[tuple[str, list[dict]]]) -> go.Figure | None:
+    """MaxVio (mean over MoE layers, moving average) of several runs on one chart, in the colours of
+    `overlay_runs`; None when no run has routed experts. The title compares the last run with the first."""
+    fig = go.Figure()
+    finals = []
+    max_step = 1
+    for i, (label, recs) in enumerate(runs):
+        df = records_frame(recs)
+        if not len(df) or not df["max_vio"].notna().any():
+            continue  # a dense run: no router (its colour stays its own, as in the loss overlay)
+        mv = df[df["max_vio"].notna()]
+        max_step = max(max_step, int(mv["step"].max()))
+        smooth = ema(mv["max_vio"].tolist(), 0.15)
+        fig.add_scatter(x=mv["step"], y=smooth, mode="lines", name=label, legendgroup=label,
+                        line=dict(color=palette.RUNS[i % len(palette.RUNS)], width=2.5),
+                        hovertemplate=f"{label}: " + "step %{x}, MaxVio %{y:.2f}<extra></extra>")
+        finals.append((label, float(smooth[-1])))
+    if not finals:
+        return None
+    if len(finals) >= 2:
+        (la, a), (lb, b) = finals[0], finals[-1]
+        title = (f"{lb} ends at MaxVio {b:.2f}, {la} at {a:.2f}: "
+                 + ("about as balanced" if abs(b - a) < 0.1 * max(a, b, 1e-9) else
+                    "more balanced" if b < a else "less balanced"))
+    else:
+        title = f"{finals[0][0]} ends at MaxVio {finals[0][1]:.2f}"
+    sub = ("moving average of MaxVio = max_i load_i / mean load − 1 per batch, mean over the MoE layers "
+           "(0 = perfectly balanced)")
+    fig.update_xaxes(range=[0, max_step * 1.02])
+    fig.update_yaxes(rangemode="tozero")
+    return _layout(fig, title, sub, "Step", "MaxVio", height=360, width_chars=85)
+
+
 def domain_expert_heatmap(relative: np.ndarray, domains: list[str], layer_label: str) -> go.Figure:
     """Where each token domain's routing slots go: [domains, experts] as a multiple of the fair share."""
     rel = np.asarray(relative, dtype=float)

@@ -265,8 +265,9 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          "Run again with balancing **none**, then overlay the two runs under **Compare runs**. Without balancing the "
          "router may collapse onto a few experts.",
          "pages/training.py", {**L, "tr_bal": "none"},
-         "MaxVio stays high and the expert-load heatmap keeps a few bright rows; compare the final losses in the "
-         "overlay's title.",
+         "Under **Compare runs**, the MaxVio overlay: the balanced run falls, the unbalanced one stays high. The "
+         "loss overlay's title gives the final-loss delta — small at this size: balance is about using every "
+         "expert (and every GPU), not a lower loss here.",
          (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
          ("lab",)),
     Step("FP8 versus FP32",
@@ -372,8 +373,14 @@ def sidebar_back(page) -> None:
     pos = st.session_state.get(_POS)
     if pos is None or getattr(page, "url_path", "") == "lessons":
         return
-    st.sidebar.page_link("pages/lessons.py", label=f"Back to the lesson: {pos[0]}, step {pos[1]}",
-                         icon=":material/school:")
+    sec_id, n = pos
+    try:
+        title = f": {section(sec_id).steps[n - 1].title}"
+    except (StopIteration, IndexError, TypeError):
+        title = ""
+    # a short label (the sidebar truncates long ones); the step it returns to in a caption that wraps
+    st.sidebar.page_link("pages/lessons.py", label="Back to the lesson", icon=":material/school:")
+    st.sidebar.caption(f"{sec_id}, step {n}{title}")
 
 
 def section(sid: str) -> Section:

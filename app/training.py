@@ -35,6 +35,7 @@ import streamlit as st
 
 from app import charts_training as ct
 from app import state, ui
+from app.training_worker import DEFAULT_PROMPT  # the sample prompt per dataset when the prompt knob is empty
 
 # ====================================================================== caps (hosted manners)
 MAX_STEPS = int(os.environ.get("EVA_LAB_MAX_STEPS", 400))
@@ -48,6 +49,7 @@ WATCH_POLL_S = 2.0     # a watcher's refresh (cheaper: many watchers share the s
 SIDEBAR_POLL_S = 2.0   # heartbeat + progress in the sidebar on other pages
 
 MODEL = "mini"         # the lab always trains the `mini` preset with the knobs below
+MAX_PROMPT_BYTES = 64  # the sample prompt, in UTF-8 bytes (the model is byte-level: one token per byte)
 
 # ====================================================================== knobs
 PRECISION_LABELS = {
@@ -69,7 +71,7 @@ class Knob:
     """One lab knob: URL key, label, widget kind, options, default, option labels (what the URL holds)."""
     key: str
     label: str
-    kind: str                     # "radio" | "selectbox" | "select_slider" | "toggle"
+    kind: str                     # "radio" | "selectbox" | "select_slider" | "toggle" | "text"
     options: tuple = ()
     default: Any = None
     labels: dict | Callable | None = None
@@ -120,9 +122,14 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
          "Peak AdamW learning rate (linear warm-up over 10% of the steps, then cosine decay).", "lr="),
     Knob("tr_batch", "Batch (sequences)", "select_slider", (2, 4, 8, 16, 32), 8, None, None, "batch="),
     Knob("tr_seq", "Sequence length (tokens)", "select_slider", (16, 32, 64, 128, 256), 64, None, None, "seq="),
+    Knob("tr_prompt", "Sample prompt", "text", (), "", None,
+         "After training, the model continues this text (160 sampled bytes). Empty: the dataset's default prompt. "
+         f"The model reads bytes, so at most {MAX_PROMPT_BYTES} bytes of UTF-8 (an accented letter is 2, "
+         "an emoji 4). It does not change the training."),
 ]}
 DEFAULTS = {k: kn.default for k, kn in KNOBS.items()}
 MOE_ONLY = ("tr_experts", "tr_topk", "tr_bal", "tr_gamma", "tr_alpha")
+AFTER_ONLY = ("tr_prompt",)   # knobs of the sampling after training: not part of a run's label
 
 
 def knob_panel(container=None) -> dict:
@@ -136,6 +143,8 @@ def knob_panel(container=None) -> dict:
         common = dict(help=kn.help, **kw)
         if kn.kind == "toggle":
             vals[key] = state.toggle(kn.label, key, kn.default, **common)
+        elif kn.kind == "text":
+            vals[key] = st.text_input(kn.label, kn.default, key=key, bind="query-params", **common) or ""
         elif kn.kind == "radio":
             vals[key] = state.radio(kn.label, key, kn.options, kn.default, fmt=kn.fmt, **common)
         elif kn.kind == "selectbox":
@@ -161,6 +170,7 @@ def knob_panel(container=None) -> dict:
         draw("tr_lr")
         draw("tr_batch")
         draw("tr_seq")
+        draw("tr_prompt", placeholder=f"default: {DEFAULT_PROMPT[vals['tr_data']]!r}")
     return vals
 
 
@@ -185,8 +195,28 @@ def expert_groups(n_experts: int) -> tuple[int, int]:
     return g, max(1, g // 2)
 
 
+def sample_prompt(knobs: dict) -> str:
+    """The text the trained model continues: the prompt knob, or the dataset's default when it is empty. Raises
+    LabConfigError (naming the knob) when it is longer than MAX_PROMPT_BYTES bytes of UTF-8."""
+    k = {**DEFAULTS, **knobs}
+    p = k.get("tr_prompt") or ""
+    if not isinstance(p, str):
+        p = str(p)
+    label = KNOBS["tr_prompt"].label
+    try:
+        n = len(p.encode("utf-8"))
+    except UnicodeEncodeError:  # a lone surrogate (only a crafted URL can carry one)
+        raise LabConfigError(label, "it holds characters that are not valid text; type the prompt again") from None
+    if n > MAX_PROMPT_BYTES:
+        raise LabConfigError(label, f"{n} bytes of UTF-8 ({len(p)} characters); at most {MAX_PROMPT_BYTES} bytes. The "
+                                    "model reads one byte per token, so an accented letter counts 2 and an emoji 4. "
+                                    "Shorten it (or clear it for the dataset's default).")
+    return p or DEFAULT_PROMPT.get(k["tr_data"], "The ")
+
+
 def lab_config(knobs: dict, seed: int):
-    """(ModelConfig, TrainConfig) for the lab's knobs; raises LabConfigError naming the knob and the rule."""
+    """(ModelConfig, TrainConfig) for the lab's knobs; raises LabConfigError naming the knob and the rule. (The
+    sample prompt is not part of the TrainConfig; it is validated here too, see `sample_prompt`.)"""
     from core.config import ConfigError, get_preset
     from core.train import TrainConfig, TrainConfigError, resolve_model_config
 
@@ -198,6 +228,7 @@ def lab_config(knobs: dict, seed: int):
         raise LabConfigError("Steps × batch × sequence length",
                              f"{steps} × {batch} × {seq} = {steps * batch * seq:,} tokens; this server allows "
                              f"{MAX_TOKENS:,} tokens per run so one run cannot starve the others. Lower one of them.")
+    sample_prompt(k)
     base = get_preset(MODEL)
     try:
         if k["tr_ffn"] == "moe":
@@ -248,12 +279,23 @@ def estimate_seconds(cfg, mgr: "RunManager | None" = None) -> float:
     return 0.3 + _model_seconds(cfg) * (getattr(mgr, "speed_ratio", None) or 1.0)
 
 
+def knob_summary(knobs: dict) -> list[str]:
+    """['Attention = MHA', 'Sample prompt = `12+`', ...]: every knob that differs from its default, in panel order
+    (Markdown; text knobs as code, so a typed value cannot format the message)."""
+    out = []
+    for key, kn in KNOBS.items():
+        v = knobs.get(key, kn.default)
+        if v != kn.default:
+            out.append(f"{kn.label} = " + (code_span(str(v)) if kn.kind == "text" else f"**{kn.fmt(v)}**"))
+    return out
+
+
 def run_label(knobs: dict, number: int) -> str:
     """'#2 FP8 deepseek, MHA' — the knobs that differ from the lab's defaults."""
     k = {**DEFAULTS, **knobs}
     bits = []
     for key, kn in KNOBS.items():
-        if key in MOE_ONLY and k["tr_ffn"] == "dense":
+        if key in AFTER_ONLY or key in MOE_ONLY and k["tr_ffn"] == "dense":
             continue
         if key == "tr_gamma" and k["tr_bal"] not in ("aux_free", "both"):
             continue
@@ -286,6 +328,7 @@ class LabRun:
     knobs: dict
     model_cfg: Any
     train_cfg: Any
+    prompt: str = ""                # the sample prompt (see `sample_prompt`)
     session_id: str | None = None   # Streamlit runtime session id (to notice a closed tab), if known
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     records: list = field(default_factory=list)
@@ -482,7 +525,8 @@ class RunManager:
         run.status = "starting"
         run.started = time.time()
         run.touch()
-        self._send(cmd="run", seq=run.seq, id=run.id, model=run.model_cfg.to_hf(), train=run.train_cfg.to_dict())
+        self._send(cmd="run", seq=run.seq, id=run.id, model=run.model_cfg.to_hf(), train=run.train_cfg.to_dict(),
+                   prompt=run.prompt)
 
     def _finish(self, run: LabRun, status: str, message: str | None, after: dict | None) -> None:
         """The run is over: publish its final state and free the server in one step (no window in which the run
@@ -612,7 +656,7 @@ def start(knobs: dict, seed: int, queue: bool = False) -> tuple[str, int, LabRun
     collect()
     n = st.session_state.get(_COUNT, 0) + 1
     run = LabRun(owner=session_key(), number=n, knobs=dict(knobs), model_cfg=mcfg, train_cfg=cfg,
-                 session_id=_runtime_session_id())
+                 prompt=sample_prompt(knobs), session_id=_runtime_session_id())
     try:
         from core.calc import param_counts
         run.n_params = param_counts(mcfg)
@@ -624,6 +668,16 @@ def start(knobs: dict, seed: int, queue: bool = False) -> tuple[str, int, LabRun
         st.session_state[_CUR] = run
         return outcome, pos, run
     return outcome, pos, None
+
+
+_LINK = "_tr_from_link"  # did this session open the lab from a link that set lab knobs?
+
+
+def opened_from_link() -> bool:
+    """True when the lab's first load in this session came with lab knobs in the URL (a shared or lesson link)."""
+    if _LINK not in st.session_state:
+        st.session_state[_LINK] = any(k in KNOBS for k in st.query_params)
+    return st.session_state[_LINK]
 
 
 def knobs_from_state() -> dict:
@@ -776,6 +830,14 @@ def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
                                                 _layer_label(layer, run)), key=f"{key}_bias", config=cfg)
 
 
+def code_span(text: str) -> str:
+    """`text` as a Markdown inline code span, whatever backticks it holds (CommonMark: a longer fence)."""
+    import re
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def records_csv(run: LabRun) -> bytes:
     df = ct.records_frame(run.snapshot())
     df.insert(0, "run", run.label)
@@ -865,8 +927,12 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                  "Measured on the synthetic domains (the run trained on pydoc text, which has no domain labels).")
     st.subheader("Text sampled from the model")
     if sample:
-        st.caption(f"Prompt `{r.after.get('sample_prompt', '')}` + {len(sample.get('tokens', []))} sampled bytes, "
-                   f"temperature 0.8, seed {r.train_cfg.seed}" + (
+        prompt = r.after.get("sample_prompt", "")
+        own = bool(r.knobs.get("tr_prompt"))
+        st.caption(f"Prompt {code_span(prompt)} "
+                   + ("(yours)" if own else f"(the {r.train_cfg.dataset} default; type your own in **Sample prompt** "
+                                            f"in the sidebar, then train again)")
+                   + f" + {len(sample.get('tokens', []))} sampled bytes, temperature 0.8, seed {r.train_cfg.seed}" + (
                        f"; the MTP module drafted the token after next at every step and "
                        f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts matched what the model then "
                        f"sampled." if sample.get("mtp_acceptance") is not None else "; MTP was off (no drafts)."))
@@ -888,13 +954,53 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                                  "picked run against the first.")
     sel = [hist[names.index(n)] for n in chosen]
     table = history_table(hist)
-    ui.chart(ct.overlay_runs([(x.label, x.snapshot()) for x in sel]), table, "training runs",
-             key="tr_overlay_chart", lesson=lesson,
+    curves = [(x.label, x.snapshot()) for x in sel]
+    ui.chart(ct.overlay_runs(curves), table, "training runs", key="tr_overlay_chart", lesson=lesson,
              notice="Same seed, same data order: the gap between two curves is caused by the one knob you changed.")
+    mv = ct.overlay_maxvio(curves)
+    if mv is not None:
+        ui.chart(mv, ct.maxvio_table(curves), "maxvio of runs", key="tr_overlay_maxvio", lesson=lesson,
+                 notice="The balancing strategies differ here more than in the loss: compare how fast and how far "
+                        "each run's MaxVio falls.")
     st.dataframe(table, hide_index=True, width="stretch")
     st.download_button("Download every record of every run (CSV)", lambda: all_records_csv(hist),
                        file_name="eva-training-runs.csv", mime="text/csv", key="tr_csv_all", on_click="ignore",
                        icon=":material/download:", type="tertiary")
+    share_section(sel or hist[-1:])
+
+
+def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
+    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does)."""
+    q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
+    if run.train_cfg.seed != 0:
+        q["seed"] = str(run.train_cfg.seed)
+    if lesson:
+        q["lesson"] = "true"
+    return q
+
+
+def run_link(run: LabRun, lesson: bool = False) -> str:
+    """An absolute link (when the server's address is known) that opens the lab with `run`'s knobs."""
+    from urllib.parse import urlencode, urljoin
+    qs = urlencode(run_query(run, lesson))
+    path = "training" + (f"?{qs}" if qs else "")
+    base = getattr(st.context, "url", None)
+    return urljoin(base, path) if base else path
+
+
+def share_section(runs: list[LabRun]) -> None:
+    """How to show these runs to a colleague: runs live in this browser tab, links carry knobs. One link per run."""
+    lesson = bool(st.session_state.get("lesson"))
+    st.info("**Runs belong to this browser tab.** The server does not keep them, and a link carries knobs, not "
+            "results: the address bar holds the sidebar's knobs (your *next* run), and a colleague who opens it sees "
+            "no curves until they train. To show this comparison, send one link per run (below) or the CSV above: "
+            "each link opens the lab with that run's knobs and seed, and on this server the same knobs and seed "
+            "draw the same curves.", icon=":material/share:")
+    with st.expander(f"Links to reproduce {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
+                     icon=":material/link:"):
+        for r in runs:
+            st.markdown(f"**{r.label}**")
+            st.code(run_link(r, lesson), language=None, wrap_lines=True)
 
 
 def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:

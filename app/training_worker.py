@@ -10,7 +10,7 @@ the app script — the child would run the whole app. This module imports only `
 
 Protocol: JSON lines.
   stdin  (server -> worker): {"cmd": "run", "seq": n, "id": run_id, "model": ModelConfig.to_hf(),
-                              "train": TrainConfig.to_dict()}
+                              "train": TrainConfig.to_dict(), "prompt": text the trained model continues}
                              {"cmd": "stop", "seq": n, "after": bool}   (stop job n between two steps;
                                                         after: still sample text / measure experts)
                              end of input: exit
@@ -41,10 +41,14 @@ def _plain(obj):
     return obj
 
 
-def after_run(tr, cfg) -> dict:
-    """Measurements for the 'after' view: text sampled with MTP drafts, the domain × expert matrix."""
+DEFAULT_PROMPT = {"synthetic": "47+8=", "pydoc": "The "}   # the sample prompt per dataset when the user gives none
+
+
+def after_run(tr, cfg, prompt: str | None = None) -> dict:
+    """Measurements for the 'after' view: text sampled after `prompt` (validated by the app; empty or None = the
+    dataset's default) with MTP drafts, the domain × expert matrix."""
     out: dict = {}
-    prompt = "47+8=" if cfg.dataset == "synthetic" else "The "
+    prompt = prompt or DEFAULT_PROMPT.get(cfg.dataset, "The ")
     try:
         out["sample"] = _plain(tr.sample_text(prompt, 160, temperature=0.8, seed=cfg.seed))
         out["sample_prompt"] = prompt
@@ -67,7 +71,10 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
 
     def send(**ev):
         with lock:
-            out.write(json.dumps(ev) + "\n")
+            try:
+                out.write(json.dumps(ev) + "\n")
+            except (BrokenPipeError, ValueError):  # the server went away: nobody to report to
+                os._exit(0)
 
     jobs: queue.Queue = queue.Queue()
     stop = {"seq": 0, "after": True}
@@ -116,7 +123,7 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
                                      f"{cfg.max_time_s:.0f} s."}.get(status)
             if tr.records and (stop["seq"] != seq or stop["after"]):
                 send(ev="finishing", id=run_id)
-                after = after_run(tr, cfg)
+                after = after_run(tr, cfg, job.get("prompt"))
         except TrainingDiverged as e:
             if e.record is not None:
                 send(ev="record", id=run_id, rec=_plain(e.record))

@@ -15,7 +15,7 @@ st.sidebar.caption(f"This server: at most {tl.MAX_STEPS} steps, {tl.MAX_TOKENS:,
 
 st.title(texts.TRAIN_TITLE)
 st.caption(f"{texts.TRAIN_SUB}  ·  model: **mini** with the knobs in the sidebar  ·  seed {sh.seed}")
-ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS, lesson=sh.lesson)
+# (the explanation comes after the runs: Start and the live curves stay at the top, also in lesson mode)
 
 tl.collect()
 mgr = tl.manager()
@@ -47,6 +47,11 @@ with st.container(horizontal=True, vertical_alignment="center", gap="small"):
                       " · the training process is still loading PyTorch (first use of this server)"))
 if cfg_error is not None:
     ui.knob_error(cfg_error.knob, cfg_error.rule)
+if cfg_error is None and tl.opened_from_link() and run is None and not tl.history():
+    changed = tl.knob_summary(knobs) + ([f"Seed = **{sh.seed}**"] if sh.seed else [])
+    st.info(f"**This link set the lab's knobs:** {', '.join(changed) if changed else 'the defaults'} (see the "
+            "sidebar). A link carries knobs, not results: press **Start training** to train this run here — on "
+            "this server the same knobs and seed draw the same curves as for whoever sent it.", icon=":material/link:")
 
 if other is not None and not own_active:
     p = other.progress()
@@ -111,6 +116,8 @@ elif other is not None and watch:
 hist = tl.history()
 if hist and not own_active:
     tl.results_section(hist, layer, sh.lesson)
+
+ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS, lesson=sh.lesson)
 
 # ---------------------------------------------------------------- before: what will train
 if cfg is not None and not own_active:

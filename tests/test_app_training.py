@@ -148,6 +148,70 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     names = {t["name"] for t in overlay["data"] if t.get("name")}
     assert any(n.startswith("#1") for n in names) and any(n.startswith("#2 MHA") for n in names), names
     assert "#2 MHA" in overlay["layout"]["title"]["text"]
+    mv = next(s for s in specs(at) if s["layout"]["title"]["text"].startswith("#2 MHA") and "MaxVio" in
+              s["layout"]["title"]["text"])
+    assert [t["name"] for t in mv["data"]] == [run.label, run2.label], "MaxVio of both runs overlaid"
+    # runs live in this session: the page says so and gives one link per overlaid run, with that run's knobs
+    assert any("Runs belong to this browser tab" in i.value for i in at.info)
+    links = [c.value for c in at.code if "training" in c.value]
+    assert len(links) == 2 and "tr_steps=400" in links[0] and "tr_attn=MHA" in links[1] and "tr_steps=25" in links[1]
+
+
+def test_typed_sample_prompt_reaches_the_worker_and_the_caption(idle_server):
+    prompt = "été 12+"  # multi-byte UTF-8 (10 bytes): the byte-level model gets every byte
+    at = lab(TINY)
+    assert at.text_input(key="tr_prompt").value == "", "empty by default (the dataset's default prompt is used)"
+    at.text_input(key="tr_prompt").input(prompt).run()
+    clean(at)
+    assert not at.error, [e.value for e in at.error]
+    at.button(key="tr_start").click().run()
+    run = run_of(at)
+    assert run is not None and run.prompt == prompt
+    poll_until(at, lambda: not run.active)
+    at.run()
+    clean(at)
+    assert run.status == "done" and run.after["sample_prompt"] == prompt
+    assert at.code and at.code[0].value.startswith(prompt), "the sampled text continues the typed prompt"
+    assert any(f"`{prompt}` (yours)" in c.value for c in at.caption), [c.value for c in at.caption]
+    assert run.label == "#1 steps=25, batch=4, seq=32", "the prompt does not change training: not in the label"
+
+
+def test_over_long_sample_prompt_is_a_message_and_starts_nothing(idle_server):
+    at = lab(TINY)
+    # typed and Start clicked in one go (the box commits when the click takes the focus): the callback refuses it
+    at.text_input(key="tr_prompt").input("é" * 33)  # 33 characters, 66 bytes
+    at.button(key="tr_start").click().run()
+    clean(at)
+    assert run_of(at) is None and idle_server.active is None
+    msg = " ".join(e.value for e in at.error)
+    assert "Sample prompt" in msg and "66 bytes" in msg and "at most 64" in msg, msg
+    assert at.button(key="tr_start").disabled
+    at.text_input(key="tr_prompt").input("é" * 32).run()  # exactly 64 bytes is allowed
+    clean(at)
+    assert not at.error and not at.button(key="tr_start").disabled
+
+
+def test_a_run_link_reproduces_the_run_in_another_session(idle_server):
+    """What the page promises a colleague: the link of a run opens the lab with its knobs, and training it again on
+    this server draws the same curve (the worker process, seed and data order are the same)."""
+    a = lab({**TINY, "tr_bal": "aux loss"})
+    a.button(key="tr_start").click().run()
+    run_a = run_of(a)
+    poll_until(a, lambda: not run_a.active)
+    a.run()
+    link = next(c.value for c in a.code if "tr_bal=" in c.value)
+    from urllib.parse import parse_qsl, urlparse
+    q = dict(parse_qsl(urlparse(link).query))
+    assert q == {**TINY, "tr_bal": "aux loss"}, q
+    b = lab(q)  # the colleague: a new session opened with the link's query
+    hint = next(i.value for i in b.info if "This link set the lab's knobs" in i.value)
+    assert "Load balancing = **aux loss**" in hint and "Steps = **25**" in hint, hint
+    b.button(key="tr_start").click().run()
+    run_b = run_of(b)
+    poll_until(b, lambda: not run_b.active)
+    assert run_b.label == run_a.label and run_b.status == run_a.status == "done"
+    assert [r["loss"] for r in run_b.records] == [r["loss"] for r in run_a.records]
+    assert [r["max_vio"] for r in run_b.records] == [r["max_vio"] for r in run_a.records]
 
 
 def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
@@ -207,6 +271,7 @@ def test_other_pages_show_progress_and_keep_the_run_alive(idle_server):
 @pytest.mark.parametrize("query,knob", [
     ({"tr_steps": "400", "tr_batch": "32", "tr_seq": "256"}, "Steps × batch × sequence length"),
     ({"tr_experts": "4", "tr_topk": "4"}, "Experts per token"),
+    ({"tr_prompt": "x" * 65}, "Sample prompt"),
 ])
 def test_caps_and_impossible_combinations_are_messages(query, knob):
     at = lab(query)
@@ -218,7 +283,8 @@ def test_caps_and_impossible_combinations_are_messages(query, knob):
 def test_url_sets_every_lab_knob():
     q = {"tr_attn": "GQA", "tr_ffn": "MoE", "tr_experts": "8", "tr_topk": "2", "tr_bal": "both",
          "tr_gamma": "0.003", "tr_alpha": "0.0001", "tr_prec": "FP8 deepseek", "tr_mtp": "false",
-         "tr_data": "pydoc", "tr_steps": "50", "tr_lr": "0.001", "tr_batch": "4", "tr_seq": "128", "seed": "3"}
+         "tr_data": "pydoc", "tr_steps": "50", "tr_lr": "0.001", "tr_batch": "4", "tr_seq": "128", "seed": "3",
+         "tr_prompt": "def f("}
     at = lab(q)
     clean(at)
     assert not at.warning, [w.value for w in at.warning]
@@ -230,6 +296,9 @@ def test_url_sets_every_lab_knob():
     mcfg, cfg = tl.lab_config({k: at.session_state[k] for k in tl.KNOBS}, 3)
     assert (cfg.attention, cfg.precision, cfg.mtp, cfg.balancing, cfg.seed) == ("gqa", "deepseek", False, "both", 3)
     assert mcfg.n_routed_experts == 8 and mcfg.num_experts_per_tok == 2
+    assert at.text_input(key="tr_prompt").value == "def f("
+    assert tl.sample_prompt({k: at.session_state[k] for k in tl.KNOBS}) == "def f("
+    assert tl.sample_prompt({"tr_data": "pydoc"}) == "The " and tl.sample_prompt({}) == "47+8=", "dataset defaults"
 
 
 def _records(steps=6, layers=3, experts=16, seed=0):
@@ -260,6 +329,12 @@ def test_chart_builders_on_records():
     assert ct.bias_heatmap(ct.router_biases(recs), list(df["step"]), 6, "mean").data
     fig = ct.overlay_runs([("A", recs), ("B", _records(4, seed=1))])
     assert "B ends" in fig.layout.title.text and "A" in fig.layout.title.text
+    dense = [{**r, "max_vio": None, "expert_loads": None, "max_vio_layers": None, "router_bias": None} for r in recs]
+    mv = ct.overlay_maxvio([("A", recs), ("D", dense), ("B", _records(4, seed=1))])
+    assert [t.name for t in mv.data] == ["A", "B"] and mv.layout.title.text.startswith("B ends at MaxVio")
+    assert mv.data[1].line.color == ct.palette.RUNS[2], "a run keeps its colour of the loss overlay"
+    assert ct.overlay_maxvio([("D", dense)]) is None, "dense runs only: no MaxVio chart"
+    assert list(ct.maxvio_table([("A", recs), ("D", dense)])["run"].unique()) == ["A"]
     assert ct.domain_expert_heatmap([[1, 0], [0, 1]], ["x", "y"], "layer").layout.title.text.startswith("Experts")
     f = ct.final_losses(recs)
     assert f["val"] == pytest.approx(5.2 - 1.8) and f["train"] < 5.0

@@ -101,8 +101,10 @@ def test_lesson_button_opens_dashboard_with_knobs(server, browser):  # noqa: F81
         assert part in page.url, page.url
     assert "ov_ctx" not in page.url, "the step leaves the context at its default, not the earlier 4K"
     assert page.locator(".st-key-lesson input").is_checked()
-    back = page.get_by_test_id("stSidebar").get_by_text("Back to the lesson: Scale and deployment, step 4")
+    sidebar = page.get_by_test_id("stSidebar")
+    back = sidebar.get_by_text("Back to the lesson", exact=True)
     assert back.count() == 1
+    assert sidebar.get_by_text("Scale and deployment, step 4: DeepSeek-V2 for comparison").count() == 1
     back.click()
     page.wait_for_function("() => location.pathname.endsWith('/lessons')", timeout=30_000)
     wait_ready(page)
