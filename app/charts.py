@@ -89,6 +89,11 @@ def _hline(fig: go.Figure, y: float, text: str | None = None, *, log: bool = Fal
                            font=dict(size=11, color=color), bgcolor="rgba(255,255,255,0.7)")
 
 
+def _percent(part, whole) -> float:
+    """100 · part / whole in float arithmetic (numpy int64 counts near 1e17 overflow when multiplied by 100)."""
+    return 100.0 * float(part) / float(whole)
+
+
 # ====================================================================== Overview
 def params_breakdown(params: pd.DataFrame, counts: dict) -> go.Figure:
     """Stacked bars: all parameters vs the ones a token activates, split by component."""
@@ -100,12 +105,12 @@ def params_breakdown(params: pd.DataFrame, counts: dict) -> go.Figure:
         fig.add_bar(
             y=rows, x=[v / 1e9 for v in vals], name=r["label"], orientation="h",
             marker_color=palette.COMPONENTS[r["component"]],
-            customdata=[[human_count(v), 100 * v / max(d, 1)] for v, d in zip(vals, (act, total))],
+            customdata=[[human_count(v), _percent(v, max(d, 1))] for v, d in zip(vals, (act, total))],
             hovertemplate="%{fullData.name}: %{customdata[0]} (%{customdata[1]:.1f}% of the bar)<extra></extra>",
         )
     routed = params.loc[params["component"] == "routed_experts"].iloc[0]
     share = routed["total"] / max(total, 1)
-    title = (f"Only {100 * act / max(total, 1):.1f}% of the weights run per token"
+    title = (f"Only {_percent(act, max(total, 1)):.1f}% of the weights run per token"
              if counts.get("moe_layers") else "A dense model: every weight runs for every token")
     sub = (f"{human_count(total)} total vs {human_count(act)} activated; routed experts hold {100 * share:.0f}% "
            f"of all weights, but each token uses only its top-k of them") if counts.get("moe_layers") else \
@@ -121,10 +126,11 @@ def memory_bars(mem: pd.DataFrame) -> go.Figure:
         x=mem["bytes"] / div, y=mem["item"], orientation="h", marker_color=colors,
         text=[human_bytes(b) for b in mem["bytes"]], textposition="auto",
         hovertemplate="%{y}: %{x:,.3f} " + unit + "<extra></extra>"))
-    bf16, fp8 = mem.iloc[0]["bytes"], mem.iloc[1]["bytes"]
-    kv, mha = mem.iloc[2]["bytes"], mem.iloc[3]["bytes"]
-    title = f"FP8 weights need {100 * fp8 / bf16:.0f}% of BF16's memory"
-    sub = (f"the KV cache of one long sequence is {100 * kv / mha:.1f}% of what MHA would need"
+    # Floats: the column is int64 (or uint64 / Python ints) and an uploaded config can make the bytes ~1e17, where
+    # the int64 product 100 * fp8 wraps around (hidden_size 2**31-1 read "4%" instead of 50%).
+    bf16, fp8, kv, mha = (float(b) for b in mem["bytes"].iloc[:4])
+    title = f"FP8 weights need {_percent(fp8, bf16):.0f}% of BF16's memory"
+    sub = (f"the KV cache of one long sequence is {_percent(kv, mha):.1f}% of what MHA would need"
            if mha and kv != mha else "KV cache shown for one sequence")
     fig.update_yaxes(autorange="reversed")
     return _layout(fig, title, sub, f"Memory ({unit})", None, height=330, legend=False, width_chars=85)

@@ -2,7 +2,8 @@
 
 Every function is wrapped in a bounded ``st.cache_data`` (returns a copy per call, shared by all sessions whose
 inputs are equal). Configs travel as their normalized JSON string (``Shared.cfg_json``) so the cache key is
-cheap and exact. Functions that build torch modules keep the modules local (nothing mutable is shared).
+cheap and exact. Functions that build torch modules keep the modules local (nothing mutable is shared), and run
+under ``app.memory.heavy`` (at most two at a time per server; the heaps are trimmed afterwards).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import pandas as pd
 import streamlit as st
 
+from app import memory
 from core import calc
 from core.config import ModelConfig
 
@@ -206,6 +208,7 @@ def _inputs(small, seed: int, batch: int, seq: int):
 
 
 @st.cache_data(max_entries=32, show_spinner="Running the real MLA module (prefill + decode)…")
+@memory.heavy
 def measured_caches(small_json: str, seed: int, cache_dtype: str, prefill: int = 32, decode: int = 8,
                     batch: int = 2) -> dict:
     """Prefill + decode with each cache kind; the cache tensors' measured bytes vs the formula, and the outputs
@@ -257,6 +260,7 @@ def measured_caches(small_json: str, seed: int, cache_dtype: str, prefill: int =
 
 
 @st.cache_data(max_entries=16, show_spinner="Timing decode steps of the real MLA module…")
+@memory.heavy
 def measured_latency(small_json: str, seed: int, contexts: tuple = (128, 256, 512, 1024), repeats: int = 5,
                      cache_dtype: str = "fp32") -> pd.DataFrame:
     """Wall-clock time of one decode step (batch 1) at each context for the absorbed and the naive cache.
@@ -294,6 +298,7 @@ def measured_latency(small_json: str, seed: int, contexts: tuple = (128, 256, 51
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def attention_map(small_json: str, seed: int, tokens: int = 48) -> dict:
     """Causal attention probabilities [H, T, T] of the real MLA module on a repeating token pattern."""
     import torch
@@ -314,6 +319,7 @@ def attention_map(small_json: str, seed: int, tokens: int = 48) -> dict:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def rank_truncation(small_json: str, seed: int) -> pd.DataFrame:
     """Relative error of the best rank-r approximation of the per-head K/V the cache would hold: MLA vs MHA."""
     from core.attention import kv_rank_truncation_error
@@ -349,6 +355,7 @@ def _hist(values, edges) -> list[int]:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
+@memory.heavy
 def fp8_quantize(fmt: str, gran: str, overflow: str, kind: str, out_ch: int, out_scale: float, seed: int) -> dict:
     """Quantize one test tensor; error figures and the histogram of the scaled values over the format's grid."""
     import numpy as np
@@ -386,6 +393,7 @@ def fp8_quantize(fmt: str, gran: str, overflow: str, kind: str, out_ch: int, out
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def fp8_granularity_sweep(fmt: str, out_ch: int, seed: int,
                           sizes: tuple = (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6)) -> pd.DataFrame:
     """SQNR of the non-outlier values for every granularity as the outlier channels grow (256×512 tensors)."""
@@ -415,6 +423,7 @@ def _amplitude(step: int) -> float:
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def fp8_delayed_scaling(fmt: str, gran: str, overflow: str, kind: str, out_ch: int, out_scale: float,
                         history_len: int, algo: str, seed: int, steps: int = 44) -> pd.DataFrame:
     """Current vs delayed (amax-history) scaling over a sequence of steps whose magnitude rises and spikes
@@ -442,6 +451,7 @@ def fp8_delayed_scaling(fmt: str, gran: str, overflow: str, kind: str, out_ch: i
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def fp8_gemm_curves(acc_bits: int, promote_every: int, fmt: str, seed: int) -> pd.DataFrame:
     """Relative GEMM error vs K with a limited-precision accumulator, with and without promotion to FP32."""
     from core import fp8
@@ -460,6 +470,7 @@ def fp8_gemm_curves(acc_bits: int, promote_every: int, fmt: str, seed: int) -> p
 
 
 @st.cache_data(max_entries=32, show_spinner=False)
+@memory.heavy
 def fp8_gemm_on_data(fmt: str, kind: str, out_ch: int, out_scale: float, seed: int) -> dict:
     """DeepSeek's FP8 GEMM (1×128 activation tiles, 128×128 weight blocks, FP32 per-block accumulation) on the
     chosen data as activations and Gaussian weights, against the FP32 product (DeepGEMM's calc_diff)."""
@@ -564,7 +575,10 @@ def _domain_table(cfg, out, domains) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-@st.cache_data(max_entries=32, show_spinner="Routing tokens through the real router…")
+# Byte budget: an entry is ~1 MB at the default 256 experts and 2.0 MB at 512 (the token x expert table), so
+# max_entries alone allowed 32 x 2.0 = 65 MB; 16 MB keeps 8-16 routings (tests/test_limits.py, worst case).
+@st.cache_data(max_entries=32, max_size="16MB", show_spinner="Routing tokens through the real router…")
+@memory.heavy
 def moe_routing(key: tuple, seed: int, skew: float, gamma: float, steps: int) -> dict:
     """A real router forward on one batch (2,048 tokens) of the multi-domain stream, before and after `steps`
     batches (512 tokens each, never the shown batch) of the aux-loss-free rule `core.moe.update_bias` (step γ)."""
@@ -635,7 +649,10 @@ def scaled_token_table(tt: pd.DataFrame, route_scale: float) -> pd.DataFrame:
 SIM_TOKENS = 256  # tokens per simulated batch (CPU top-k costs ~3 µs per token row at 256 experts)
 
 
-@st.cache_data(max_entries=16, show_spinner="Stepping the bias controller over batches (4 strategies)…")
+# Byte budget: 0.2 MB per entry at the defaults, 4.0 MB at 512 experts x 240 steps (16 x 4 = 64 MB by count).
+@st.cache_data(max_entries=16, max_size="16MB",
+               show_spinner="Stepping the bias controller over batches (4 strategies)…")
+@memory.heavy
 def moe_simulation(n_experts: int, top_k: int, n_group: int, topk_group: int, scoring: str, gamma: float,
                    alpha: float, steps: int, skew: float, seed: int) -> dict:
     """`core.moe.simulate_bias_controller` for all four strategies, as DataFrames."""

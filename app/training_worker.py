@@ -6,7 +6,7 @@ polling the live charts every 0.5 s doubled the run time, and the other users' p
 process has its own GIL and uses one core (`torch.set_num_threads(1)`); the server keeps the other.
 
 Why a plain subprocess, not `multiprocessing`: spawn re-imports the parent's `__main__`, which inside Streamlit is
-the app script — the child would run the whole app. This module imports only `core` (no Streamlit).
+the app script — the child would run the whole app. This module imports only `core` and `app.memory` (no Streamlit).
 
 Protocol: JSON lines.
   stdin  (server -> worker): {"cmd": "run", "seq": n, "id": run_id, "model": ModelConfig.to_hf(),
@@ -20,6 +20,7 @@ Anything else the child prints goes to stderr, so stdout carries only the protoc
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -98,6 +99,7 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
     torch.set_num_threads(1)
     import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: ~1 s; do it before any job)
 
+    from app.memory import trim
     from core.config import ModelConfig
     from core.data import get_dataset
     from core.train import TrainConfig, TrainingDiverged, train
@@ -131,6 +133,10 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
         except Exception as e:  # report, never die: the next job starts fresh
             status, message = "error", f"{type(e).__name__}: {e}"
         send(ev="end", id=run_id, status=status, message=message, after=after)
+        # The model, optimizer state and batches (~200 MB) would otherwise stay resident until the next job.
+        tr = after = None
+        gc.collect()
+        trim()
 
 
 if __name__ == "__main__":

@@ -12,7 +12,15 @@ from app import charts
 from core.config import ConfigError
 
 
-@st.cache_data(max_entries=256, show_spinner=False)
+# The figure cache holds pickled plotly figures shared by every session. Most are 2–60 KB (a view is 2–7 charts, so
+# 256 entries keep ~40 recent views of a classroom), but a 512-expert × 240-step heatmap is 0.66 MB: by count alone
+# the worst case was 256 × 0.66 MB = 168 MB. The byte budget caps it at FIGURE_CACHE_BYTES (>= 48 of the largest
+# figures, all 256 typical ones); least recently used figures go first.
+FIGURE_CACHE_ENTRIES = 256
+FIGURE_CACHE_BYTES = 32 * 2**20
+
+
+@st.cache_data(max_entries=FIGURE_CACHE_ENTRIES, max_size=FIGURE_CACHE_BYTES, show_spinner=False)
 def _cached_figure(builder: str, *args, **kwargs) -> go.Figure:
     return getattr(charts, builder)(*args, **kwargs)
 

@@ -24,7 +24,10 @@ Reported (one table; `--json` writes the same numbers):
   knob latency   the same for a knob change
   server RSS     at start, baseline after warm-up, peak under load (sampled every 0.25 s, and VmHWM), after the
                  sessions closed; server CPU seconds (utime + stime) during the load
-Memory is read from /proc/<pid>/status (psutil is not a dependency of this project).
+  children       the server's child processes (the training lab's worker): their RSS, and server + children PSS
+                 (baseline / peak sampled every second / after) — a hosted container's memory limit counts every
+                 process, the torch libraries both map only once
+Memory is read from /proc/<pid>/status and smaps_rollup (psutil is not a dependency of this project).
 
 Two clients, because neither alone answers everything on a 2-core machine:
   --client browser (default) — Playwright contexts against the live server: the real thing end to end (websocket
@@ -133,6 +136,48 @@ def read_status(pid: int) -> dict[str, int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (the training lab's worker process), from /proc/<pid>/task/*/children."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+            except OSError:
+                continue
+            out += kids
+            todo += kids
+    return out
+
+
+def read_pss(pid: int) -> int:
+    """Proportional set size in bytes (shared pages split between the processes that map them), or 0."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def read_tree(pid: int) -> dict[str, int]:
+    """Memory of the server *and* its child processes (a hosted container's limit counts all of them):
+    server_rss, children_rss (sum of VmRSS), children (count) and total_pss (server + children, PSS: the torch
+    libraries both processes map are counted once, as in the container's accounting)."""
+    kids = descendants(pid)
+    return {"server_rss": read_status(pid).get("VmRSS", 0), "children": len(kids),
+            "children_rss": sum(read_status(k).get("VmRSS", 0) for k in kids),
+            "total_pss": read_pss(pid) + sum(read_pss(k) for k in kids)}
+
+
 def cpu_seconds(pid: int) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -143,17 +188,24 @@ def cpu_seconds(pid: int) -> float:
 
 
 class Sampler(threading.Thread):
-    """Samples the server's RSS every `period` seconds; `.peak` is the largest sample."""
+    """Samples the server's RSS every `period` seconds; `.peak` is the largest sample. `.tree_peak` holds the
+    largest children RSS and server + children PSS seen (sampled every `tree_every`-th time: PSS reads cost more)."""
 
-    def __init__(self, pid: int, period: float = 0.25):
+    def __init__(self, pid: int, period: float = 0.25, tree_every: int = 4):
         super().__init__(daemon=True)
         self.pid, self.period, self.peak, self.samples = pid, period, 0, 0
+        self.tree_every = tree_every
+        self.tree_peak = {"children_rss": 0, "total_pss": 0}
         self._halt = threading.Event()
 
     def run(self):
         while not self._halt.is_set():
             rss = read_status(self.pid).get("VmRSS", 0)
             self.peak = max(self.peak, rss)
+            if self.samples % self.tree_every == 0:
+                tree = read_tree(self.pid)
+                for k in self.tree_peak:
+                    self.tree_peak[k] = max(self.tree_peak[k], tree[k])
             self.samples += 1
             self._halt.wait(self.period)
 
@@ -425,6 +477,7 @@ async def main_async(args) -> dict:
             res["warmup_errors"] = await warm_up(browser, server.base, links, timeout_ms)
             await asyncio.sleep(args.session_ttl + 5)
             res["rss_baseline"] = read_status(server.pid).get("VmRSS", 0)
+            res["tree_baseline"] = read_tree(server.pid)
             train = any(urlparse(h).path.rstrip("/").endswith("/training") for h in links) and not args.no_train
             stats = [Stats() for _ in range(args.sessions)]
             sampler = Sampler(server.pid)
@@ -448,8 +501,10 @@ async def main_async(args) -> dict:
         res["rss_peak"] = max(sampler.peak, status.get("VmHWM", 0) if args.count_hwm else sampler.peak)
         res["rss_hwm"] = status.get("VmHWM", 0)
         res["rss_end_of_load"] = status.get("VmRSS", 0)
+        res["tree_peak"] = dict(sampler.tree_peak)
         await asyncio.sleep(args.session_ttl + args.settle)
         res["rss_after"] = read_status(server.pid).get("VmRSS", 0)
+        res["tree_after"] = read_tree(server.pid)
         res["server_alive"] = server.proc.poll() is None
     finally:
         try:
@@ -517,6 +572,7 @@ def apptest_load(args) -> dict:
     del warm
     gc.collect()
     res["rss_baseline"] = read_status(me).get("VmRSS", 0)
+    res["tree_baseline"] = read_tree(me)
     stats = [Stats() for _ in range(args.sessions)]
     cpu0, t0 = cpu_seconds(me), time.time()
     deadline = t0 + args.seconds
@@ -609,6 +665,7 @@ def apptest_load(args) -> dict:
     sampler.stop()
     res["rss_peak"] = sampler.peak
     res["rss_hwm"] = read_status(me).get("VmHWM", 0)
+    res["tree_peak"] = dict(sampler.tree_peak)
     if train:  # stop the lab's run if it is still going (its owner is gone)
         try:
             from app import training as tl
@@ -620,6 +677,7 @@ def apptest_load(args) -> dict:
     time.sleep(args.settle)
     gc.collect()
     res["rss_after"] = read_status(me).get("VmRSS", 0)
+    res["tree_after"] = read_tree(me)
     res["server_alive"] = True
     nav = [x for s in stats for x in s.nav_ms]
     knob = [x for s in stats for x in s.knob_ms]
@@ -660,6 +718,14 @@ def report(r: dict) -> str:
         + ("back to baseline (within 10% + 64 MiB)" if back else
            f"{mib(r['rss_after'] - r['rss_baseline'])} above baseline"),
     ]
+    if "tree_peak" in r:
+        b, pk, a = r["tree_baseline"], r["tree_peak"], r["tree_after"]
+        lines += [
+            f"  child processes RSS         {mib(b['children_rss'])} / {mib(pk['children_rss'])} / "
+            f"{mib(a['children_rss'])} (baseline / peak / after; {a['children']} process(es) after: the training worker)",
+            f"  server + children PSS       {mib(b['total_pss'])} / {mib(pk['total_pss'])} / {mib(a['total_pss'])} "
+            "(baseline / peak / after: what a container limit counts, shared libraries once)",
+        ]
     if r.get("notes"):
         lines.append(f"  harness notes (not app errors): {len(r['notes'])}, e.g. {r['notes'][0]}")
     if r["error_list"]:

@@ -299,34 +299,59 @@ def test_every_cache_is_bounded():
     assert not offenders, offenders
 
 
-def test_cached_functions_report_their_bounds_at_runtime():
-    """The same, on the imported objects (catches caches created by calling st.cache_data(fn) directly)."""
+def _app_caches():
+    """(name, cached function) for every st.cache_data / st.cache_resource object in the app/ modules."""
     import importlib
     import pkgutil
 
     import app
-    seen = 0
     for m in pkgutil.iter_modules(app.__path__):
         mod = importlib.import_module(f"app.{m.name}")
         for name, obj in vars(mod).items():
-            info = getattr(obj, "_info", None)
-            if info is None or not hasattr(info, "max_entries"):
-                continue
-            seen += 1
-            params = getattr(getattr(info, "func", None), "__code__", None)
-            singleton = params is not None and params.co_argcount == 0 and params.co_kwonlyargcount == 0
-            assert singleton or info.max_entries or info.ttl, f"app.{m.name}.{name} is unbounded"
-            if info.max_entries:
-                assert info.max_entries <= 512, f"app.{m.name}.{name}: max_entries {info.max_entries}"
+            if getattr(obj, "_info", None) is not None:
+                yield f"app.{m.name}.{name}", obj
+
+
+def _takes_arguments(info) -> bool:
+    import inspect
+    return bool(inspect.signature(inspect.unwrap(info.func)).parameters)  # through app.memory.heavy's wrapper
+
+
+def test_cached_functions_report_their_bounds_at_runtime():
+    """The same, on the imported objects (catches caches created by calling st.cache_data(fn) directly): every
+    st.cache_data that takes arguments has max_entries (a ttl alone does not bound a burst: Streamlit only reaps
+    expired entries on the cache's next write)."""
+    seen = 0
+    for where, obj in _app_caches():
+        info = obj._info
+        if not hasattr(info, "max_entries"):  # st.cache_resource: checked statically above
+            continue
+        seen += 1
+        if _takes_arguments(info):
+            assert info.max_entries, f"{where}: st.cache_data without max_entries"
+            assert info.max_entries <= 512, f"{where}: max_entries {info.max_entries}"
     assert seen >= 10
 
 
-CACHE_BUDGET_MB = 512
+# The server process's share of a 690 MB (lowest Community Cloud tier) container: ~400 MiB after every page was
+# visited once (torch, pandas/pyarrow, streamlit, plotly imports ~330 MiB), two heavy computations in flight at most
+# (app.memory: ~75 MB each), and what the caches may keep. By max_entries alone the caches below allowed 313 MB.
+CACHE_BUDGET_MB = 96
+
+
+def _cache_bound_mb(fn, largest_mb: float) -> float:
+    """Worst case of one st.cache_data in MB: max_entries × its largest entry, capped by its byte budget max_size
+    (Streamlit evicts least-recently-used entries past it; a single entry larger than the budget is still kept)."""
+    info = fn._info
+    worst = info.max_entries * largest_mb
+    if info.max_size_bytes:
+        worst = min(worst, max(info.max_size_bytes / 1e6, largest_mb))
+    return worst
 
 
 def test_worst_case_cache_footprint_fits_the_budget():
-    """Σ max_entries × (pickled size of the largest entry) for the caches whose entries grow with the knobs.
-    (st.cache_data keeps each entry pickled; the ~10 small caches are below 0.1 MB per entry.)"""
+    """Σ worst case (max_entries × pickled size of the largest entry, capped by max_size) for the caches whose entries
+    grow with the knobs. (st.cache_data keeps each entry pickled; the ~10 small caches are below 0.1 MB per entry.)"""
     from app import compute, ui
     v3 = json.dumps(V3, sort_keys=True)
     raw = lambda f: f._info.func  # noqa: E731
@@ -346,11 +371,126 @@ def test_worst_case_cache_footprint_fits_the_budget():
     rows, total = [], 0.0
     for name, (fn, value) in entries.items():
         mb = len(pickle.dumps(value)) / 1e6
-        worst = mb * fn._info.max_entries
+        worst = _cache_bound_mb(fn, mb)
         total += worst
-        rows.append(f"{name}: {mb:.2f} MB × {fn._info.max_entries} = {worst:.0f} MB")
+        cap = f", max_size {fn._info.max_size_bytes / 1e6:.0f} MB" if fn._info.max_size_bytes else ""
+        rows.append(f"{name}: {mb:.2f} MB × {fn._info.max_entries}{cap} -> {worst:.0f} MB")
     print("\n".join(rows) + f"\nworst case total {total:.0f} MB (budget {CACHE_BUDGET_MB} MB)")
     assert total <= CACHE_BUDGET_MB, rows
+
+
+def test_figure_cache_is_bounded_in_entries_and_bytes():
+    """The shared plotly-figure cache (app.ui.fig): a byte budget, not only a count. A 512-expert × 240-step heatmap
+    pickles to ~0.66 MB, so 256 of them were 168 MB; the budget holds dozens of those and every typical figure."""
+    from app import ui
+    info = ui._cached_figure._info
+    assert info.max_entries and info.max_entries <= 256, info.max_entries
+    assert info.max_size_bytes and info.max_size_bytes <= 32 * 2**20, info.max_size_bytes
+    assert info.max_size_bytes >= 24 * 0.66e6, "too small to hold the figures of a few heavy views"
+
+
+def test_caches_whose_entries_grow_with_the_knobs_have_a_byte_budget():
+    """Entries that reach megabytes at the largest knobs (MoE routing 2 MB, bias simulation 4 MB, figures 0.66 MB)
+    are capped in bytes, at most 32 MiB each."""
+    from app import compute, ui
+    for fn in (compute.moe_routing, compute.moe_simulation, ui._cached_figure):
+        b = fn._info.max_size_bytes
+        assert b and b <= 32 * 2**20, (fn._info.display_name, b)
+
+
+def _torch_work(fn) -> bool:
+    """Does the cached function build tensors (directly or through the page helpers that do)?"""
+    import inspect
+    src = inspect.getsource(inspect.unwrap(fn._info.func))
+    return any(w in src for w in ("torch", "_modules(", "_test_tensor(", "_router_setup(", "simulate_bias_controller"))
+
+
+def test_heavy_computations_share_a_bounded_gate():
+    """Every cached computation that builds tensors runs under app.memory.heavy (at most HEAVY_CONCURRENCY at
+    once per server: each holds tens of MB of temporaries while it runs)."""
+    from app import compute, memory
+    assert 1 <= memory.HEAVY_CONCURRENCY <= 2
+    heavy = {w: fn for w, fn in _app_caches() if w.startswith("app.compute.") and _torch_work(fn)}
+    assert len(heavy) >= 8 and "app.compute.moe_routing" in heavy, list(heavy)
+    ungated = [w for w, fn in heavy.items() if not getattr(fn._info.func, "heavy", False)]
+    assert not ungated, f"cached tensor work outside app.memory.heavy: {ungated}"
+    assert not getattr(compute.overview._info.func, "heavy", False), "closed-form calculators need no gate"
+
+
+def test_heavy_gate_admits_at_most_its_limit_and_is_reentrant():
+    import threading
+
+    from app import memory
+    n = memory.HEAVY_CONCURRENCY
+    inside, most, lock, release = [0], [0], threading.Lock(), threading.Event()
+
+    @memory.heavy
+    def work():
+        with lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        release.wait(30)
+        with lock:
+            inside[0] -= 1
+
+    threads = [threading.Thread(target=work, daemon=True) for _ in range(n + 3)]
+    for t in threads:
+        t.start()
+    for _ in range(300):  # until the gate is full (bounded wait; no timing is asserted)
+        if inside[0] >= n:
+            break
+        release.wait(0.01)
+    release.wait(0.3)  # give a broken gate the chance to let more in
+    assert most[0] == n, (most[0], n)
+    release.set()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads) and most[0] == n
+
+    @memory.heavy
+    def inner():
+        return "inner"
+
+    @memory.heavy
+    def outer():
+        return inner()
+
+    hold, done, held = threading.Event(), [], []
+
+    @memory.heavy
+    def block():
+        held.append(1)
+        hold.wait(30)
+
+    blockers = [threading.Thread(target=block, daemon=True) for _ in range(n - 1)]
+    for t in blockers:
+        t.start()
+    for _ in range(300):  # every other slot taken before the nested call starts
+        if len(held) == n - 1:
+            break
+        hold.wait(0.01)
+    runner = threading.Thread(target=lambda: done.append(outer()), daemon=True)
+    runner.start()
+    runner.join(20)  # with every other slot taken, a nested heavy call must not wait for one
+    hold.set()
+    for t in blockers:
+        t.join(30)
+    assert done == ["inner"], "a heavy function calling another one deadlocked on the gate"
+
+
+def test_memory_percentages_are_right_for_absurd_uploads():
+    """Overview 'FP8 weights need x% of BF16' / 'KV cache is y% of MHA' with byte counts near 1e17-1e26: the numpy
+    int64 product 100 * bytes wrapped around (hidden_size 2**31-1 showed 4% instead of 50%)."""
+    from app import charts, compute
+    from core.config import ModelConfig
+    for name, d in ABSURD.items():
+        cfg_json = json.dumps(ModelConfig.from_hf(d).to_hf(), sort_keys=True)
+        mem = compute.overview._info.func(cfg_json, 2**20, "bf16")["memory"]
+        bf16, fp8, kv, mha = (int(b) for b in mem["bytes"])  # exact Python ints
+        title = charts.memory_bars(mem).layout.title
+        assert f"need {100 * fp8 / bf16:.0f}% of BF16" in title.text, (name, title.text)
+        if mha and kv != mha:
+            assert f"{100 * kv / mha:.1f}% of what MHA" in title.subtitle.text, (name, title.subtitle.text)
 
 
 # ---------------------------------------------------------------- determinism (issue item 6, app side)
