@@ -565,6 +565,9 @@ class RunManager:
             if kind == "ready":
                 self._ready.set()
                 continue
+            if kind == "idle":
+                self._retire_idle(proc)
+                continue
             run = self.active
             if run is None or ev.get("id") != run.id:
                 continue
@@ -577,6 +580,20 @@ class RunManager:
                 run.status = "finishing"
             elif kind == "end":
                 self._finish(run, ev.get("status", "error"), ev.get("message"), ev.get("after"))
+
+    def _retire_idle(self, proc) -> None:
+        """The worker has had no job for a while: let it exit (closing its stdin) unless a run or a queue needs it.
+        Frees the worker's memory (~300 MB, torch) on a server nobody trains on; the next Start starts a new one."""
+        with self.lock:
+            if self._proc is not proc or self.active is not None or self.queue:
+                return
+            proc.eva_retired = True
+            self._proc = None
+            self._ready.clear()
+        try:
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
 
     def _monitor(self, proc) -> None:
         """Monitor thread: Stop, the owner's heartbeat and the hard wall-time cap; reports a dead worker."""
@@ -594,6 +611,8 @@ class RunManager:
         with self.lock:
             if self._proc is proc:
                 self._proc = None
+        if getattr(proc, "eva_retired", False):  # exited because it was idle: no run was on it
+            return
         run = self.active
         if run is not None and run.active and run.status != "queued":
             self._finish(run, "error", "The training process stopped unexpectedly (out of memory, or killed after "

@@ -15,7 +15,10 @@ Protocol: JSON lines.
                                                         after: still sample text / measure experts)
                              end of input: exit
   stdout (worker -> server): {"ev": "ready"} once, then per job {"ev": "record", "id", "rec"} for every step,
-                             {"ev": "finishing", "id"}, {"ev": "end", "id", "status", "message", "after"}
+                             {"ev": "finishing", "id"}, {"ev": "end", "id", "status", "message", "after"};
+                             {"ev": "idle"} after IDLE_S seconds without a job: the server may then close stdin
+                             (the worker exits and frees its ~300 MB; the next Start starts a new one). The worker
+                             never exits on its own, so a job sent at that moment is never lost.
 Anything else the child prints goes to stderr, so stdout carries only the protocol.
 """
 from __future__ import annotations
@@ -64,6 +67,9 @@ def after_run(tr, cfg, prompt: str | None = None) -> dict:
     return out
 
 
+IDLE_S = float(os.environ.get("EVA_LAB_WORKER_IDLE_S", 300))  # offer to exit after this long without a job
+
+
 def main() -> None:  # pragma: no cover - runs in the child process (tested through the app)
     out = os.fdopen(os.dup(1), "w", buffering=1)   # the protocol stream
     os.dup2(2, 1)                                  # stray prints go to stderr
@@ -109,7 +115,11 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
         pass
     send(ev="ready")
     while True:
-        job = jobs.get()
+        try:
+            job = jobs.get(timeout=IDLE_S)
+        except queue.Empty:
+            send(ev="idle")
+            job = jobs.get()
         if job is None:
             return
         seq, run_id = job["seq"], job["id"]
@@ -120,9 +130,12 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
             for rec in tr:
                 send(ev="record", id=run_id, rec=_plain(rec))
             status = tr.status if tr.status in ("done", "stopped", "time limit") else "done"
-            message = {"stopped": f"Stopped at step {tr.step_count} of {cfg.steps}.",
-                       "time limit": f"Stopped at step {tr.step_count} of {cfg.steps}: this server caps a run at "
-                                     f"{cfg.max_time_s:.0f} s."}.get(status)
+            message = None
+            if status == "stopped":
+                message = f"Stopped at step {tr.step_count} of {cfg.steps}."
+            elif status == "time limit":
+                message = (f"Stopped at step {tr.step_count} of {cfg.steps}: this server caps a run at "
+                           f"{cfg.max_time_s:.0f} s.")
             if tr.records and (stop["seq"] != seq or stop["after"]):
                 send(ev="finishing", id=run_id)
                 after = after_run(tr, cfg, job.get("prompt"))

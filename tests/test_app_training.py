@@ -348,3 +348,33 @@ def test_run_labels_and_estimates():
     _, default = tl.lab_config({}, 0)
     _, fp8 = tl.lab_config({"tr_prec": "deepseek"}, 0)
     assert tl.estimate_seconds(small) < tl.estimate_seconds(default) < tl.estimate_seconds(fp8)
+
+
+def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
+    """A worker with no job for EVA_LAB_WORKER_IDLE_S offers to exit; the manager lets it go (its ~300 MB return to
+    the server) and the next Start launches a fresh worker that trains the run to the end."""
+    import time as _time
+
+    from app.training import LabRun, RunManager
+    from core.config import PRESETS
+    from core.train import TrainConfig
+
+    monkeypatch.setenv("EVA_LAB_WORKER_IDLE_S", "1")
+    mgr = RunManager()
+    try:
+        mgr.ensure_worker()
+        first = mgr._proc
+        first.wait(timeout=90)  # imports torch, reports ready, then idles for 1 s and is retired
+        assert first.returncode == 0 and getattr(first, "eva_retired", False)
+        assert mgr._proc is None and not mgr.worker_ready()
+        run = LabRun(owner="t", number=1, knobs={}, model_cfg=PRESETS["tiny"],
+                     train_cfg=TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, dataset="synthetic"))
+        assert mgr.request(run) == ("started", 0)
+        assert mgr._proc is not None and mgr._proc is not first
+        deadline = _time.time() + 90
+        while run.finished is None and _time.time() < deadline:
+            run.touch()
+            _time.sleep(0.1)
+        assert run.status == "done" and len(run.records) == 3, (run.status, run.message)
+    finally:
+        mgr.close()
