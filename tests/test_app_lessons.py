@@ -2,34 +2,14 @@
 shareable link, and every step's dashboard link opens the right page with exactly the step's knobs."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from streamlit.testing.v1 import AppTest
 
 from app import lessons as ls
+from apptest_helpers import open_page
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The app runs torch with one intra-op thread per script run; give other test modules their threads back."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 KINDS = ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle")
 STEPS = ls.all_steps()
-
-
-def open_page(page: str, query: dict | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
-    if query:
-        at.query_params.update(query)
-    at.switch_page(page)
-    return at.run()
 
 
 def widget(at: AppTest, key: str):

@@ -7,35 +7,11 @@ The app is started from the entry point (st.navigation) and switched to each pag
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from streamlit.testing.v1 import AppTest
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The app runs torch with one intra-op thread per script run (app/compute.py torch_setup); give the other
-    test modules of this pytest process their thread count back."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")  # 1.67 resolves relative paths vs. this file
-TIMEOUT = 120
-
-
-def open_page(page: str, query: dict | None = None) -> AppTest:
-    """A fresh session opening `page` directly (like pasting its URL), with `query` as the URL's parameters.
-
-    The page's url_path equals its file stem, so AppTest can route to it before the first run."""
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    if query:
-        at.query_params.update(query)
-    at.switch_page(page)
-    at.run()
-    return at
+from apptest_helpers import open_page
 
 
 def charts(at: AppTest) -> list[dict]:

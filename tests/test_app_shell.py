@@ -12,16 +12,6 @@ from streamlit.testing.v1 import AppTest
 from core.calc import human_count, param_counts
 from core.config import PRESETS, PUBLISHED_CONFIGS
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The app runs torch with one intra-op thread per script run (app/compute.py torch_setup); give the other
-    test modules of this pytest process their thread count back."""
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 
 

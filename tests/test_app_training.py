@@ -16,14 +16,6 @@ from app import charts_training as ct
 from app import training as tl
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(autouse=True)
 def idle_server():
     """Every test starts and ends with no run on the (process-wide) run manager."""

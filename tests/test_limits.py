@@ -31,18 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
 
+from apptest_helpers import open_page as _open_page  # noqa: E402
 from core.config import PUBLISHED_CONFIGS  # noqa: E402
 
 V3 = PUBLISHED_CONFIGS["deepseek-v3"]
 M = 2**31 - 1
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 def pages() -> list[str]:
@@ -51,11 +44,7 @@ def pages() -> list[str]:
 
 
 def open_page(page: str, query: dict | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=180)
-    if query:
-        at.query_params.update(query)
-    at.switch_page(page)
-    return at.run()
+    return _open_page(page, query, timeout=180)  # the largest knobs of every page take longer
 
 
 def clean(at: AppTest, what: str = "") -> None:

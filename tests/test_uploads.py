@@ -31,14 +31,6 @@ V3 = PUBLISHED_CONFIGS["deepseek-v3"]
 LITE = PUBLISHED_CONFIGS["deepseek-v2-lite"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    import torch
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
 def doc(**kw) -> bytes:
     return json.dumps(dict(V3, **kw)).encode()
 

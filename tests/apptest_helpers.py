@@ -1,0 +1,21 @@
+"""Opening the app in AppTest the way a browser does: through the entry point (st.navigation), at a page, with
+URL parameters. Shared by the AppTest modules."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "streamlit_app.py")  # Streamlit 1.67 resolves relative page paths against this file
+
+
+def open_page(page: str, query: dict | None = None, timeout: float = 120) -> AppTest:
+    """A fresh session opening `page` directly (like pasting its URL) with `query` as the URL's parameters.
+
+    The page's url_path equals its file stem, so AppTest can route to it before the first run."""
+    at = AppTest.from_file(APP, default_timeout=timeout)
+    if query:
+        at.query_params.update(query)
+    at.switch_page(page)
+    return at.run()
