@@ -84,7 +84,8 @@ def chart(fig: go.Figure, df: pd.DataFrame | None, name: str, *, key: str, notic
         st.info(notice, icon=":material/visibility:")
     if df is not None:
         # Deferred: the CSV is only generated when the button is clicked (keeps reruns fast).
-        st.download_button(f"Download the data (CSV, {len(df):,} rows)", lambda: df.to_csv(index=False).encode(),
+        rows = f"{len(df):,} row" + ("" if len(df) == 1 else "s")
+        st.download_button(f"Download the data (CSV, {rows})", lambda: df.to_csv(index=False).encode(),
                            file_name=f"eva-{_slug(name)}.csv", mime="text/csv", key=f"csv_{key}",
                            on_click="ignore", icon=":material/download:", type="tertiary")
 
