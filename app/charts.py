@@ -95,19 +95,30 @@ def _percent(part, whole) -> float:
 
 
 # ====================================================================== Overview
-def params_breakdown(params: pd.DataFrame, counts: dict) -> go.Figure:
-    """Stacked bars: all parameters vs the ones a token activates, split by component."""
+def component_bars(params: pd.DataFrame, counts: dict, rows: list[str], scale: float, value_text) -> go.Figure:
+    """Two stacked horizontal bars, `rows` = [activated label, total label], one segment per component (MTP
+    excluded, empty components left out); x = parameters / `scale`; the hover shows `value_text(v)` and the
+    segment's share of its bar."""
     fig = go.Figure()
     total, act = counts["total"], counts["activated"]
-    rows = ["Activated per token", "Total (main model)"]
     for _, r in params[params["component"] != "mtp"].iterrows():
         vals = [r["activated"], r["total"]]
+        if not any(vals):
+            continue
         fig.add_bar(
-            y=rows, x=[v / 1e9 for v in vals], name=r["label"], orientation="h",
+            y=rows, x=[v / scale for v in vals], name=r["label"], orientation="h",
             marker_color=palette.COMPONENTS[r["component"]],
-            customdata=[[human_count(v), _percent(v, max(d, 1))] for v, d in zip(vals, (act, total))],
+            customdata=[[value_text(v), _percent(v, max(d, 1))] for v, d in zip(vals, (act, total))],
             hovertemplate="%{fullData.name}: %{customdata[0]} (%{customdata[1]:.1f}% of the bar)<extra></extra>",
         )
+    fig.update_layout(barmode="stack")
+    return fig
+
+
+def params_breakdown(params: pd.DataFrame, counts: dict) -> go.Figure:
+    """Stacked bars: all parameters vs the ones a token activates, split by component."""
+    total, act = counts["total"], counts["activated"]
+    fig = component_bars(params, counts, ["Activated per token", "Total (main model)"], 1e9, human_count)
     routed = params.loc[params["component"] == "routed_experts"].iloc[0]
     share = routed["total"] / max(total, 1)
     title = (f"Only {_percent(act, max(total, 1)):.1f}% of the weights run per token"
@@ -115,7 +126,6 @@ def params_breakdown(params: pd.DataFrame, counts: dict) -> go.Figure:
     sub = (f"{human_count(total)} total vs {human_count(act)} activated; routed experts hold {100 * share:.0f}% "
            f"of all weights, but each token uses only its top-k of them") if counts.get("moe_layers") else \
         f"{human_count(total)} parameters"
-    fig.update_layout(barmode="stack")
     return _layout(fig, title, sub, "Parameters (billions)", None, height=330)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import palette
-from app.charts import _hline, _layout
+from app.charts import _hline, _layout, component_bars
 
 UNIFORM_LOSS = math.log(256)  # cross-entropy of a uniform guess over 256 bytes
 _SCALARS = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "val_loss", "lr",
@@ -110,19 +110,8 @@ def final_losses(records: list[dict]) -> dict:
 # ====================================================================== previews
 def lab_params(params: pd.DataFrame, counts: dict) -> go.Figure:
     """The lab model's parameters (millions): all of them vs the ones a token activates, by component."""
-    fig = go.Figure()
     total, act = counts["total"], counts["activated"]
-    rows = ["activated", "total"]
-    for _, r in params[params["component"] != "mtp"].iterrows():
-        vals = [r["activated"], r["total"]]
-        if not any(vals):
-            continue
-        fig.add_bar(y=rows, x=[v / 1e6 for v in vals], name=r["label"], orientation="h",
-                    marker_color=palette.COMPONENTS[r["component"]],
-                    customdata=[[v / 1e6, 100 * v / max(d, 1)] for v, d in zip(vals, (act, total))],
-                    hovertemplate="%{fullData.name}: %{customdata[0]:.2f}M (%{customdata[1]:.1f}% of the bar)"
-                                  "<extra></extra>")
-    fig.update_layout(barmode="stack")
+    fig = component_bars(params, counts, ["activated", "total"], 1e6, lambda v: f"{v / 1e6:.2f}M")
     if counts.get("moe_layers"):
         title = f"A token runs through {100 * act / max(total, 1):.0f}% of the {total / 1e6:.1f}M weights"
         sub = "routed experts (purple) hold most weights; each token uses only its top-k of them"

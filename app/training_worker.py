@@ -25,24 +25,10 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import queue
 import sys
 import threading
-
-
-def _plain(obj):
-    """JSON-safe copy (non-finite floats become None)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return _plain(obj.tolist())
-    return obj
 
 
 DEFAULT_PROMPT = {"synthetic": "47+8=", "pydoc": "The "}   # the sample prompt per dataset when the user gives none
@@ -51,10 +37,11 @@ DEFAULT_PROMPT = {"synthetic": "47+8=", "pydoc": "The "}   # the sample prompt p
 def after_run(tr, cfg, prompt: str | None = None) -> dict:
     """Measurements for the 'after' view: text sampled after `prompt` (validated by the app; empty or None = the
     dataset's default) with MTP drafts, the domain × expert matrix."""
+    from core.train import json_safe
     out: dict = {}
     prompt = prompt or DEFAULT_PROMPT.get(cfg.dataset, "The ")
     try:
-        out["sample"] = _plain(tr.sample_text(prompt, 160, temperature=0.8, seed=cfg.seed))
+        out["sample"] = json_safe(tr.sample_text(prompt, 160, temperature=0.8, seed=cfg.seed))
         out["sample_prompt"] = prompt
     except Exception as e:  # pragma: no cover - defensive
         out["sample_error"] = f"Sampling failed: {e}"
@@ -108,7 +95,7 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
     from app.memory import trim
     from core.config import ModelConfig
     from core.data import get_dataset
-    from core.train import TrainConfig, TrainingDiverged, train
+    from core.train import TrainConfig, TrainingDiverged, json_safe, train
     try:
         get_dataset("synthetic", 0)  # the default dataset, built once
     except Exception:
@@ -128,7 +115,7 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
             cfg = TrainConfig(**job["train"])
             tr = train(ModelConfig.from_hf(job["model"]), cfg, stop=lambda: stop["seq"] == seq)
             for rec in tr:
-                send(ev="record", id=run_id, rec=_plain(rec))
+                send(ev="record", id=run_id, rec=json_safe(rec))
             status = tr.status if tr.status in ("done", "stopped", "time limit") else "done"
             message = None
             if status == "stopped":
@@ -141,7 +128,7 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
                 after = after_run(tr, cfg, job.get("prompt"))
         except TrainingDiverged as e:
             if e.record is not None:
-                send(ev="record", id=run_id, rec=_plain(e.record))
+                send(ev="record", id=run_id, rec=json_safe(e.record))
             status, message = "diverged", str(e)
         except Exception as e:  # report, never die: the next job starts fresh
             status, message = "error", f"{type(e).__name__}: {e}"

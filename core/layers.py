@@ -51,6 +51,11 @@ class RMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    h = F.silu(gate).mul_(up)  # one new buffer, the products in place
+    return h.mul_(weight) if weight is not None else h
+
+
 class _SwiGLU(torch.autograd.Function):
     """h = silu(gate) * up (* weight), with a hand-written backward that reuses its buffers (~25% faster fwd+bwd
     on CPU than autograd through the three ops, bit-identical: the same products in the same order)."""
@@ -58,8 +63,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(gate, up, weight)
-        h = F.silu(gate).mul_(up)
-        return h.mul_(weight) if weight is not None else h
+        return _swiglu_forward(gate, up, weight)
 
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
@@ -82,8 +86,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = N
     """silu(gate) * up, times `weight` (broadcast, e.g. routing weights [S, 1]) if given. gate, up: [..., I]."""
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, weight)):
         return _SwiGLU.apply(gate, up, weight)
-    h = F.silu(gate).mul_(up)
-    return h.mul_(weight) if weight is not None else h
+    return _swiglu_forward(gate, up, weight)
 
 
 class MLP(nn.Module):

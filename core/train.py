@@ -596,13 +596,16 @@ def train(model_cfg: ModelConfig | str, train_cfg: TrainConfig | None = None,
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _json_safe(obj):
+def json_safe(obj):
+    """A strict-JSON copy of records: non-finite floats become None, tensors/arrays become lists."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
+        return {k: json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist"):
+        return json_safe(obj.tolist())
     return obj
 
 
@@ -610,7 +613,7 @@ def write_records(path, records: list[dict]) -> None:
     """Write records as one JSON list (strict JSON: non-finite numbers become null), atomically."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(_json_safe(records), f, allow_nan=False)
+        json.dump(json_safe(records), f, allow_nan=False)
     os.replace(tmp, path)
 
 
@@ -713,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
     if run.records and code == 0:
         last = run.records[-1]
-        print(json.dumps(_json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
+        print(json.dumps(json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
                                      "status": run.status, "elapsed_s": round(run.elapsed(), 2)})))
     return code
 
