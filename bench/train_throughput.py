@@ -6,13 +6,16 @@ expert width 128, dense width 768, vocab 256) with identical weights, on 2 CPU t
 16 x 128 pydoc batches, one step of each in turn (interleaved, so machine noise hits both alike): AdamW (fused),
 gradient clipping 1.0. transformers runs its `grouped_mm` experts path and SDPA attention; it has no MTP, so
 ours runs with MTP off for the comparison (an extra line shows ours with MTP on). Printed: median tokens/s of
-each, the ratio, and MFU = counted model FLOPs / step time / peak, the peak being a 2048^3 matmul measured in the
-same run (fp32 or bf16). FLOPs are counted analytically (`step_flops`), including the routed-expert GEMMs that
+each, the ratio, and MFU = counted model FLOPs / step time / peak, the peak being the fastest 2048^3 matmul
+measured in the same run (fp32: torch's MKL sgemm and oneDNN, see core.gemm; bf16: torch's oneDNN).
+Ours runs its fp32 GEMMs on oneDNN where available (core.gemm: MKL uses only AVX2 on AMD CPUs); an extra line
+shows ours on torch's own fp32 GEMMs, the library transformers uses, so the kernel choice and the rest of the
+engine can be told apart. FLOPs are counted analytically (`step_flops`), including the routed-expert GEMMs that
 torch's FlopCounterMode misses (`torch._grouped_mm`); the FlopCounterMode figure is printed as a cross-check.
 Then bf16: ours in bf16 mode (bf16 compute, fp32 master weights) vs transformers fp32 and transformers under
 CPU bf16 autocast.
 
-    python bench/train_throughput.py                   # speed, fp32 and bf16  (~3 min)
+    python bench/train_throughput.py                   # speed, fp32 and bf16  (~1 min)
     python bench/train_throughput.py --quality         # 300-step recipe on pydoc: val nats/byte (fp32, bf16)
     python bench/train_throughput.py --quality --hf    # ... and transformers on the same batches
     python bench/train_throughput.py --balance         # MaxVio over the last 100 of 300 steps: none vs aux_free
@@ -32,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from core import gemm  # noqa: E402
 from core.checkpoint import eva_to_hf  # noqa: E402
 from core.config import PRESETS, ModelConfig  # noqa: E402
 from core.data import pydoc_dataset  # noqa: E402
@@ -79,9 +83,13 @@ def step_flops(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = False) ->
 def flop_counter_cross_check(run: TrainRun, x, y) -> tuple[float, float]:
     """(FlopCounterMode total for one fwd+bwd, the routed-expert FLOPs it cannot see)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc:
-        out = run.model.compute_loss(x, y, 0.0)
-        out["loss"].backward()
+    previous = gemm.set_fp32_backend("torch")  # the counter knows aten's mm, not oneDNN's _linear_pointwise
+    try:
+        with FlopCounterMode(display=False) as fc:
+            out = run.model.compute_loss(x, y, 0.0)
+            out["loss"].backward()
+    finally:
+        gemm.set_fp32_backend(previous)
     run.model.zero_grad(set_to_none=True)
     cfg = run.model_config
     n_moe = len(run.model.moe_layers())
@@ -89,17 +97,35 @@ def flop_counter_cross_check(run: TrainRun, x, y) -> tuple[float, float]:
     return float(fc.get_total_flops()), expert
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6) -> float:
-    """Best-of-3 GFLOP/s of an n x n x n matmul."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6, backend: str = "torch") -> float:
+    """Best-of-3 GFLOP/s of an n x n x n matmul: torch's `@` (MKL for fp32 on x86-64, oneDNN for bf16), or with
+    backend "onednn" core.gemm's oneDNN fp32 GEMM."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    best = 0.0
-    for _ in range(3):
-        t = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    if backend == "onednn":
+        previous = gemm.set_fp32_backend("onednn")
+        mm = lambda: gemm.linear(a, b)  # noqa: E731
+    else:
+        previous, mm = None, lambda: a @ b  # noqa: E731
+    try:
+        mm()
+        best = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            for _ in range(reps):
+                mm()
+            best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
+    finally:
+        if previous is not None:
+            gemm.set_fp32_backend(previous)
     return best
+
+
+def fp32_peaks() -> dict[str, float]:
+    """fp32 matmul peaks by library: {"torch (MKL)": ..., "oneDNN": ...} (oneDNN only where available)."""
+    peaks = {"torch (MKL)": matmul_peak(torch.float32)}
+    if gemm.onednn_available():
+        peaks["oneDNN"] = matmul_peak(torch.float32, backend="onednn")
+    return peaks
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -190,15 +216,35 @@ def speed(args) -> None:
           f"(FlopCounterMode {fc / 1e9:.2f} G + routed-expert GEMMs it misses {missed / 1e9:.2f} G); "
           f"with MTP {flops_mtp / 1e9:.2f} G")
 
-    peak32 = matmul_peak(torch.float32)
-    t32 = interleaved({"ours": lambda x, y: ours.step((x, y)), "hf": hf.step,
-                       "ours+mtp": lambda x, y: ours_mtp.step((x, y))}, batches, args.warmup)
-    peak32 = max(peak32, matmul_peak(torch.float32))
+    ours_torch = TrainRun(mcfg, tcfg)  # the same engine on torch's own fp32 GEMMs (what the GEMM library buys)
+
+    def on_torch_gemms(x, y):
+        previous = gemm.set_fp32_backend("torch")
+        try:
+            ours_torch.step((x, y))
+        finally:
+            gemm.set_fp32_backend(previous)
+
+    peaks = fp32_peaks()
+    steppers = {"ours": lambda x, y: ours.step((x, y)), "hf": hf.step,
+                "ours+mtp": lambda x, y: ours_mtp.step((x, y))}
+    if gemm.fp32_backend() != "torch":
+        steppers["ours_torch"] = on_torch_gemms
+    t32 = interleaved(steppers, batches, args.warmup)
+    peaks = {k: max(v, fp32_peaks()[k]) for k, v in peaks.items()}
+    peak32 = max(peaks.values())
     med = {k: statistics.median(v) for k, v in t32.items()}
-    print(f"\n== fp32 (matmul peak {peak32:.0f} GFLOP/s, {args.steps} interleaved steps, median)")
+    print(f"\n== fp32 ({args.steps} interleaved steps, median); ours runs its GEMMs on {gemm.fp32_backend()!r} "
+          f"(core.gemm, EVA_FP32_GEMM)")
+    print("matmul peak " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
+          + f" GFLOP/s; MFU against the best, {peak32:.0f}")
     print(f"transformers fp32 : {tok / med['hf']:8.0f} tokens/s  MFU {flops / med['hf'] / 1e9 / peak32:5.1%}")
     print(f"ours fp32         : {tok / med['ours']:8.0f} tokens/s  MFU {flops / med['ours'] / 1e9 / peak32:5.1%}"
           f"   ratio {med['hf'] / med['ours']:.2f}x")
+    if "ours_torch" in med:
+        print(f"ours, torch GEMMs : {tok / med['ours_torch']:8.0f} tokens/s  MFU "
+              f"{flops / med['ours_torch'] / 1e9 / peak32:5.1%}   ratio {med['hf'] / med['ours_torch']:.2f}x "
+              f"(EVA_FP32_GEMM=torch: same library as transformers)")
     print(f"ours fp32 + MTP   : {tok / med['ours+mtp']:8.0f} tokens/s  MFU "
           f"{flops_mtp / med['ours+mtp'] / 1e9 / peak32:5.1%}   (transformers has no MTP)")
     if args.fp32_only:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calc import kv_cache_bytes
+from .gemm import Linear
 from .layers import RMSNorm
 from .rope import RotaryEmbedding, apply_rotary_interleaved, softmax_scale
 
@@ -263,17 +264,17 @@ class MLA(nn.Module):
         h, dq = self.num_heads, self.qk_head_dim
         # Biases exactly where transformers' DeepseekV3Attention puts them (q_b_proj, q_proj, kv_b_proj never).
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(self.hidden_size, h * dq, bias=False)
+            self.q_proj = Linear(self.hidden_size, h * dq, bias=False)
         else:
-            self.q_a_proj = nn.Linear(self.hidden_size, self.q_lora_rank, bias=bias)            # W_DQ (eq. 6)
+            self.q_a_proj = Linear(self.hidden_size, self.q_lora_rank, bias=bias)            # W_DQ (eq. 6)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=_LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * dq, bias=False)                      # W_UQ | W_QR
-        self.kv_a_proj_with_mqa = nn.Linear(self.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim,
+            self.q_b_proj = Linear(self.q_lora_rank, h * dq, bias=False)                      # W_UQ | W_QR
+        self.kv_a_proj_with_mqa = Linear(self.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim,
                                             bias=bias)                                           # W_DKV | W_KR
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=_LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim),
+        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim),
                                    bias=False)                                                   # W_UK | W_UV
-        self.o_proj = nn.Linear(h * self.v_head_dim, self.hidden_size, bias=bias)               # W_O (eq. 11)
+        self.o_proj = Linear(h * self.v_head_dim, self.hidden_size, bias=bias)               # W_O (eq. 11)
         self.rotary = rotary if rotary is not None else RotaryEmbedding(cfg, cfg.qk_rope_head_dim)
         self.softmax_scale = softmax_scale(cfg)
 
@@ -391,10 +392,10 @@ class GroupedQueryAttention(nn.Module):
         if self.head_dim % 2:
             raise ValueError(f"v_head_dim (the baseline head dim) must be even for RoPE, got {self.head_dim}")
         bias = cfg.attention_bias
-        self.q_proj = nn.Linear(self.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden_size, bias=bias)
+        self.q_proj = Linear(self.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = Linear(self.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = Linear(self.num_heads * self.head_dim, self.hidden_size, bias=bias)
         self.rotary = rotary if rotary is not None else RotaryEmbedding(cfg, self.head_dim)
         if self.rotary.dim != self.head_dim:
             raise ValueError(f"rotary dim {self.rotary.dim} != head dim {self.head_dim}")

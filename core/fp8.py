@@ -38,6 +38,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from core.gemm import Linear, linear
+
 __all__ = [
     "FP8Format", "FORMATS", "FP8_FORMATS", "GRANULARITIES", "OVERFLOW_MODES", "AMAX_FLOOR", "MX_BLOCK",
     "get_format", "cast_to_fp8", "round_to_format", "decode_code", "bit_layout", "code_table",
@@ -1154,7 +1156,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         raise ValueError(f"scalers: recipe {r.name!r} uses delayed scaling; pass scalers=make_scalers(recipe)")
     xq = quant_act(x, r, stats=stats, name=name, scalers=scalers)
     wq = quant_weight(weight, r, stats=stats, name=name, scalers=scalers)
-    y = F.linear(xq, wq, bias)
+    y = linear(xq, wq, bias)
     return quant_output_grad(y, r, stats=stats, name=name, scalers=scalers)
 
 
@@ -1200,6 +1202,11 @@ class FP8Ops:
 
     def __repr__(self) -> str:
         return f"FP8Ops(recipe={self.recipe.name!r}, name={self.name!r})"
+
+
+#: Linears whose forward is the plain GEMM (`convert_to_fp8` replaces only these: a subclass with its own
+#: forward would lose its behaviour).
+_STOCK_FORWARDS = (nn.Linear.forward, Linear.forward)
 
 
 class FP8Linear(nn.Linear):
@@ -1274,12 +1281,11 @@ def convert_to_fp8(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip:
     if isinstance(skip, str):
         skip = (skip,)
     stats = stats if stats is not None else FP8Stats()
-    if isinstance(model, nn.Linear) and not isinstance(model, FP8Linear) and type(model).forward is nn.Linear.forward:
+    if isinstance(model, nn.Linear) and not isinstance(model, FP8Linear) and type(model).forward in _STOCK_FORWARDS:
         return FP8Linear.from_linear(model, r, stats, "")
-    # Only Linears with the stock forward: a subclass with its own forward would lose its behaviour.
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear)
-               and type(m).forward is nn.Linear.forward and n and not _skipped(n, skip)]
+               and type(m).forward in _STOCK_FORWARDS and n and not _skipped(n, skip)]
     for name, lin in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

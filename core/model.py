@@ -18,6 +18,7 @@ from torch import nn
 
 from core.attention import build_attention, make_cache
 from core.config import ModelConfig
+from core.gemm import Linear
 from core.layers import MLP, RMSNorm
 from core.moe import MoE
 
@@ -59,7 +60,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = DecoderLayer(cfg, layer_idx, moe=cfg.n_routed_experts > 0)
         self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -86,7 +87,7 @@ class DeepSeekV3(nn.Module):
             layers=nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k)

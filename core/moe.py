@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.config import ModelConfig, get_preset
+from core.gemm import grouped_linear, linear, segment_granule
 from core.layers import MLP, swiglu
 
 __all__ = [
@@ -142,7 +143,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> RouterOutput:
         x = x.reshape(-1, self.hidden_size)
-        logits = F.linear(x.float(), self.weight.float())  # fp32 logits whatever the model dtype
+        logits = linear(x.float(), self.weight.float())  # fp32 logits whatever the model dtype
         if self.scoring_func == "sigmoid":
             scores = logits.sigmoid()
         else:
@@ -187,13 +188,6 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype, *widths: int
     return all((w * size) % 16 == 0 for w in widths)
 
 
-# oneDNN (CPU bf16/fp16 matmul) compiles a kernel for every new GEMM shape (~0.3-0.4 ms each); expert segment
-# sizes change every step, so unpadded segments pay that on most expert GEMMs. Segments padded to a multiple of
-# this many rows keep the shapes to a few dozen sizes that oneDNN's primitive cache holds. fp32 uses MKL (no
-# per-shape cost), so it is not padded.
-_SEGMENT_GRANULE = {torch.bfloat16: 32, torch.float16: 32}
-
-
 def _pad_segments(perm: torch.Tensor, counts: torch.Tensor, granule: int, fill: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad each expert's segment of the sorted slot order to a multiple of `granule` rows.
 
@@ -220,13 +214,15 @@ class Experts(nn.Module):
 
     Dispatch (no capacity, no dropping, as V3): the T*K token slots are sorted by expert with a stable argsort;
     the rows are gathered once (`index_select`, whose backward is a cheap `index_add_`), each expert's contiguous
-    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`. For bf16/fp16
-    on CPU each segment is padded to a multiple of 32 rows (pad rows carry routing weight 0) so that oneDNN sees a
-    bounded set of GEMM shapes (`_SEGMENT_GRANULE`).
+    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`. When the
+    expert GEMMs run on oneDNN (CPU bf16/fp16, and fp32 on core.gemm's oneDNN backend) each segment is padded to
+    a multiple of 32 rows (pad rows carry routing weight 0) so that oneDNN sees a bounded set of GEMM shapes
+    (`core.gemm.segment_granule`).
     `impl`:
-      "grouped_mm" (default): two `torch._grouped_mm` calls with int32 offsets = cumsum(bincount). Falls back to
+      "grouped_mm" (default): two grouped GEMMs (`core.gemm.grouped_linear`: oneDNN per segment for fp32 on the
+                   oneDNN backend, else `torch._grouped_mm` with int32 offsets = cumsum(bincount)). Falls back to
                    "loop" when the shapes/dtype are not supported (rows must be 16-byte aligned).
-      "loop":      the same sorted layout, one `F.linear` per expert with >= 1 token (official/HF style).
+      "loop":      the same sorted layout, one `core.gemm.linear` per expert with >= 1 token (official/HF style).
     Never a per-token gather of weights + bmm (100x slower on CPU, reference §2.6).
     The routing weight multiplies the SwiGLU output before the (linear) down projection: same result as
     weighting the expert output, but on I instead of H columns.
@@ -274,7 +270,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         dtype = self.gate_up_proj.dtype
         slot_weights = top_k_weights.reshape(-1)
-        granule = _SEGMENT_GRANULE.get(dtype, 1) if hidden_states.device.type == "cpu" else 1
+        granule = segment_granule(dtype, hidden_states.device)
         if granule > 1:
             # pad rows point at an extra zero weight (and at the last token): they add exactly 0 to outputs and grads
             perm, counts = _pad_segments(perm, counts, granule, fill=flat.numel())
@@ -284,15 +280,13 @@ class Experts(nn.Module):
         ws = slot_weights.index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
 
         if self.resolved_impl() == "grouped_mm":
-            offs = torch.cumsum(counts, 0, dtype=torch.int32)  # end row of each expert's segment
-
             def mm(a, w):  # a [S, K_in] sorted, w [E, N, K_in] -> [S, N]
-                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+                return grouped_linear(a, w, counts)
         else:
             sizes = counts.tolist()
 
             def mm(a, w):
-                outs = [F.linear(a_e, w[e]) for e, a_e in enumerate(a.split(sizes)) if sizes[e]]
+                outs = [linear(a_e, w[e]) for e, a_e in enumerate(a.split(sizes)) if sizes[e]]
                 return torch.cat(outs) if outs else a.new_zeros(0, w.shape[1])
 
         fp8 = self.fp8
