@@ -98,6 +98,27 @@ def test_segment_granule_pads_only_gemms_that_run_on_onednn(backend):
         assert gemm.segment_granule(torch.float32, "cpu") == 32
 
 
+def test_auto_picks_onednn_only_when_measured_clearly_faster(backend, monkeypatch):
+    if not gemm.onednn_available():
+        backend("auto")
+        assert gemm.fp32_backend() == "torch"
+        return
+    for speedup, expected in [(2.1, "onednn"), (1.3, "onednn"), (1.1, "torch"), (0.9, "torch")]:
+        monkeypatch.setattr(gemm, "_calibration", {"torch": 200.0, "onednn": 200.0 * speedup, "speedup": speedup})
+        backend("auto")
+        assert gemm.fp32_backend() == expected, speedup
+    backend("onednn")  # asked for explicitly: no measurement needed
+    assert gemm.fp32_backend() == "onednn"
+
+
+def test_calibration_measures_both_libraries_once(monkeypatch):
+    monkeypatch.setattr(gemm, "_calibration", None)
+    first = gemm.calibration()
+    assert first["torch"] > 0 and gemm.calibration() is first
+    if gemm.onednn_available():
+        assert first["onednn"] > 0 and first["speedup"] == pytest.approx(first["onednn"] / first["torch"])
+
+
 def test_bad_backend_name_is_refused_with_the_knob_named(backend):
     with pytest.raises(ValueError, match="EVA_FP32_GEMM.*auto.*onednn.*torch"):
         gemm.set_fp32_backend("mkl")
