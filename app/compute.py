@@ -8,6 +8,7 @@ under ``app.memory.heavy`` (at most two at a time per server; the heaps are trim
 from __future__ import annotations
 
 import json
+import os
 
 import pandas as pd
 import streamlit as st
@@ -169,15 +170,24 @@ _TORCH_READY = False
 
 
 def torch_setup():
-    """Import torch for the app: one intra-op thread per script run.
+    """Import torch for the app: one intra-op thread per script run, and torch's own fp32 GEMMs.
 
     Each session's script runs in its own thread; with torch's default (one OpenMP thread per core) concurrent
     runs oversubscribe a 2-core server and small ops slow down 10-100x. One thread per run measured 20-200x
-    faster under load here, and equal when idle at these sizes."""
+    faster under load here, and equal when idle at these sizes.
+
+    fp32 GEMMs stay on torch's library (MKL) in the server unless `EVA_FP32_GEMM` is set: the pages multiply
+    tensors whose shapes follow the knobs, and oneDNN (core.gemm's faster fp32 choice) JIT-compiles and caches a
+    kernel per shape at ~0.5 MB each, up to its 1024-entry cache (~500 MB on a 0.7-2.7 GB host). The training
+    worker keeps core.gemm's choice: its shapes are few (padded expert segments; ~150 kernels, ~75 MB, for the
+    default run) and training is where the GEMMs dominate."""
     global _TORCH_READY
     import torch
     if not _TORCH_READY:
         torch.set_num_threads(1)
+        if "EVA_FP32_GEMM" not in os.environ:
+            from core import gemm
+            gemm.set_fp32_backend("torch")
         _TORCH_READY = True
     return torch
 

@@ -16,8 +16,14 @@ Backend (`fp32_backend()`), chosen once per process from the environment variabl
                       from process to process (2.2x on this Zen 5; ~1.1x at AVX2), so runs stay reproducible.
     "onednn":         oneDNN fp32 GEMMs (falls back to "torch" where oneDNN is unavailable)
     "torch":          torch's defaults (MKL on x86-64)
-`set_fp32_backend` switches it at run time (benchmarks, tests). Only fp32 CPU tensors outside autocast take
-the oneDNN path; everything else (bf16, CUDA, autocast regions, empty inputs) goes to the torch ops unchanged.
+`set_fp32_backend` switches it at run time (benchmarks, tests; the app's server process picks "torch", see
+`app.compute.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
+1024 kernels (~0.5 MB each, measured); a training run of the mini model creates ~150 (the app's default run) to
+~450 (16 x 128 batches with evaluation and MTP). `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
+use) bounds it.
+
+Only fp32 CPU tensors outside autocast take the oneDNN path; everything else (bf16, CUDA, autocast regions, empty
+inputs) goes to the torch ops unchanged.
 
 oneDNN is reached through `torch.ops.mkldnn._linear_pointwise(X, W, B, "none", [], "")` = X @ W^T + B, the op
 torch's own inductor uses for CPU linears. It has no autograd formula, so `linear` and `grouped_linear` are
@@ -115,9 +121,12 @@ def fp32_backend() -> str:
 
 
 def set_fp32_backend(name: str) -> str:
-    """Switch fp32 CPU GEMMs to "auto" / "onednn" / "torch"; returns the previous resolved backend."""
+    """Switch fp32 CPU GEMMs to "auto" / "onednn" / "torch". Returns the previous setting (the resolved backend,
+    or the requested name if no GEMM has resolved it yet), which `set_fp32_backend` accepts to restore it."""
     global _backend
-    previous, _backend = fp32_backend(), _resolve(name)
+    with _lock:
+        previous = _backend if _backend is not None else _requested
+        _backend = _resolve(name)
     return previous
 
 

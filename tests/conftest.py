@@ -1,14 +1,24 @@
 """Shared test set-up."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _restore_torch_threads():
-    """The app runs torch with one intra-op thread per script run (app/compute.py torch_setup); give every test module
-    the thread count it started with back, whatever the app tests before it did."""
+def _restore_torch_setup():
+    """The app sets torch up for its server (app/compute.py torch_setup: one intra-op thread per script run, torch's
+    own fp32 GEMMs) and AppTest runs the app in this process. Give every test module the thread count and the
+    core.gemm backend it started with back, and let the next app module set the server up again, whatever the
+    tests before it did."""
     import torch
-    n = torch.get_num_threads()
+
+    from core import gemm
+    n, backend = torch.get_num_threads(), gemm._backend
     yield
     torch.set_num_threads(n)
+    gemm._backend = backend
+    compute = sys.modules.get("app.compute")
+    if compute is not None:
+        compute._TORCH_READY = False

@@ -406,6 +406,23 @@ def test_heavy_computations_share_a_bounded_gate():
     assert not getattr(compute.overview._info.func, "heavy", False), "closed-form calculators need no gate"
 
 
+def test_server_keeps_torch_gemms_unless_the_operator_chooses(monkeypatch):
+    """oneDNN caches a ~0.5 MB kernel per GEMM shape and the pages' shapes follow the knobs, so the server's
+    computations use torch's fp32 GEMMs (no per-shape memory) unless EVA_FP32_GEMM says otherwise."""
+    from app import compute
+    from core import gemm
+    monkeypatch.delenv("EVA_FP32_GEMM", raising=False)
+    monkeypatch.setattr(compute, "_TORCH_READY", False)
+    monkeypatch.setattr(gemm, "_backend", None)
+    compute.torch_setup()
+    assert gemm.fp32_backend() == "torch"
+    monkeypatch.setenv("EVA_FP32_GEMM", "onednn")
+    monkeypatch.setattr(compute, "_TORCH_READY", False)
+    monkeypatch.setattr(gemm, "_backend", None)
+    compute.torch_setup()
+    assert gemm._backend is None  # untouched: core.gemm resolves the operator's choice at the first GEMM
+
+
 def test_heavy_gate_admits_at_most_its_limit_and_is_reentrant():
     import threading
 
