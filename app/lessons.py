@@ -255,7 +255,7 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
     Step("Train the default mini DeepSeek-V3",
          "The lab's default is a 4-layer model with MLA, DeepSeekMoE (16 routed experts, top-4, 1 shared), "
          "aux-loss-free balancing and MTP, trained for 150 steps on four synthetic token domains. Press **Start**: "
-         "it takes about half a minute on one core.",
+         "it takes 20–30 s on one core.",
          "pages/training.py", {**L, "tr_steps": 150},
          "The loss falls well below ln 256 = 5.55 (a uniform guess); MaxVio drops as the bias controller acts; "
          "after the run the domain × expert matrix shows experts specialising by domain.",

@@ -256,15 +256,16 @@ def lab_config(knobs: dict, seed: int):
     return mcfg, cfg
 
 
-# Seconds per 1,000 trained tokens of the default model on one core (measured on a 2-core server under a load of
-# ~3), and cost multipliers; only for the "≈ time" hint before a run. Each finished run recalibrates the base
-# figure of this server (RunManager.s_per_ktok).
-_S_PER_STEP, _S_PER_TOKEN = 0.09, 0.00015
-_FACTOR = {"bf16": 0.6, "fp32": 1.0}
+# Seconds per step and per trained token of the default model on one core, and cost multipliers; only for the
+# "≈ time" hint before a run. Fitted to runs of 2x32, 8x64 and 16x128 tokens per step on a 2-core AMD Zen 5 with
+# fp32 GEMMs on oneDNN (core.gemm; within ~15% across that range): fp32 17 s for the default run, bf16 0.76x,
+# FP8 recipes (emulated) ~3x, no MTP 0.75x. Each finished run recalibrates this server's ratio (speed_ratio).
+_S_PER_STEP, _S_PER_TOKEN = 0.045, 0.00015
+_FACTOR = {"bf16": 0.76, "fp32": 1.0}
 
 
 def _cost_factor(cfg) -> float:
-    f = _FACTOR.get(cfg.precision, 2.3)
+    f = _FACTOR.get(cfg.precision, 3.0)
     return f * (1.0 if cfg.mtp else 0.75)
 
 

@@ -58,6 +58,17 @@ def test_onednn_linear_takes_strided_inputs_and_is_deterministic(backend):
     assert _close(y, x @ w.t()) and torch.equal(y, gemm.linear(x.contiguous(), w.contiguous()))
 
 
+def test_weights_reach_onednn_row_or_column_major():
+    """oneDNN runs other weight strides on its reference kernel (~1000x slower): those are copied first, while a
+    weight or its plain transpose goes through as it is (no copy)."""
+    w = torch.randn(64, 48)
+    wt = w.t()
+    assert gemm._dense(w) is w and gemm._dense(wt) is wt
+    sliced = w[:, :40].t()  # [40, 64] with strides (1, 48): the transpose of a column slice
+    dense = gemm._dense(sliced)
+    assert dense.is_contiguous() and torch.equal(dense, sliced)
+
+
 @onednn
 def test_grouped_linear_matches_per_segment_products_with_empty_groups(backend):
     backend("onednn")
