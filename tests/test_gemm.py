@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import textwrap
 import sys
 
 import pytest
@@ -146,3 +147,28 @@ def test_environment_variable_selects_the_backend_at_import():
     assert _backend_at_import("torch").stdout.strip() == "torch"
     typo = _backend_at_import("mkl")  # warns, names the variable, and starts on the default
     assert "EVA_FP32_GEMM='mkl'" in typo.stderr and typo.stdout.strip() == gemm._resolve("auto")
+
+
+@onednn
+def test_training_never_runs_onednn_reference_kernels():
+    """oneDNN silently falls back to its reference kernels (~1000x slower) for layouts its fast kernels skip; one
+    such weight layout once made FP8 training 8x slower. Train two steps of every precision and attention/FFN
+    kind with oneDNN's log on and require its fast kernels for every GEMM."""
+    code = textwrap.dedent("""
+        import torch
+        from core.train import TrainConfig, train
+        torch.set_num_threads(1)
+        for kw in [{}, {"precision": "bf16"}, {"precision": "deepseek"}, {"precision": "tensor-delayed"},
+                   {"attention": "gqa", "ffn": "dense"}, {"attention": "mha", "mtp": False}]:
+            run = train("mini", TrainConfig(steps=2, batch_size=2, seq_len=32, eval_every=0, **kw))
+            for _ in run:
+                pass
+            run.sample_text("ab", 4)
+    """)
+    env = {**os.environ, "EVA_FP32_GEMM": "onednn", "ONEDNN_VERBOSE": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, check=True)
+    execs = [line for line in out.stdout.splitlines() if ",primitive,exec," in line]
+    assert len(execs) > 100, out.stdout[-2000:]
+    slow = [line for line in execs if ",ref:" in line]
+    assert not slow, slow[:3]
