@@ -185,8 +185,8 @@ def torch_setup():
     import torch
     if not _TORCH_READY:
         torch.set_num_threads(1)
-        if "EVA_FP32_GEMM" not in os.environ:
-            from core import gemm
+        from core import gemm
+        if gemm.ENV_VAR not in os.environ:
             gemm.set_fp32_backend("torch")
         _TORCH_READY = True
     return torch

@@ -84,13 +84,9 @@ def step_flops(cfg: ModelConfig, batch: int, seq_len: int, mtp: bool = False) ->
 def flop_counter_cross_check(run: TrainRun, x, y) -> tuple[float, float]:
     """(FlopCounterMode total for one fwd+bwd, the routed-expert FLOPs it cannot see)."""
     from torch.utils.flop_counter import FlopCounterMode
-    previous = gemm.set_fp32_backend("torch")  # the counter knows aten's mm, not oneDNN's _linear_pointwise
-    try:
-        with FlopCounterMode(display=False) as fc:
-            out = run.model.compute_loss(x, y, 0.0)
-            out["loss"].backward()
-    finally:
-        gemm.set_fp32_backend(previous)
+    with gemm.using("torch"), FlopCounterMode(display=False) as fc:  # it counts aten's mm, not oneDNN's op
+        out = run.model.compute_loss(x, y, 0.0)
+        out["loss"].backward()
     run.model.zero_grad(set_to_none=True)
     cfg = run.model_config
     n_moe = len(run.model.moe_layers())
@@ -102,12 +98,8 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6, backend: str =
     """Best-of-3 GFLOP/s of an n x n x n matmul: torch's `@` (MKL for fp32 on x86-64, oneDNN for bf16), or with
     backend "onednn" core.gemm's oneDNN fp32 GEMM."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    if backend == "onednn":
-        previous = gemm.set_fp32_backend("onednn")
-        mm = lambda: gemm.linear(a, b)  # noqa: E731
-    else:
-        previous, mm = None, lambda: a @ b  # noqa: E731
-    try:
+    mm = (lambda: gemm.linear(a, b)) if backend == "onednn" else (lambda: a @ b)  # a @ b^T or a @ b: same FLOPs
+    with gemm.using(backend):
         mm()
         best = 0.0
         for _ in range(3):
@@ -115,9 +107,6 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 6, backend: str =
             for _ in range(reps):
                 mm()
             best = max(best, reps * 2 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    finally:
-        if previous is not None:
-            gemm.set_fp32_backend(previous)
     return best
 
 
@@ -220,11 +209,8 @@ def speed(args) -> None:
     ours_torch = TrainRun(mcfg, tcfg)  # the same engine on torch's own fp32 GEMMs (what the GEMM library buys)
 
     def on_torch_gemms(x, y):
-        previous = gemm.set_fp32_backend("torch")
-        try:
+        with gemm.using("torch"):
             ours_torch.step((x, y))
-        finally:
-            gemm.set_fp32_backend(previous)
 
     peaks = fp32_peaks()
     steppers = {"ours": lambda x, y: ours.step((x, y)), "hf": hf.step,
@@ -232,12 +218,13 @@ def speed(args) -> None:
     if gemm.fp32_backend() != "torch":
         steppers["ours_torch"] = on_torch_gemms
     t32 = interleaved(steppers, batches, args.warmup)
-    peaks = {k: max(v, fp32_peaks()[k]) for k, v in peaks.items()}
+    again = fp32_peaks()  # before and after the steps: the best of both
+    peaks = {k: max(v, again[k]) for k, v in peaks.items()}
     peak32 = max(peaks.values())
     med = {k: statistics.median(v) for k, v in t32.items()}
     cal = ", ".join(f"{k} {v:.2f}" if k == "speedup" else f"{k} {v:.0f} GFLOP/s" for k, v in gemm.calibration().items())
     print(f"\n== fp32 ({args.steps} interleaved steps, median); ours runs its GEMMs on {gemm.fp32_backend()!r} "
-          f"(core.gemm; EVA_FP32_GEMM={gemm._requested}; its calibration: {cal})")
+          f"(core.gemm; {gemm.ENV_VAR}={os.environ.get(gemm.ENV_VAR, 'auto')}; its calibration: {cal})")
     print("matmul peak " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
           + f" GFLOP/s; MFU against the best, {peak32:.0f}")
     print(f"transformers fp32 : {tok / med['hf']:8.0f} tokens/s  MFU {flops / med['hf'] / 1e9 / peak32:5.1%}")

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 import threading
 import time
 import warnings
@@ -42,11 +43,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP32_BACKENDS", "fp32_backend", "set_fp32_backend", "onednn_available", "calibration", "segment_granule",
+__all__ = ["FP32_BACKENDS", "ENV_VAR", "fp32_backend", "set_fp32_backend", "using", "onednn_available", "calibration", "segment_granule",
            "linear", "grouped_linear", "Linear"]
 
 FP32_BACKENDS = ("auto", "onednn", "torch")
-_ENV = "EVA_FP32_GEMM"
+ENV_VAR = "EVA_FP32_GEMM"
 
 
 def onednn_available() -> bool:
@@ -87,7 +88,7 @@ def calibration() -> dict[str, float]:
 
 def _resolve(name: str) -> str:
     if name not in FP32_BACKENDS:
-        raise ValueError(f"{_ENV} / fp32 GEMM backend must be one of {FP32_BACKENDS}, got {name!r}")
+        raise ValueError(f"{ENV_VAR} / fp32 GEMM backend must be one of {FP32_BACKENDS}, got {name!r}")
     if name == "torch" or not onednn_available():
         return "torch"
     if name == "auto" and calibration()["speedup"] < _AUTO_MIN_SPEEDUP:
@@ -96,9 +97,9 @@ def _resolve(name: str) -> str:
 
 
 def _from_environment() -> str:
-    name = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    name = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if name not in FP32_BACKENDS:  # a typo must not stop the app from starting: say so and use the default
-        warnings.warn(f"{_ENV}={name!r} is not one of {FP32_BACKENDS}; using 'auto'", stacklevel=3)
+        warnings.warn(f"{ENV_VAR}={name!r} is not one of {FP32_BACKENDS}; using 'auto'", stacklevel=3)
         name = "auto"
     return name
 
@@ -128,6 +129,16 @@ def set_fp32_backend(name: str) -> str:
         previous = _backend if _backend is not None else _requested
         _backend = _resolve(name)
     return previous
+
+
+@contextmanager
+def using(name: str):
+    """`with gemm.using("torch"): ...` runs the block on that backend and restores the previous setting."""
+    previous = set_fp32_backend(name)
+    try:
+        yield
+    finally:
+        set_fp32_backend(previous)
 
 
 def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -131,6 +131,15 @@ def test_calibration_measures_both_libraries_once(monkeypatch):
         assert first["onednn"] > 0 and first["speedup"] == pytest.approx(first["onednn"] / first["torch"])
 
 
+def test_using_restores_the_previous_backend_even_on_error(backend):
+    backend("torch")
+    with pytest.raises(RuntimeError):
+        with gemm.using("auto"):
+            assert gemm.fp32_backend() == gemm._resolve("auto")
+            raise RuntimeError
+    assert gemm.fp32_backend() == "torch"
+
+
 def test_bad_backend_name_is_refused_with_the_knob_named(backend):
     with pytest.raises(ValueError, match="EVA_FP32_GEMM.*auto.*onednn.*torch"):
         gemm.set_fp32_backend("mkl")
