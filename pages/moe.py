@@ -1,5 +1,5 @@
 """MoE routing: a real `core.moe.Router` on a multi-domain token stream (routing heatmaps, expert load, balance
-metrics, group-limited routing) and `core.moe.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
+metrics, group-limited routing) and `core.moe_sim.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
 bias vs both)."""
 import streamlit as st
 
