@@ -11,8 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import palette
-from app.units import byte_unit, tokens
-from core.calc import human_bytes, human_count
+from core.units import byte_unit, human_bytes, human_count, tokens
 
 FONT = dict(family="sans-serif", size=13)
 

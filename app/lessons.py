@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from app.pages import PAGES
-from app.units import tokens
+from core.units import tokens
 
 # ====================================================================== data model
 PAGE_TITLES = {p.path: p.title for p in PAGES}

@@ -5,9 +5,8 @@ import json
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
-from app.units import tokens
-from core.calc import human_bytes
 from core.config import ConfigError
+from core.units import human_bytes, tokens
 
 shell.require()  # run inside the entry point (see app/shell.py)
 

@@ -2,8 +2,8 @@
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
-from app.units import flops, tokens
-from core.calc import PAPER_FIGURES, human_bytes, human_count
+from core.calc import PAPER_FIGURES
+from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 
 shell.require()  # run inside the entry point (see app/shell.py)
