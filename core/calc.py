@@ -20,14 +20,6 @@ from core.config import ConfigError, ModelConfig
 
 KV_KINDS = ("mha", "gqa", "mqa", "mla", "mla_naive")
 
-# The published figures, shown beside ours in the app and checked in tests.
-PAPER_FIGURES = {
-    "deepseek-v3": {"total": 671e9, "activated": 37e9, "checkpoint_total": 685e9, "mtp": 11.5e9,
-                    "kv_elements_per_token": 35_136},
-    "deepseek-v2": {"total": 236e9, "activated": 21e9, "kv_elements_per_token": 34_560},
-    "deepseek-v2-lite": {"total": 15.7e9, "activated": 2.4e9, "kv_elements_per_token": 15_552},
-}
-
 
 # ---------------------------------------------------------------------- per-module counts
 def attention_params(cfg: ModelConfig) -> int:

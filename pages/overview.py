@@ -2,7 +2,7 @@
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
-from core.calc import PAPER_FIGURES
+from core.published import PAPER_FIGURES
 from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 

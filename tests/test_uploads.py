@@ -23,7 +23,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.sidebar import MAX_UPLOAD_BYTES, parse_config_upload
-from core.config import PUBLISHED_CONFIGS, PRESETS
+from core.config import PRESETS
+from core.published import PUBLISHED_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
