@@ -217,8 +217,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     q, k: [B, H, T, Dq], v: [B, H, T, Dv] -> [B, H, T, Dv]. softmax(q k^T * scale + causal -inf mask) v as one
     `baddbmm` (scores plus the additive mask), a softmax in q's dtype (fp32 accumulation inside) and one `bmm`.
-    On CPU this beats `F.scaled_dot_product_attention`, whose only kernel for Dv != Dq is the math path:
-    ~15% faster in fp32 and ~2.5x in bf16 (the math path upcasts bf16 to fp32) for fwd+bwd at T=128.
+    Not `F.scaled_dot_product_attention`: on CPU its only kernel for Dv != Dq (MLA: 192 vs 128) is the math path,
+    which upcasts bf16 to fp32 (timings in docs/performance.md).
     """
     b, h, t, d = q.shape
     mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)

@@ -221,7 +221,7 @@ class Experts(nn.Module):
                    oneDNN backend, else `torch._grouped_mm` with int32 offsets = cumsum(bincount)). Falls back to
                    "loop" when the shapes/dtype are not supported (rows must be 16-byte aligned).
       "loop":      the same sorted layout, one `core.gemm.linear` per expert with >= 1 token (official/HF style).
-    Never a per-token gather of weights + bmm (100x slower on CPU, reference §2.6).
+    Never a per-token gather of weights + bmm (it copies K expert matrices per token; docs/performance.md).
     The routing weight multiplies the SwiGLU output before the (linear) down projection: same result as
     weighting the expert output, but on I instead of H columns.
 
@@ -422,7 +422,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def load_metrics(loads, top_k: int | None = None, capacity_factor: float | None = None) -> dict:
-    """Load-balance metrics of per-expert counts c_i (reference fp8-and-moe.md §2.5).
+    """Load-balance metrics of per-expert counts c_i (MaxVio: LFB paper eq. 4; relative load: V3 report Fig. 9).
 
     loads: [E] counts (tensor, array or list; sum = T*K). Returns a dict:
       max_vio            max_i c_i / c̄ - 1 with c̄ = sum c / E (LFB eq. 4); 0 = balanced, E-1 = one expert.

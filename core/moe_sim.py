@@ -101,7 +101,7 @@ def simulate_bias_controller(
 
     Tokens come from `_sim_token_stream` (skewed mixture of domains; `stream` "fixed" | "resample" | "drift").
     Router weight ~ N(0, init_std) with init_std default 1/sqrt(hidden_size) so logits are O(1).
-    Returns {strategy: BiasSimResult}. Deterministic for a given seed; ~0.1 s per strategy at E=64, T=512.
+    Returns {strategy: BiasSimResult}. Deterministic for a given seed (run time: docs/performance.md).
     """
     if isinstance(strategies, str):
         strategies = [strategies]
@@ -118,8 +118,8 @@ def simulate_bias_controller(
         hidden_size=hidden_size, n_routed_experts=n_experts, num_experts_per_tok=top_k, n_group=n_group,
         topk_group=topk_group, scoring_func=scoring_func, topk_method="noaux_tc",
         norm_topk_prob=scoring_func == "sigmoid", routed_scaling_factor=1.0)
-    # Tiny ops: one intra-op thread avoids OpenMP barrier stalls when other work shares the cores (10x faster
-    # on a loaded 2-core box). The setting is per calling thread and restored afterwards.
+    # Tiny ops: one intra-op thread avoids OpenMP barrier stalls when other work shares the cores
+    # (docs/performance.md). The setting is per calling thread and restored afterwards.
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
