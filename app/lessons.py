@@ -409,7 +409,7 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
     """[(figure, data, name)] for the step's preview charts: the target dashboard's key chart computed with the
     step's knobs (the page's other knobs at their defaults). Uses the same cached computations as the pages."""
     from app import charts, compute
-    from app import charts_training as ct
+    from app.lab import charts as ct
 
     kn = step.knobs
     model = kn.get("model", "deepseek-v3")

@@ -6,7 +6,7 @@ Hosted-server manners (a classroom shares one small server):
   run and a short queue. A second user who presses Start is refused politely, sees the running run's progress,
   can watch it live (read-only) or queue their run (it starts by itself when the server is free; the page shows
   the queue position);
-* **the run trains in a worker process** (app/training_worker.py, one core, started when the lab page is first
+* **the run trains in a worker process** (app/lab/worker.py, one core, started when the lab page is first
   opened), so it never competes with the server's page reruns for the GIL; its records stream back through a
   queue into a bounded list that the page polls with `st.fragment(run_every=...)`;
 * **caps** — steps, tokens per run (steps × batch × sequence length), wall time (`TrainConfig.max_time_s`), and a
@@ -33,9 +33,9 @@ from typing import Any, Callable
 import pandas as pd
 import streamlit as st
 
-from app import charts_training as ct
+from app.lab import charts as ct
 from app import state, ui
-from app.training_worker import DEFAULT_PROMPT  # the sample prompt per dataset when the prompt knob is empty
+from app.lab.worker import DEFAULT_PROMPT  # the sample prompt per dataset when the prompt knob is empty
 
 # ====================================================================== caps (hosted manners)
 MAX_STEPS = int(os.environ.get("EVA_LAB_MAX_STEPS", 400))
@@ -405,7 +405,7 @@ def _stale(run: LabRun) -> bool:
 
 class RunManager:
     """Server-wide: at most one active run, a short queue, and the worker process that trains (see
-    app/training_worker.py). Thread-safe: one lock around the state; a receiver thread turns the worker's events
+    app/lab/worker.py). Thread-safe: one lock around the state; a receiver thread turns the worker's events
     into `LabRun` state and enforces stop / heartbeat / wall-time caps."""
 
     HARD_LIMIT_S = 60.0   # a run still going this long after the time cap is killed with its worker process
@@ -437,7 +437,7 @@ class RunManager:
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
             [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
-        proc = subprocess.Popen([sys.executable, "-m", "app.training_worker"], cwd=root, env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "app.lab.worker"], cwd=root, env=env,
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
         self._proc = proc
         self._ready.clear()

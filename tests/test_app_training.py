@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app import charts_training as ct
+from app.lab import charts as ct
 from app import training as tl
 
 
