@@ -372,3 +372,19 @@ def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
         assert run.status == "done" and len(run.records) == 3, (run.status, run.message)
     finally:
         mgr.close()
+
+
+def test_lab_defaults_are_cores_default_run():
+    """The knobs' defaults are read from core (APP_DEFAULT, the `mini` preset): the untouched lab trains exactly
+    core's default lab run, and every default is an option its widget offers."""
+    from core.config import PRESETS
+    from core.train import APP_DEFAULT
+
+    mcfg, cfg = knobs.lab_config({}, 0)
+    assert cfg.replace(max_time_s=None) == APP_DEFAULT
+    assert cfg.max_time_s == knobs.MAX_SECONDS
+    assert (mcfg.n_routed_experts, mcfg.num_experts_per_tok) == (PRESETS["mini"].n_routed_experts,
+                                                                 PRESETS["mini"].num_experts_per_tok)
+    for kn in knobs.KNOBS.values():
+        assert not kn.options or kn.default in kn.options, kn.key
+    assert knobs.run_label({}, 1) == "#1 default"

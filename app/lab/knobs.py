@@ -5,6 +5,7 @@ and the run labels / knob summaries. No widgets (the panel that draws the knobs 
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -34,17 +35,23 @@ def _g(v) -> str:
     return f"{v:g}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Knob:
-    """One lab knob: URL key, label, widget kind, options, default, option labels (what the URL holds)."""
+    """One lab knob: URL key, label, widget kind, options, option labels (what the URL holds). Its default is not
+    written here: `source` names the field of `core.train.APP_DEFAULT` (or, as "model.<field>", of the `mini`
+    preset) that holds it, so the lab and core cannot disagree (see `defaults`)."""
     key: str
     label: str
     kind: str                     # "radio" | "selectbox" | "select_slider" | "toggle" | "text"
     options: tuple = ()
-    default: Any = None
+    source: str | None = None     # where the default lives in core; None: an empty text knob
     labels: dict | Callable | None = None
     help: str | None = None
     short: str = ""               # prefix in run labels
+
+    @property
+    def default(self) -> Any:
+        return defaults()[self.key]
 
     def fmt(self, v) -> str:
         """The option's label (the value the URL holds)."""
@@ -58,44 +65,81 @@ class Knob:
 
 
 KNOBS: dict[str, Knob] = {k.key: k for k in [
-    Knob("tr_attn", "Attention", "radio", tuple(ATTN_LABELS), "mla", ATTN_LABELS,
-         "MLA caches a small latent (DeepSeek-V3); MHA a K and V per head; GQA shares K/V between 2 heads; MQA "
-         "one K/V for all heads."),
-    Knob("tr_ffn", "Feed-forward", "radio", tuple(FFN_LABELS), "moe", FFN_LABELS,
-         "MoE: 1 shared + routed experts after the first (dense) layer, as DeepSeek-V3. dense: a SwiGLU FFN in "
-         "every layer."),
-    Knob("tr_experts", "Routed experts", "select_slider", (4, 8, 16, 32), 16, None,
-         "Routed experts per MoE layer, in up to 4 groups (node-limited routing: a token uses its best half "
-         "of the groups).", "E"),
-    Knob("tr_topk", "Experts per token (top-k)", "select_slider", (1, 2, 3, 4, 6, 8), 4, None,
-         "Routed experts each token uses (plus the shared expert). At most half of the routed experts.", "k"),
-    Knob("tr_bal", "Load balancing", "radio", tuple(BAL_LABELS), "aux_free", BAL_LABELS,
-         "aux-loss-free = DeepSeek-V3's bias controller; aux loss = a sequence-wise balance loss weighted by α; "
-         "both = bias + a tiny aux loss; none = let the router collapse."),
-    Knob("tr_gamma", "Bias update speed γ", "select_slider", (1e-3, 3e-3, 1e-2, 3e-2), 1e-2, _g,
-         "V3 used 0.001 over thousands of steps; 0.01 lets the controller act within a short run.", "γ="),
-    Knob("tr_alpha", "Aux loss weight α", "select_slider", (1e-4, 1e-3, 1e-2, 1e-1), 1e-3, _g,
-         "Weight of the sequence-wise balance loss (used by 'aux loss' and 'both').", "α="),
-    Knob("tr_prec", "Precision", "selectbox", tuple(PRECISION_LABELS), "fp32", PRECISION_LABELS,
-         "FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (every linear layer's GEMM "
-         "quantized like on an FP8 GPU)."),
-    Knob("tr_mtp", "Multi-token prediction (MTP)", "toggle", (), True, None,
-         "One MTP module that also predicts the token after next (V3 §2.2); its drafts are checked when sampling."),
-    Knob("tr_data", "Dataset", "radio", tuple(DATA_LABELS), "synthetic", DATA_LABELS,
-         "synthetic: four token domains (arithmetic, brackets, copy, sorted) — lets you see experts specialise. "
-         "pydoc: English text of Python's bundled documentation."),
-    Knob("tr_steps", "Steps", "select_slider", (25, 50, 100, 150, 200, 300, 400), 150, None,
-         f"Optimizer steps (this server allows up to {MAX_STEPS}).", "steps="),
-    Knob("tr_lr", "Learning rate", "select_slider", (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), 3e-3, _g,
-         "Peak AdamW learning rate (linear warm-up over 10% of the steps, then cosine decay).", "lr="),
-    Knob("tr_batch", "Batch (sequences)", "select_slider", (2, 4, 8, 16, 32), 8, None, None, "batch="),
-    Knob("tr_seq", "Sequence length (tokens)", "select_slider", (16, 32, 64, 128, 256), 64, None, None, "seq="),
-    Knob("tr_prompt", "Sample prompt", "text", (), "", None,
-         "After training, the model continues this text (160 sampled bytes). Empty: the dataset's default prompt. "
-         f"The model reads bytes, so at most {MAX_PROMPT_BYTES} bytes of UTF-8 (an accented letter is 2, "
-         "an emoji 4). It does not change the training."),
+    Knob(key="tr_attn", label="Attention", kind="radio", options=tuple(ATTN_LABELS), source="attention",
+         labels=ATTN_LABELS,
+         help="MLA caches a small latent (DeepSeek-V3); MHA a K and V per head; GQA shares K/V between 2 heads; MQA "
+              "one K/V for all heads."),
+    Knob(key="tr_ffn", label="Feed-forward", kind="radio", options=tuple(FFN_LABELS), source="ffn", labels=FFN_LABELS,
+         help="MoE: 1 shared + routed experts after the first (dense) layer, as DeepSeek-V3. dense: a SwiGLU FFN in "
+              "every layer."),
+    Knob(key="tr_experts", label="Routed experts", kind="select_slider", options=(4, 8, 16, 32),
+         source="model.n_routed_experts", short="E",
+         help="Routed experts per MoE layer, in up to 4 groups (node-limited routing: a token uses its best half "
+              "of the groups)."),
+    Knob(key="tr_topk", label="Experts per token (top-k)", kind="select_slider", options=(1, 2, 3, 4, 6, 8),
+         source="model.num_experts_per_tok", short="k",
+         help="Routed experts each token uses (plus the shared expert). At most half of the routed experts."),
+    Knob(key="tr_bal", label="Load balancing", kind="radio", options=tuple(BAL_LABELS), source="balancing",
+         labels=BAL_LABELS,
+         help="aux-loss-free = DeepSeek-V3's bias controller; aux loss = a sequence-wise balance loss weighted by α; "
+              "both = bias + a tiny aux loss; none = let the router collapse."),
+    Knob(key="tr_gamma", label="Bias update speed γ", kind="select_slider", options=(1e-3, 3e-3, 1e-2, 3e-2),
+         source="gamma", labels=_g, short="γ=",
+         help="V3 used 0.001 over thousands of steps; 0.01 lets the controller act within a short run."),
+    Knob(key="tr_alpha", label="Aux loss weight α", kind="select_slider", options=(1e-4, 1e-3, 1e-2, 1e-1),
+         source="balance_alpha", labels=_g, short="α=",
+         help="Weight of the sequence-wise balance loss (used by 'aux loss' and 'both')."),
+    Knob(key="tr_prec", label="Precision", kind="selectbox", options=tuple(PRECISION_LABELS), source="precision",
+         labels=PRECISION_LABELS,
+         help="FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (every linear layer's GEMM "
+              "quantized like on an FP8 GPU)."),
+    Knob(key="tr_mtp", label="Multi-token prediction (MTP)", kind="toggle", source="mtp",
+         help="One MTP module that also predicts the token after next (V3 §2.2); its drafts are checked when "
+              "sampling."),
+    Knob(key="tr_data", label="Dataset", kind="radio", options=tuple(DATA_LABELS), source="dataset",
+         labels=DATA_LABELS,
+         help="synthetic: four token domains (arithmetic, brackets, copy, sorted) — lets you see experts specialise. "
+              "pydoc: English text of Python's bundled documentation."),
+    Knob(key="tr_steps", label="Steps", kind="select_slider", options=(25, 50, 100, 150, 200, 300, 400),
+         source="steps", short="steps=", help=f"Optimizer steps (this server allows up to {MAX_STEPS})."),
+    Knob(key="tr_lr", label="Learning rate", kind="select_slider", options=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
+         source="lr", labels=_g, short="lr=",
+         help="Peak AdamW learning rate (linear warm-up over 10% of the steps, then cosine decay)."),
+    Knob(key="tr_batch", label="Batch (sequences)", kind="select_slider", options=(2, 4, 8, 16, 32),
+         source="batch_size", short="batch="),
+    Knob(key="tr_seq", label="Sequence length (tokens)", kind="select_slider", options=(16, 32, 64, 128, 256),
+         source="seq_len", short="seq="),
+    Knob(key="tr_prompt", label="Sample prompt", kind="text",
+         help="After training, the model continues this text (160 sampled bytes). Empty: the dataset's default "
+              f"prompt. The model reads bytes, so at most {MAX_PROMPT_BYTES} bytes of UTF-8 (an accented letter "
+              "is 2, an emoji 4). It does not change the training."),
 ]}
-DEFAULTS = {k: kn.default for k, kn in KNOBS.items()}
+
+
+@functools.cache
+def defaults() -> dict[str, Any]:
+    """{knob key: default}, read from core: `core.train.APP_DEFAULT` (the lab's default run) and the `mini` preset.
+    `tr_alpha`'s default is the weight 'aux loss' balancing uses when none is given (`balance_alpha`). Imports
+    core.train (and torch) on first use, not when the app starts; raises if a default is not one of its options."""
+    from core.config import get_preset
+    from core.train import APP_DEFAULT
+
+    model = get_preset(MODEL)
+    out: dict[str, Any] = {}
+    for key, kn in KNOBS.items():
+        if kn.source is None:
+            out[key] = ""
+        elif kn.source.startswith("model."):
+            out[key] = getattr(model, kn.source[len("model."):])
+        elif kn.source == "balance_alpha":
+            out[key] = APP_DEFAULT.replace(balancing="aux_loss", alpha=None).balance_alpha
+        else:
+            out[key] = getattr(APP_DEFAULT, kn.source)
+        if kn.options and out[key] not in kn.options:
+            raise ValueError(f"{kn.label}: core's default {out[key]!r} is not one of the knob's options {kn.options}")
+    return out
+
+
 MOE_ONLY = ("tr_experts", "tr_topk", "tr_bal", "tr_gamma", "tr_alpha")
 AFTER_ONLY = ("tr_prompt",)   # knobs of the sampling after training: not part of a run's label
 
@@ -124,7 +168,7 @@ def expert_groups(n_experts: int) -> tuple[int, int]:
 def sample_prompt(knobs: dict) -> str:
     """The text the trained model continues: the prompt knob, or the dataset's default when it is empty. Raises
     LabConfigError (naming the knob) when it is longer than MAX_PROMPT_BYTES bytes of UTF-8."""
-    k = {**DEFAULTS, **knobs}
+    k = {**defaults(), **knobs}
     p = k.get("tr_prompt") or ""
     if not isinstance(p, str):
         p = str(p)
@@ -144,9 +188,9 @@ def lab_config(knobs: dict, seed: int):
     """(ModelConfig, TrainConfig) for the lab's knobs; raises LabConfigError naming the knob and the rule. (The
     sample prompt is not part of the TrainConfig; it is validated here too, see `sample_prompt`.)"""
     from core.config import ConfigError, get_preset
-    from core.train import TrainConfig, TrainConfigError, resolve_model_config
+    from core.train import APP_DEFAULT, TrainConfigError, resolve_model_config
 
-    k = {**DEFAULTS, **knobs}
+    k = {**defaults(), **knobs}
     steps, batch, seq = int(k["tr_steps"]), int(k["tr_batch"]), int(k["tr_seq"])
     if steps > MAX_STEPS:
         raise LabConfigError(KNOBS["tr_steps"].label, f"this server allows at most {MAX_STEPS} steps per run")
@@ -166,12 +210,14 @@ def lab_config(knobs: dict, seed: int):
                                      f"groups of {e // g}); pick more experts or a smaller top-k")
             base = base.replace(n_routed_experts=e, num_experts_per_tok=topk, n_group=g, topk_group=tg)
         bal = k["tr_bal"]
-        cfg = TrainConfig(
+        # APP_DEFAULT gives every field no knob sets (eval_batches, optimizer settings); warm-up over 10% of the
+        # steps and six validations per run are the rules its 150-step values follow
+        cfg = APP_DEFAULT.replace(
             steps=steps, batch_size=batch, seq_len=seq, lr=float(k["tr_lr"]), warmup=max(1, round(steps / 10)),
             seed=int(seed), dataset=k["tr_data"], balancing=bal if k["tr_ffn"] == "moe" else "none",
             gamma=float(k["tr_gamma"]), alpha=float(k["tr_alpha"]) if bal in ("aux_loss", "both") else None,
             mtp=bool(k["tr_mtp"]), precision=k["tr_prec"], attention=k["tr_attn"], ffn=k["tr_ffn"],
-            eval_every=max(1, steps // 6), eval_batches=2, max_time_s=MAX_SECONDS)
+            eval_every=max(1, steps // 6), max_time_s=MAX_SECONDS)
         mcfg = resolve_model_config(base, cfg)
     except ConfigError as e:
         kn = KNOBS.get(_FIELD_KNOB.get(e.field, ""))
@@ -219,7 +265,7 @@ def knob_summary(knobs: dict) -> list[str]:
 
 def run_label(knobs: dict, number: int) -> str:
     """'#2 FP8 deepseek, MHA' — the knobs that differ from the lab's defaults."""
-    k = {**DEFAULTS, **knobs}
+    k = {**defaults(), **knobs}
     bits = []
     for key, kn in KNOBS.items():
         if key in AFTER_ONLY or key in MOE_ONLY and k["tr_ffn"] == "dense":
