@@ -14,7 +14,7 @@ from app.lab import charts as ct
 from app.lab import records as rec
 from app.lab.knobs import KNOBS, code_span
 from app.lab.manager import STATUS_TEXT, LabRun
-from app.lab.session import _CUR, history
+from app.lab.session import current, history
 from app.lab.worker import DEFAULT_PROMPT
 
 POLL_S = 1.0           # owner's live view refresh (the first point comes with the Start response itself)
@@ -346,7 +346,7 @@ def sidebar_status(page) -> None:
     """While this session's run is active and the user is on another page: progress in the sidebar, and the
     polling that keeps the run's heartbeat alive; once it has finished, a note until the lab is opened again.
     Cheap no-op otherwise."""
-    run = st.session_state.get(_CUR)
+    run = current()
     if run is None or getattr(page, "url_path", "") == "training":
         return
     if not run.active:
