@@ -241,7 +241,7 @@ def _cost_factor(cfg) -> float:
     return f * (1.0 if cfg.mtp else 0.75)
 
 
-def _model_seconds(cfg) -> float:
+def model_seconds(cfg) -> float:
     """Predicted seconds of a run on the reference server (a fixed cost per step plus a cost per token)."""
     per_step = (_S_PER_STEP + _S_PER_TOKEN * cfg.batch_size * cfg.seq_len) * _cost_factor(cfg)
     return cfg.steps * per_step * (1 + 2 * cfg.eval_batches / max(cfg.eval_every, 1) / 3)
@@ -249,7 +249,7 @@ def _model_seconds(cfg) -> float:
 
 def estimate_seconds(cfg, mgr: "RunManager | None" = None) -> float:
     """≈ wall time of a run: the model above times this server's measured speed ratio (from finished runs)."""
-    return 0.3 + _model_seconds(cfg) * (getattr(mgr, "speed_ratio", None) or 1.0)
+    return 0.3 + model_seconds(cfg) * (getattr(mgr, "speed_ratio", None) or 1.0)
 
 
 def knob_summary(knobs: dict) -> list[str]:

@@ -30,7 +30,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.lab.knobs import MAX_SECONDS, MAX_STEPS, _model_seconds, run_label
+from app.lab.knobs import MAX_SECONDS, MAX_STEPS, model_seconds, run_label
 
 STALE_AFTER_S = float(os.environ.get("EVA_LAB_STALE_S", 20))            # owner not seen for this long -> stop
 MAX_QUEUE = 5
@@ -271,7 +271,7 @@ class RunManager:
             self.completed += 1
             if status in ("done", "time limit") and len(run.records) >= 10:  # recalibrate the estimates
                 done = run.records[-1]["step"] / run.total_steps
-                v = run.records[-1]["elapsed_s"] / max(_model_seconds(run.train_cfg) * done, 1e-9)
+                v = run.records[-1]["elapsed_s"] / max(model_seconds(run.train_cfg) * done, 1e-9)
                 if math.isfinite(v) and v > 0:
                     self.speed_ratio = v if self.speed_ratio is None else 0.5 * (self.speed_ratio + v)
             self._drop_stale_queue()
