@@ -10,9 +10,10 @@ shell.require()  # run inside the entry point (see app/shell.py)
 
 sh = sidebar.shared()
 knob_values = views.knob_panel()
-st.sidebar.caption(f"This server: at most {knobs.MAX_STEPS} steps, {knobs.MAX_TOKENS:,} tokens and {knobs.MAX_SECONDS:.0f} s "
-                   f"per run, one run at a time; a run stops when its browser tab has been gone for "
-                   f"{runs.STALE_AFTER_S:.0f} s. The lab always trains the `mini` model; the seed is the sidebar's.")
+st.sidebar.caption(f"This server: at most {knobs.MAX_STEPS} steps, {knobs.MAX_TOKENS:,} tokens and "
+                   f"{knobs.MAX_SECONDS:.0f} s per run, one run at a time; a run stops when its browser tab has been "
+                   f"gone for {runs.STALE_AFTER_S:.0f} s. The lab always trains the `mini` model; the seed is the "
+                   "sidebar's.")
 
 st.title(texts.TRAIN_TITLE)
 st.caption(f"{texts.TRAIN_SUB}  ·  model: **mini** with the knobs in the sidebar  ·  seed {sh.seed}")
@@ -42,8 +43,8 @@ with st.container(horizontal=True, vertical_alignment="center", gap="small"):
         est = knobs.estimate_seconds(cfg, mgr)
         st.caption(f"{cfg.steps} steps × {cfg.batch_size} × {cfg.seq_len} tokens = {tok:,} tokens · "
                    f"seed {sh.seed} · ≈ {est:.0f} s on one core"
-                   + (f" — longer than the {knobs.MAX_SECONDS:.0f} s cap: it will stop early" if est > knobs.MAX_SECONDS
-                      else "")
+                   + (f" — longer than the {knobs.MAX_SECONDS:.0f} s cap: it will stop early"
+                      if est > knobs.MAX_SECONDS else "")
                    + ("" if mgr.worker_ready() or own_active else
                       " · the training process is still loading PyTorch (first use of this server)"))
 if cfg_error is not None:

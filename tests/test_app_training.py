@@ -292,7 +292,8 @@ def test_url_sets_every_lab_knob():
     assert mcfg.n_routed_experts == 8 and mcfg.num_experts_per_tok == 2
     assert at.text_input(key="tr_prompt").value == "def f("
     assert knobs.sample_prompt({k: at.session_state[k] for k in knobs.KNOBS}) == "def f("
-    assert knobs.sample_prompt({"tr_data": "pydoc"}) == "The " and knobs.sample_prompt({}) == "47+8=", "dataset defaults"
+    assert knobs.sample_prompt({"tr_data": "pydoc"}) == "The " and knobs.sample_prompt({}) == "47+8=", \
+        "dataset defaults"
 
 
 def _records(steps=6, layers=3, experts=16, seed=0):
