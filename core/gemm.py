@@ -17,7 +17,7 @@ Backend (`fp32_backend()`), chosen once per process from the environment variabl
     "onednn":         oneDNN fp32 GEMMs (falls back to "torch" where oneDNN is unavailable)
     "torch":          torch's defaults (MKL on x86-64)
 `set_fp32_backend` switches it at run time (benchmarks, tests; the app's server process picks "torch", see
-`app.compute.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
+`app.compute.common.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
 1024 kernels (~0.5 MB each, measured); a training run of the mini model creates ~150 (the app's default run) to
 ~450 (16 x 128 batches with evaluation and MTP). `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
 use) bounds it.
