@@ -116,7 +116,7 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
 ]}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)  # one dict, read once (core.train imports torch)
 def defaults() -> dict[str, Any]:
     """{knob key: default}, read from core: `core.train.APP_DEFAULT` (the lab's default run) and the `mini` preset.
     `tr_alpha`'s default is the weight 'aux loss' balancing uses when none is given (`balance_alpha`). Imports
