@@ -36,6 +36,7 @@ import streamlit as st
 from app import charts_training as ct
 from app import state, ui
 from app.training_worker import DEFAULT_PROMPT  # the sample prompt per dataset when the prompt knob is empty
+from core.published import V3_MTP_ACCEPTANCE
 
 # ====================================================================== caps (hosted manners)
 MAX_STEPS = int(os.environ.get("EVA_LAB_MAX_STEPS", 400))
@@ -103,14 +104,14 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
          "Routed experts each token uses (plus the shared expert). At most half of the routed experts.", "k"),
     Knob("tr_bal", "Load balancing", "radio", tuple(BAL_LABELS), "aux_free", BAL_LABELS,
          "aux-loss-free = DeepSeek-V3's bias controller; aux loss = a sequence-wise balance loss weighted by α; "
-         "both = bias + a tiny aux loss; none = let the router collapse."),
+         "both = bias + a tiny aux loss; none = nothing counters imbalance (the router may collapse)."),
     Knob("tr_gamma", "Bias update speed γ", "select_slider", (1e-3, 3e-3, 1e-2, 3e-2), 1e-2, _g,
          "V3 used 0.001 over thousands of steps; 0.01 lets the controller act within a short run.", "γ="),
     Knob("tr_alpha", "Aux loss weight α", "select_slider", (1e-4, 1e-3, 1e-2, 1e-1), 1e-3, _g,
          "Weight of the sequence-wise balance loss (used by 'aux loss' and 'both').", "α="),
     Knob("tr_prec", "Precision", "selectbox", tuple(PRECISION_LABELS), "fp32", PRECISION_LABELS,
-         "FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (every linear layer's GEMM "
-         "quantized like on an FP8 GPU)."),
+         "FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (attention and FFN/expert GEMM "
+         "operands quantized as the recipe says; embedding, head and router stay high precision)."),
     Knob("tr_mtp", "Multi-token prediction (MTP)", "toggle", (), True, None,
          "One MTP module that also predicts the token after next (V3 §2.2); its drafts are checked when sampling."),
     Knob("tr_data", "Dataset", "radio", tuple(DATA_LABELS), "synthetic", DATA_LABELS,
@@ -931,7 +932,8 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
         if sample.get("mtp_acceptance") is not None:
             ui.number_with_formula("MTP draft acceptance", f"{100 * sample['mtp_acceptance']:.0f}%",
                                    r"\frac{\#\,\text{drafts confirmed}}{\#\,\text{drafts}}", width=w,
-                                   paper="V3: 85–90% for the 2nd token",
+                                   paper=(f"V3: {V3_MTP_ACCEPTANCE[0]:.0%}–{V3_MTP_ACCEPTANCE[1]:.0%} for the "
+                                          "2nd token"),
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
     if layer is None:
         layer = layer_choice(r)  # right above the charts it controls

@@ -13,7 +13,7 @@ __all__ = [
     "V2_TOTAL_PARAMS", "V2_ACTIVATED_PARAMS", "V2_LITE_TOTAL_PARAMS", "V2_LITE_ACTIVATED_PARAMS",
     "V3_CONTEXT_TOKENS", "V3_PRETRAIN_TOKENS", "V3_H800_GPU_HOURS",
     "H800_FP8_ACCUM_BITS", "FP8_ACCUM_ERROR_K", "FP8_ACCUM_ERROR", "V3_PROMOTION_INTERVAL", "V3_FP8_LOSS_REL_ERROR",
-    "FP8_VALIDATION_RUNS", "V3_BIAS_UPDATE_SPEED", "V3_BALANCE_ALPHA", "billions", "trillions",
+    "FP8_VALIDATION_RUNS", "V3_BIAS_UPDATE_SPEED", "V3_BALANCE_ALPHA", "V3_MTP_ACCEPTANCE", "billions", "trillions",
 ]
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -32,6 +32,7 @@ V3_CONTEXT_TOKENS = 128 * 1024      # V3 report §4.3: context extended to 128K 
 V3_PRETRAIN_TOKENS = 14.8e12        # V3 report abstract and §4.2: 14.8T pre-training tokens
 V3_H800_GPU_HOURS = 2.788e6         # V3 report Table 1: 2.788M H800 GPU hours for the full training
 V3_BIAS_UPDATE_SPEED = 0.001        # V3 report §4.2: bias update speed gamma = 0.001 (first 14.3T tokens)
+V3_MTP_ACCEPTANCE = (0.85, 0.90)    # V3 report §5.4.3: acceptance of the second (MTP-drafted) token 85%-90%
 V3_BALANCE_ALPHA = 0.0001           # V3 report §4.2: sequence-wise balance loss alpha = 0.0001 ("extremely small")
 
 # ---------------------------------------------------------------------------------------------- FP8
