@@ -7,6 +7,9 @@ new tab" link an instructor shares, and the tests (tests/test_app_lessons.py ope
 parameters and checks every widget value).
 
 The lessons page itself is bound to `?ls_sec=<section>&ls_step=<n>`, so a link reaches any step.
+
+(Longer than ~500 lines because most of it is the lesson prose itself; every number in that prose comes from
+`core` / `core.published` at import, via `app.texts` where the explanations quote it too.)
 """
 from __future__ import annotations
 
