@@ -387,8 +387,7 @@ class TrainRun:
         for moe in self.moes:
             r = moe.last_routing
             with torch.set_grad_enabled(alpha > 0):
-                bal_terms.append(sequence_balance_loss(r.scores, r.indices, r.scores.shape[-1],
-                                                       r.indices.shape[-1], r.seq_len))
+                bal_terms.append(sequence_balance_loss(r.scores, r.scores.shape[-1], r.indices.shape[-1], r.seq_len))
             with torch.set_grad_enabled(zc > 0):
                 z_terms.append(router_z_loss(r.logits))
         aux = alpha * torch.stack(bal_terms).sum() if bal_terms and alpha > 0 else None
