@@ -28,7 +28,7 @@ from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, _skipped, get_recipe
 from core.gemm import Linear
 
 __all__ = ["BLOCK", "quant_tile", "quant_block", "fp8_gemm", "reference_gemm", "fp8_linear", "FP8LinearGPU",
-           "gpu_recipe_issues", "convert_model", "compile_status"]
+           "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
@@ -123,45 +123,101 @@ def reference_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch
     return (_dequant_tile(a_q, a_s) @ b.t()).to(out_dtype)
 
 
-_BLOCK_STRIDE_PADDED: bool | None = None  # learnt on the first call whose K/128 is not a multiple of 4
+def _pad_cols(s: torch.Tensor, cols: int) -> torch.Tensor:
+    """s [R, C] zero-padded to [R, cols] (a copy; `s` itself when C == cols)."""
+    return s if s.shape[1] == cols else F.pad(s, (0, cols - s.shape[1]))
 
 
-def _block_scale_operand(s: torch.Tensor, padded: bool) -> torch.Tensor:
-    """s [N/128, K/128] as cuBLAS wants the 128x128 scales of B: row-major, row stride K/128 or, in torch
-    versions that ask for 16-byte aligned strides, K/128 rounded up to a multiple of 4 (the check in torch's
-    ScaledBlas.cpp `is_blockwise_128x128_scaling` changed between releases)."""
-    nn_, nk = s.shape
-    if not padded or nk % 4 == 0:
-        return s.contiguous()
-    buf = s.new_zeros(nn_, _ceil(nk, 4))
-    buf[:, :nk] = s
-    return buf[:, :nk]
+def _outer_major(s: torch.Tensor) -> torch.Tensor:
+    """s [R, C] stored with strides (1, R)."""
+    return s.t().contiguous().t()
+
+
+# Candidate layouts of the scale tensors. torch's scaled-mm checks (ATen ScaledBlas.cpp) changed between releases:
+# e.g. 128x128 scales of B as [K/128, N/128] column-major in one, with K/128 padded to a multiple of 4 (16-byte
+# rows) in another, and 1x128 scales of B as [K/128, N] or [N, K/128]. Each candidate maps (scale of A [M, K/128],
+# scale of B as quantized: [N/128, K/128] or [N, K/128]) to the tensors passed to F.scaled_mm.
+_A_LAYOUTS = {
+    "outer": lambda s: _outer_major(s),
+    "outer-pad4": lambda s: _outer_major(_pad_cols(s, _ceil(s.shape[1], 4))),
+}
+_B_LAYOUTS = {
+    "block": {
+        "kxn-colmajor": lambda s: s.t(),
+        "kxn-colmajor-pad4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4)).t(),
+        "kxn-colmajor-stride4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4))[:, : s.shape[1]].t(),
+        "kxn-rowmajor": lambda s: s.t().contiguous(),
+        "kxn-rowmajor-pad4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4)).t().contiguous(),
+    },
+    "tile": {
+        "nxk-outer": lambda s: _outer_major(s),
+        "nxk-rowmajor": lambda s: s.contiguous(),
+        "kxn-rowmajor": lambda s: s.t().contiguous(),
+        "nxk-outer-pad4": lambda s: _outer_major(_pad_cols(s, _ceil(s.shape[1], 4))),
+    },
+}
+_LAYOUT: dict[str, tuple[str, str]] = {}  # b_scaling -> (A layout, B layout) verified on this GPU
+
+
+def _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, out_dtype, layout):
+    st = F.ScalingType
+    rb = st.BlockWise128x128 if b_scaling == "block" else st.BlockWise1x128
+    return F.scaled_mm(a_q, b_q.t(), _A_LAYOUTS[layout[0]](a_s), st.BlockWise1x128,
+                       _B_LAYOUTS[b_scaling][layout[1]](b_s), rb, output_dtype=out_dtype)
+
+
+def _find_layout(b_scaling: str, device) -> tuple[str, str]:
+    """The first scale layout whose GEMM on a probe (K/128 = 3, not a multiple of 4) agrees with
+    `reference_gemm`: the layout is verified by its numbers, not only accepted by the shape checks."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 384, generator=gen), torch.randn(256, 384, generator=gen)
+    aq, as_ = _quant_tile_eager(a)
+    bq, bs = _quant_block_eager(b) if b_scaling == "block" else _quant_tile_eager(b)
+    ref = reference_gemm(aq, as_, bq, bs, b_scaling, torch.float64)
+    tried = []
+    for la in _A_LAYOUTS:
+        for lb in _B_LAYOUTS[b_scaling]:
+            try:
+                out = _scaled_mm(aq.to(device), as_.to(device), bq.to(device), bs.to(device), b_scaling,
+                                 torch.bfloat16, (la, lb)).double().cpu()
+            except (RuntimeError, ValueError) as e:
+                tried.append(f"{la}/{lb}: {str(e).splitlines()[0][:160]}")
+                continue
+            err = float((out - ref).norm() / ref.norm())
+            if err < 5e-3:  # bf16 output rounding; a misread scale layout is off by O(1)
+                return la, lb
+            tried.append(f"{la}/{lb}: wrong numbers (relative error {err:.2e})")
+    raise RuntimeError(f"no scale layout of torch {torch.__version__} runs the {b_scaling} FP8 GEMM: "
+                       + "; ".join(tried))
 
 
 def fp8_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch.bfloat16) -> torch.Tensor:
     """C [M, N] = A [M, K] B [N, K]^T with A in 1x128 tiles and B in 128x128 blocks ("block") or 1x128 tiles
     along K ("tile"). On CUDA one cuBLAS blockwise FP8 GEMM (`F.scaled_mm`); elsewhere `reference_gemm`."""
-    global _BLOCK_STRIDE_PADDED
     if not a_q.is_cuda:
         return reference_gemm(a_q, a_s, b_q, b_s, b_scaling, out_dtype)
-    st = F.ScalingType
-    sa = a_s if a_s.stride(0) == 1 else a_s.t().contiguous().t()
-    if b_scaling == "tile":
-        return F.scaled_mm(a_q, b_q.t(), sa, st.BlockWise1x128, b_s.t().contiguous(), st.BlockWise1x128,
-                           output_dtype=out_dtype)
-    tries = [True, False] if _BLOCK_STRIDE_PADDED is None else [_BLOCK_STRIDE_PADDED]
-    for i, padded in enumerate(tries):
-        try:
-            out = F.scaled_mm(a_q, b_q.t(), sa, st.BlockWise1x128, _block_scale_operand(b_s, padded).t(),
-                              st.BlockWise128x128, output_dtype=out_dtype)
-        except (RuntimeError, ValueError):
-            if i == len(tries) - 1:
-                raise
-            continue
-        if b_s.shape[1] % 4:
-            _BLOCK_STRIDE_PADDED = padded
-        return out
-    raise AssertionError("unreachable")
+    if b_scaling not in _LAYOUT:
+        _LAYOUT[b_scaling] = _find_layout(b_scaling, a_q.device)
+    if out_dtype == torch.float32 and _FP32_OUT.get(b_scaling) is False:
+        return _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, torch.bfloat16, _LAYOUT[b_scaling]).float()
+    try:
+        out = _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, out_dtype, _LAYOUT[b_scaling])
+    except (RuntimeError, ValueError):
+        if out_dtype != torch.float32:
+            raise
+        _FP32_OUT[b_scaling] = False  # this cuBLAS path writes bf16 only
+        return fp8_gemm(a_q, a_s, b_q, b_s, b_scaling, out_dtype)
+    if out_dtype == torch.float32:
+        _FP32_OUT[b_scaling] = True
+    return out
+
+
+_FP32_OUT: dict[str, bool] = {}  # b_scaling -> whether an fp32 output ran (else bf16 output, upcast)
+
+
+def scale_layouts() -> dict:
+    """The scale layouts verified on this process's GPU (empty before the first GPU GEMM)."""
+    return {"layouts": {k: "/".join(v) for k, v in _LAYOUT.items()}, "fp32_output": dict(_FP32_OUT)}
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -199,6 +255,7 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw
 
 
+@torch.compiler.disable  # inside a compiled block (core.cuda.compile) it runs as written, between two graphs
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 linear layer (DeepSeek recipe, all three GEMMs in FP8); the bias, if any, is added in x's dtype."""
     y = _FP8LinearFn.apply(x, weight)
