@@ -49,7 +49,7 @@ def _quant_tile_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = F.pad(x, (0, kp - k))
     xg = x.float().reshape(m, kp // BLOCK, BLOCK)
     s = xg.abs().amax(-1).clamp(min=AMAX_FLOOR) / _FMAX
-    q = (xg / s.unsqueeze(-1)).clamp(-_FMAX, _FMAX).to(_FP8).reshape(m, kp)
+    q = (xg / s.unsqueeze(-1)).clamp(-_FMAX, _FMAX).to(_FP8).reshape(m, kp).contiguous()
     return q, s.t().contiguous().t()
 
 
@@ -75,6 +75,10 @@ def _compiled(fn):
     if os.environ.get("EVA_CUDA_COMPILE", "1") == "0" or fn.__name__ in _COMPILE_ERRORS:
         return fn
     if fn.__name__ not in _COMPILED:
+        cfg = torch._dynamo.config  # every layer width (and its transpose) is a specialization: allow them all
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 64))
         _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
     return _COMPILED[fn.__name__]
 
@@ -96,7 +100,7 @@ def quant_tile(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quant_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """128x128 block quantization of a weight [N, K]: see `_quant_block_eager`."""
-    return _run(_quant_block_eager, w)
+    return _run(_quant_block_eager, w.detach())  # a Parameter would pin the compiled kernel to its shape
 
 
 def compile_status() -> dict:
@@ -161,6 +165,7 @@ _LAYOUT: dict[str, tuple[str, str]] = {}  # b_scaling -> (A layout, B layout) ve
 
 def _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, out_dtype, layout):
     st = F.ScalingType
+    a_q, b_q = a_q.contiguous(), b_q.contiguous()  # cuBLASLt multiplies row-major A by column-major B only
     rb = st.BlockWise128x128 if b_scaling == "block" else st.BlockWise1x128
     return F.scaled_mm(a_q, b_q.t(), _A_LAYOUTS[layout[0]](a_s), st.BlockWise1x128,
                        _B_LAYOUTS[b_scaling][layout[1]](b_s), rb, output_dtype=out_dtype)
@@ -265,6 +270,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 class FP8LinearGPU(nn.Linear):
     """nn.Linear (same parameters and state_dict) whose GEMMs are real FP8 GEMMs: `fp8_linear`."""
 
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias)
 
