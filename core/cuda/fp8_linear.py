@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, _skipped, get_recipe
+from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, get_recipe
+from core.fp8.training import _skipped
 from core.gemm import Linear
 
 __all__ = ["BLOCK", "quant_tile", "quant_block", "fp8_gemm", "reference_gemm", "fp8_linear", "FP8LinearGPU",
