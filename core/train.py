@@ -24,6 +24,11 @@ RMSNorm statistics, the expert-output sum and the losses stay fp32; attention pr
 accumulation inside the softmax); or an FP8 recipe name from `core.fp8.RECIPES`
 (emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights; per-step overflow counts in the record).
 
+Device: `device` "cpu" (default), "cuda" or "auto" (the CLI's default). The model is initialised on the CPU (same
+weights on every device) and moved; batches, evaluation and sampling follow it. On CUDA a recipe the GPU path
+implements ("deepseek", see `core.cuda.fp8_linear.gpu_recipe_issues`) runs real FP8 GEMMs on bf16 working weights
+with fp32 masters (no per-step FP8 statistics: the record's `fp8` is None); other recipes stay emulated.
+
 Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the batches all derive from
 `seed`; every op used is deterministic on CPU, so the same settings give bit-identical losses (same machine
 and thread count).
