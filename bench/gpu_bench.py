@@ -37,13 +37,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.train_throughput import step_flops  # noqa: E402
+from bench.train_throughput import HFTrainer, step_flops  # noqa: E402
 from core.config import ModelConfig  # noqa: E402
 from core.cuda import fp8_linear as g  # noqa: E402
 from core.cuda.compile import compile_errors  # noqa: E402
 from core.cuda.device import describe_device  # noqa: E402
 from core.data import pydoc_dataset  # noqa: E402
-from core.train import TrainConfig, TrainRun, lr_at  # noqa: E402
+from core.train import TrainConfig, TrainRun  # noqa: E402
 
 SECTIONS = ("peak", "gemm", "train", "fp8step", "lossgap", "decode", "profile")
 
@@ -164,35 +164,20 @@ def _tcfg(B, T, precision, dev, steps=10 ** 6) -> TrainConfig:
                        precision=precision, device=dev.type)
 
 
-class HFStep:
-    """transformers' DeepseekV3ForCausalLM in bf16 with the engine's step: CE, backward, clip 1.0, fused AdamW."""
+class HFStep(HFTrainer):
+    """transformers' DeepseekV3ForCausalLM in bf16 on `dev`, with bench/train_throughput's step (the engine's: CE,
+    backward, clip 1.0, fused AdamW, warm-up + cosine); random init (a speed reference needs no shared weights)."""
 
     def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, dev):
         from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.hf = DeepseekV3ForCausalLM._from_config(
+            hf = DeepseekV3ForCausalLM._from_config(
                 DeepseekV3Config(**mcfg.to_hf()), attn_implementation="sdpa",
                 experts_implementation="grouped_mm").to(device=dev, dtype=torch.bfloat16).train()
-        self.impl = {"attention": self.hf.config._attn_implementation,
-                     "experts": getattr(self.hf.config, "_experts_implementation", None)}
-        self.cfg, self.n = tcfg, 0
-        ps = list(self.hf.parameters())
-        self.opt = torch.optim.AdamW([{"params": [p for p in ps if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
-                                      {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}],
-                                     lr=tcfg.lr, betas=tcfg.betas, fused=True)
-
-    def step(self, x, y) -> float:
-        for grp in self.opt.param_groups:
-            grp["lr"] = lr_at(self.n, self.cfg)
-        logits = self.hf(input_ids=x).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.hf.parameters(), self.cfg.grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.n += 1
-        return float(loss.detach())
+        super().__init__(hf, tcfg)
+        self.impl = {"attention": hf.config._attn_implementation,
+                     "experts": getattr(hf.config, "_experts_implementation", None)}
 
 
 def interleaved(steppers: dict, batches, warmup: int) -> dict:
