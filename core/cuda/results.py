@@ -2,7 +2,8 @@
 
     res = load_gpu_results()            # None when the file is absent
     label(res)                          # "NVIDIA H200 · torch 2.11.0+cu130 · CUDA 13.0 · transformers 5.17.0 · 2026-12-01"
-    fp8_rows(res), decode_rows(res), train_rows(res)   # flat rows (lists of dicts) for tables and charts
+    fp8_rows(res), decode_rows(res), train_rows(res)   # flat rows
+    lossgap_row(res)                    # one dict (or None) (lists of dicts) for tables and charts
 
 Pure Python (json + the standard library): importing it needs no GPU.
 """
@@ -44,21 +45,38 @@ def label(res: dict) -> str:
 
 
 def fp8_rows(res: dict) -> list[dict]:
-    """FP8 vs bf16: one row per measured linear-layer shape and per training-step config."""
-    rows = [{"what": f"linear {r['m']}x{r['k']}->{r['n']} fwd+bwd", "bf16_ms": r["bf16_fwd_bwd_ms"],
-             "fp8_ms": r["fp8_fwd_bwd_ms"], "speedup": r["fwd_bwd_speedup"]} for r in res.get("gemm", [])]
+    """FP8 vs bf16: one row per measured linear-layer shape (kind "linear": M, K, N and the speed-up of
+    the FP8 GEMM alone) and per training-step config (kind "step": its parameter count)."""
+    rows = [{"what": f"linear {r['m']}x{r['k']}->{r['n']} fwd+bwd", "kind": "linear", "m": r["m"], "k": r["k"],
+             "n": r["n"], "params": None, "bf16_ms": r["bf16_fwd_bwd_ms"], "fp8_ms": r["fp8_fwd_bwd_ms"],
+             "speedup": r["fwd_bwd_speedup"],
+             "gemm_only_speedup": r.get("gemm_only_speedup")} for r in res.get("gemm", [])]
     for name, r in res.get("fp8step", {}).items():
-        rows.append({"what": f"training step {name}", "bf16_ms": r["bf16"]["step_ms"], "fp8_ms": r["fp8"]["step_ms"],
-                     "speedup": r["fp8_speedup"]})
+        rows.append({"what": f"training step {name}", "kind": "step", "m": None, "k": None, "n": None,
+                     "params": r.get("params"), "bf16_ms": r["bf16"]["step_ms"],
+                     "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None})
     return rows
 
 
 def decode_rows(res: dict) -> list[dict]:
-    """MLA decode, absorbed vs naive: context, batch, tokens/s and cache bytes of each, speed-up."""
+    """MLA decode, absorbed vs naive: context, batch, tokens/s, cache bytes and ms per step of each, speed-up."""
     return [{"context": r["context"], "batch": r["batch"],
              "absorbed_tokens_per_s": r["absorbed"]["tokens_per_s"], "naive_tokens_per_s": r["naive"]["tokens_per_s"],
              "absorbed_cache_bytes": r["absorbed"]["cache_bytes"], "naive_cache_bytes": r["naive"]["cache_bytes"],
+             "absorbed_ms": r["absorbed"].get("ms_per_step"), "naive_ms": r["naive"].get("ms_per_step"),
              "speedup": r["absorbed_speedup"]} for r in res.get("decode", [])]
+
+
+def lossgap_row(res: dict) -> dict | None:
+    """Validation loss of bf16 vs FP8 (`deepseek` recipe) after the same training run, or None if not measured:
+    config, steps, tokens per batch, both losses and the relative gap (FP8 / bf16 - 1)."""
+    r = res.get("lossgap")
+    if not r:
+        return None
+    return {"config": r["config"], "steps": r["steps"], "batch": r["batch"], "seq_len": r["seq_len"],
+            "bf16_val_loss": r["bf16"]["val_loss"], "fp8_val_loss": r["deepseek"]["val_loss"],
+            "bf16_seconds": r["bf16"]["seconds"], "fp8_seconds": r["deepseek"]["seconds"],
+            "relative_gap": r["relative_gap"]}
 
 
 def train_rows(res: dict) -> list[dict]:
