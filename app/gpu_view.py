@@ -134,15 +134,17 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
                 "Dgrad/Wgrad need transposed copies of the operands, the quantized weight included. These kernels "
                 "eat the GEMM's gain"
                 + (f"; at {len(slow)} of the {len(lin)} shapes the FP8 layer is slower than bf16" if len(slow) else "")
-                + ". A single-pass quantizer that also writes the transposed layout (a fused cast-transpose) is the "
-                "missing piece.")
+                + ". The FP8 training steps pay the same quantizers and transposed copies on every Linear (their "
+                "profile is in `docs/performance.md`). A single-pass quantizer that also writes the transposed "
+                "layout (a fused cast-transpose) is the missing piece.")
     lg = r["lossgap"]
     if lg:
         gap = pd.DataFrame([lg])
-        ui.chart(ui.fig(charts.fp8_loss_gap, lg, TARGET_LOSS_GAP), gap, "gpu fp8 loss gap", key="gpu_lossgap",
-                 lesson=lesson,
-                 notice="Both runs saw the same batches in the same order from the same seed: the distance between "
-                        "the points is what FP8 costs in quality at this size and step count.")
+        with st.container(width=680):  # two points: a full-width chart would only spread them apart
+            ui.chart(ui.fig(charts.fp8_loss_gap, lg, TARGET_LOSS_GAP), gap, "gpu fp8 loss gap", key="gpu_lossgap",
+                     lesson=lesson,
+                     notice="Both runs saw the same batches in the same order from the same seed: the distance "
+                            "between the points is what FP8 costs in quality at this size and step count.")
 
 
 def mla_section(lesson: bool = False, path: str | None = None) -> None:
@@ -159,7 +161,7 @@ def mla_section(lesson: bool = False, path: str | None = None) -> None:
     longest = df[df["context"] == df["context"].max()].set_index("batch")
     b_hi, b_lo = int(longest.index.max()), int(longest.index.min())
     with ui.cards():
-        for b in (b_hi, b_lo):
+        for b in sorted({b_hi, b_lo}, reverse=True):
             s = longest.loc[b, "speedup"]
             ui.number_with_formula(f"Absorbed / naive, {tokens(int(df['context'].max()))} context, batch {b}",
                                    f"{s:.1f}×", r"t_{\text{naive}} / t_{\text{absorbed}}",
@@ -168,11 +170,13 @@ def mla_section(lesson: bool = False, path: str | None = None) -> None:
                                    detail=f"{longest.loc[b, 'absorbed_tokens_per_s']:,.0f} vs "
                                           f"{longest.loc[b, 'naive_tokens_per_s']:,.0f} tokens/s")
     ui.chart(ui.fig(charts.decode_throughput, df), df, "gpu mla decode", key="gpu_decode", lesson=lesson,
-             notice="At batch 8 the naive line falls as the context doubles (its cache doubles) while the absorbed "
-                    "line stays flat; at batch 1 the two lines nearly coincide.",
+             notice=f"At batch {b_hi} the naive line falls as the context doubles (its cache doubles) while the "
+                    f"absorbed line stays nearly flat; at batch {b_lo} the two lines nearly coincide.",
              caption=f"One MLA layer with DeepSeek-V3's dimensions (hidden {v3.hidden_size}, "
                      f"{v3.num_attention_heads} heads, latent d_c = {v3.kv_lora_rank} + RoPE key "
                      f"{v3.qk_rope_head_dim}), bf16 cache filled to the context, one new token per sequence.")
+    if b_lo == b_hi:
+        return
     one, many = df[df["batch"] == b_lo].sort_values("context"), df[df["batch"] == b_hi].sort_values("context")
     t1 = pd.concat([one["absorbed_ms"], one["naive_ms"]]).astype(float)
     c0, c1 = one.iloc[0], one.iloc[-1]
@@ -180,9 +184,11 @@ def mla_section(lesson: bool = False, path: str | None = None) -> None:
     bw = last["naive_cache_bytes"] / (last["naive_ms"] * 1e-3) / 1e9
     st.markdown(
         f"**Why batch {b_lo} gains little.** At batch {b_lo} both paths take {t1.min():.2f}–{t1.max():.2f} ms per "
-        f"step at every context, although the naive cache grows {c1['naive_cache_bytes'] / c0['naive_cache_bytes']:.0f}× "
-        f"({human_bytes(c0['naive_cache_bytes'])} → {human_bytes(c1['naive_cache_bytes'])}): at this size the step "
-        "time is a fixed cost that does not depend on how much cache is read, so reading less saves little. At batch "
+        f"step at every context, although the naive cache grows "
+        f"{c1['naive_cache_bytes'] / c0['naive_cache_bytes']:.0f}× "
+        f"({human_bytes(c0['naive_cache_bytes'])} → {human_bytes(c1['naive_cache_bytes'])}): at this size most of "
+        "the step time is a fixed cost that barely grows with the bytes of cache read, so reading "
+        f"{c1['naive_cache_bytes'] / c1['absorbed_cache_bytes']:.0f}× fewer bytes saves little. At batch "
         f"{b_hi} the naive step time grows with its cache ({first['naive_ms']:.1f} → {last['naive_ms']:.1f} ms, "
         f"{human_bytes(last['naive_cache_bytes'])} read at ~{bw:,.0f} GB/s) while the absorbed one stays at "
         f"{many['absorbed_ms'].min():.2f}–{many['absorbed_ms'].max():.2f} ms.")
