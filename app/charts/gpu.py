@@ -70,7 +70,7 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     hline(fig, bf * (1 + target), f"target: within {100 * target:g}% of bf16", color=palette.HIGHLIGHT)
     fig.add_scatter(x=names, y=[bf, f8], mode="markers+text", showlegend=False,
                     marker=dict(size=18, color=[palette.FORMATS["bf16"], palette.FORMATS["fp8"]]),
-                    text=[f"{bf:.4f}", f"{f8:.4f}"], textposition="middle right",
+                    text=[f"{bf:.4f}", f"{f8:.4f}"], textposition="top center", cliponaxis=False,
                     customdata=[[row["bf16_seconds"]], [row["fp8_seconds"]]],
                     hovertemplate="%{x}: %{y:.4f} nats/byte after " + f"{row['steps']} steps"
                                   "<br>run took %{customdata[0]:.0f} s<extra></extra>")
