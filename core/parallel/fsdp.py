@@ -38,8 +38,10 @@ def parallelize(model: nn.Module, meshes: Meshes) -> CommStats:
             apply_expert_parallel(moe.experts, meshes.ep.get_group(), stats)
             fully_shard(moe.experts, mesh=meshes.dp_mod_ep)
             moe.experts.set_gradient_divide_factor(float(plan.dp))
-            # a custom divide factor makes FSDP reduce with PREMUL_SUM, which gloo lacks: SUM, then divide locally
-            moe.experts.set_force_sum_reduction_for_comms(True)
+            if meshes.dp_mod_ep.size() > 1:
+                # a custom divide factor makes FSDP reduce with PREMUL_SUM, which gloo lacks: SUM, then divide
+                # locally. Not on a 1-rank mesh: there torch 2.13 FSDP2 divides by the factor twice.
+                moe.experts.set_force_sum_reduction_for_comms(True)
     # MTP: only the decoder block is a unit; its norms/projection stay with the root because the model calls
     # `shared_head_norm` outside MTPModule.forward (FSDP gathers a unit's parameters around its forward only)
     blocks = list(model.model.layers) + [m.block for m in model.mtp]
