@@ -53,9 +53,9 @@ def parallelize(model: nn.Module, meshes: Meshes) -> CommStats:
     return stats
 
 
-def all_mean(values: list[float], group=None) -> list[float]:
-    """The mean over ranks of each value (one all_reduce for the list)."""
-    t = torch.tensor(values, dtype=torch.float64)
+def all_mean(values: list[float], device: torch.device | str = "cpu", group=None) -> list[float]:
+    """The mean over ranks of each value (one all_reduce for the list; `device` = where the backend reduces)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, group=group)
     return (t / dist.get_world_size(group)).tolist()
 
@@ -82,7 +82,7 @@ def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> float:
     clip_coef = max_norm / (norm + 1e-6), clamped to 1 (`torch.nn.utils.clip_grad_norm_`).
     """
     grads = [_local(p.grad) for p in params if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float32)
+    sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g in grads:
         sq += g.float().pow(2).sum()
     dist.all_reduce(sq)

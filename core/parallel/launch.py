@@ -36,7 +36,15 @@ def _say(rank: int, msg: str) -> None:
     print(f"[rank {rank}] {msg}", file=sys.stderr, flush=True)
 
 
-def run(args, cfg, device_type: str = "cpu") -> int:
+def device_type_of(args, cfg) -> str:
+    """"cuda" or "cpu" from the run's --device (auto: CUDA when this machine has it)."""
+    want = getattr(cfg, "device", None) or getattr(args, "device", None) or "cpu"
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if str(want).startswith("cuda") else "cpu"
+
+
+def run(args, cfg, device_type: str | None = None) -> int:
     """Train on every rank; returns the process exit code (2 for a bad setting, 1 for divergence)."""
     from core.train import TrainingDiverged, _Progress, json_safe, resolve_model_config, write_records
     from core.parallel.trainer import DistributedTrainRun
@@ -50,11 +58,11 @@ def run(args, cfg, device_type: str = "cpu") -> int:
         return 2
     if args.sample:
         _say(rank, "note: --sample runs on rank 0 with the gathered weights")
-    device = init_distributed(device_type)
+    device = init_distributed(device_type or device_type_of(args, cfg))
     code = 0
     try:
         meshes = build_meshes(ParallelPlan(args.dp, args.ep), device.type)
-        run_ = DistributedTrainRun(mcfg, cfg, meshes)
+        run_ = DistributedTrainRun(mcfg, cfg, meshes, device)
         progress = _Progress(cfg.steps) if rank == 0 and not args.quiet else None
         logged: list[dict] = []
         try:
@@ -97,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     from core.train import TrainConfig, _arg_parser
     ap = _arg_parser()
     add_parallel_args(ap)
+    if not any(a.dest == "device" for a in ap._actions):  # until the training CLI has its own --device
+        ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
+                        help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

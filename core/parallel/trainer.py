@@ -35,9 +35,11 @@ _INFO_KEYS = ("lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss")
 class DistributedTrainRun(TrainRun):
     """A `TrainRun` whose model is parallelized over `meshes` (call on every rank, same arguments)."""
 
-    def __init__(self, model_cfg, cfg, meshes: Meshes, stop=None):
+    def __init__(self, model_cfg, cfg, meshes: Meshes, device: torch.device | str = "cpu", stop=None):
         super().__init__(model_cfg, cfg, stop)
         self.meshes = meshes
+        self.device = torch.device(device)
+        self.model.to(self.device)  # built on the CPU from the seed, as on one process; sharded below
         self.comm = parallelize(self.model, meshes)
         params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's sharded parameters
         decay = [p for p in params if p.dim() >= 2]
@@ -60,9 +62,9 @@ class DistributedTrainRun(TrainRun):
         x, y = batch[:2] if batch is not None else self.data.batch(cfg.batch_size, cfg.seq_len, self.generator)[:2]
         share = x.shape[0] // self.world
         rows = slice(self.rank * share, (self.rank + 1) * share)
-        loss, info = self._losses(x[rows], y[rows])
+        loss, info = self._losses(x[rows].to(self.device), y[rows].to(self.device))
         keys = [k for k in _INFO_KEYS if info[k] is not None]
-        means = all_mean([float(loss.detach())] + [info[k] for k in keys])
+        means = all_mean([float(loss.detach())] + [info[k] for k in keys], self.device)
         loss_value = means[0]
         info.update(zip(keys, means[1:]))
         grad_norm = math.nan
@@ -79,7 +81,7 @@ class DistributedTrainRun(TrainRun):
             for moe, c in zip(self.moes, loads):
                 update_bias(moe.gate, c, cfg.gamma)
         traffic = torch.tensor([self.comm.activation_bytes, self.comm.inter_node_bytes, self.comm.meta_bytes],
-                               dtype=torch.int64)
+                               dtype=torch.int64, device=self.device)
         dist.all_reduce(traffic)
         dt = time.perf_counter() - t_start
         self.step_count += 1
