@@ -125,8 +125,10 @@ def test_two_nodes_match_one_process(launches):
         assert launches["done"][k][0] == 0, launches["done"][k][2][-3000:]
     recs = json.loads((launches["tmp"] / "nodes.json").read_text())
     _assert_same_run(recs, launches["ref"])
-    # one rank per node: every expert byte that leaves a rank crosses the node boundary
+    # one rank per node: every expert byte that leaves a rank crosses the node boundary; the routing is the one of
+    # the single-node --dp 2 --ep 2 run, so each step sends the same bytes
     assert all(r["a2a_bytes_inter_node"] == r["a2a_bytes"] > 0 for r in recs)
+    assert [r["a2a_bytes"] for r in recs] == [r["a2a_bytes"] for r in _records(launches, "dp2ep2")]
 
 
 def test_checkpoint_of_two_processes_loads_in_one(launches):

@@ -56,8 +56,6 @@ def run(args, cfg, device_type: str | None = None) -> int:
     except ValueError as e:  # ParallelError, ConfigError, TrainConfigError: all name the knob
         _say(rank, f"error: {e}")
         return 2
-    if args.sample:
-        _say(rank, "note: --sample runs on rank 0 with the gathered weights")
     device = init_distributed(device_type or device_type_of(args, cfg))
     code = 0
     try:
@@ -85,7 +83,7 @@ def run(args, cfg, device_type: str | None = None) -> int:
             run_.save(args.save)
             if rank == 0:
                 print(f"saved checkpoint to {args.save}", file=sys.stderr)
-        if args.sample and code == 0:
+        if args.sample and code == 0:  # rank 0 samples from the gathered weights
             s = run_.sample_text("", args.sample, seed=cfg.seed)
             if s is not None:
                 print(s["text"])
