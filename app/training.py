@@ -1028,7 +1028,7 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
     import json
 
     from app import compute
-    from core.calc import human_count
+    from core.units import human_count
     from core.train import lr_at
 
     with st.expander("The model and schedule you are about to train", expanded=expanded,

@@ -32,7 +32,7 @@ APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
 
 from apptest_helpers import open_page as _open_page  # noqa: E402
-from core.config import PUBLISHED_CONFIGS  # noqa: E402
+from core.published import PUBLISHED_CONFIGS  # noqa: E402
 
 V3 = PUBLISHED_CONFIGS["deepseek-v3"]
 M = 2**31 - 1
