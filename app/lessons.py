@@ -58,7 +58,7 @@ def _bool(v) -> str:
 def _formatters() -> dict[str, Callable[[Any], str]]:
     """How each bound knob's value is written in the URL (the widget's option label)."""
     from app.compute import FMT_LABELS, STRATEGY_LABELS
-    from app.training import KNOBS
+    from app.lab.knobs import KNOBS
 
     f: dict[str, Callable[[Any], str]] = {
         "lesson": _bool, "mla_log": _bool,
@@ -351,7 +351,7 @@ KNOB_LABELS = {
 
 def knob_label(key: str) -> str:
     if key.startswith("tr_"):
-        from app.training import KNOBS
+        from app.lab.knobs import KNOBS
         return KNOBS[key].label
     return KNOB_LABELS.get(key, key)
 
@@ -416,7 +416,8 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
     """[(figure, data, name)] for the step's preview charts: the target dashboard's key chart computed with the
     step's knobs (the page's other knobs at their defaults). Uses the same cached computations as the pages."""
     from app import charts, compute
-    from app import charts_training as ct
+    from app.lab import charts as ct
+    from app.lab import records as rec
 
     kn = step.knobs
     model = kn.get("model", "deepseek-v3")
@@ -477,14 +478,14 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
             else:
                 out.append((charts.memory_bars(d["memory"]), d["memory"], "memory"))
         elif kind == "lab":
-            from app import training
+            from app.lab import knobs as lab_knobs
             from core.train import lr_at
             knobs = {k: v for k, v in kn.items() if k.startswith("tr_")}
-            mcfg, tcfg = training.lab_config(knobs, seed)
+            mcfg, tcfg = lab_knobs.lab_config(knobs, seed)
             d = compute.overview(_json(mcfg), tcfg.seq_len, "fp32")
             out.append((ct.lab_params(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
                         "lab model parameters"))
-            lrs = ct.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])
+            lrs = rec.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])
             out.append((ct.lr_schedule(lrs, tcfg.warmup), lrs, "learning rate schedule"))
     return out
 

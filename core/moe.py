@@ -120,9 +120,9 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.register_buffer("e_score_correction_bias", None)
-        self.reset_parameters(config.initializer_range)
+        self.init_weights(config.initializer_range)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """weight ~ N(0, std) (transformers `_init_weights`), bias = 0."""
         with torch.no_grad():
             self.weight.normal_(0.0, std)
@@ -243,9 +243,9 @@ class Experts(nn.Module):
         self.fp8 = None
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.reset_parameters(config.initializer_range)
+        self.init_weights(config.initializer_range)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """Both weights ~ N(0, std) (transformers `_init_weights`)."""
         with torch.no_grad():
             self.gate_up_proj.normal_(0.0, std)
