@@ -24,7 +24,6 @@ from core.train import TrainConfig, train
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # per launch; a hang fails instead of blocking
 STEPS = 20
-CLI = "core.parallel.launch"  # TEMP until the CLI carries --dp/--ep
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "16", "--eval-every", "0",
         "--dataset", "synthetic", "--seed", "3", "--warmup", "2", "--gamma", "0.01", "--quiet"]
 
@@ -55,7 +54,7 @@ def _torchrun(nproc: int, *args: str, rdzv: list[str] | None = None) -> list[str
 def launches(tmp_path_factory):
     """Start every multi-process job at once, train the one-process reference meanwhile, then collect."""
     tmp = tmp_path_factory.mktemp("dist")
-    cli = ["-m", CLI, *ARGS]
+    cli = ["-m", "core.train", *ARGS]
     port = _free_port()
 
     def node(rank: int) -> list[str]:
@@ -177,7 +176,7 @@ def test_validate_plan_names_the_flag(plan, world, batch, flag):
 
 
 def test_cli_bad_flag_returns_before_any_collective(monkeypatch, capsys):
-    from core.parallel.launch import main
+    from core.cli import main
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     assert main([*ARGS, "--dp", "2", "--batch-size", "3"]) == 2

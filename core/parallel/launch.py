@@ -8,13 +8,12 @@ the JSON records and the `save_hf` checkpoint. Several nodes: the same command o
 """
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 import torch.distributed as dist
 
-from core.parallel.mesh import ParallelError, ParallelPlan, build_meshes, init_distributed, validate_plan, world_from_env
+from core.parallel.mesh import ParallelPlan, build_meshes, init_distributed, validate_plan, world_from_env
 
 __all__ = ["add_parallel_args", "wants_distributed", "run"]
 
@@ -44,78 +43,28 @@ def device_type_of(args, cfg) -> str:
     return "cuda" if str(want).startswith("cuda") else "cpu"
 
 
-def run(args, cfg, device_type: str | None = None) -> int:
-    """Train on every rank; returns the process exit code (2 for a bad setting, 1 for divergence)."""
-    from core.train import TrainingDiverged, _Progress, json_safe, resolve_model_config, write_records
+def run(args) -> int:
+    """Train on every rank with `core.cli.run_and_write`; returns the exit code (2 for a bad setting)."""
+    from core.cli import build_configs, run_and_write
     from core.parallel.trainer import DistributedTrainRun
+    from core.train import resolve_model_config
 
     world, rank = world_from_env()
+    plan = ParallelPlan(args.dp, args.ep)
     try:
-        mcfg = resolve_model_config(args.preset, cfg)
-        validate_plan(ParallelPlan(args.dp, args.ep), world, mcfg.n_routed_experts, cfg.batch_size, cfg.precision)
-    except ValueError as e:  # ParallelError, ConfigError, TrainConfigError: all name the knob
+        model_cfg, cfg = build_configs(args)
+        mcfg = resolve_model_config(model_cfg, cfg)
+        validate_plan(plan, world, mcfg.n_routed_experts, cfg.batch_size, cfg.precision)
+    except ValueError as e:  # ParallelError, ConfigError, TrainConfigError: each names its knob
         _say(rank, f"error: {e}")
         return 2
-    device = init_distributed(device_type or device_type_of(args, cfg))
-    code = 0
+    device = init_distributed(device_type_of(args, cfg))
     try:
-        meshes = build_meshes(ParallelPlan(args.dp, args.ep), device.type)
-        run_ = DistributedTrainRun(mcfg, cfg, meshes, device)
-        progress = _Progress(cfg.steps) if rank == 0 and not args.quiet else None
-        logged: list[dict] = []
         try:
-            for rec in run_:
-                if rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps:
-                    logged.append(rec)
-                if progress:
-                    progress.update(rec)
-        except TrainingDiverged as e:  # every rank sees the same global loss, so all stop here together
-            logged.append(e.record)
-            if rank == 0:
-                print(f"\nerror: {e}", file=sys.stderr)
-            code = 1
-        finally:
-            if progress:
-                progress.close()
-        if rank == 0 and args.json:
-            write_records(args.json, logged)
-        if args.save and code == 0:
-            run_.save(args.save)
-            if rank == 0:
-                print(f"saved checkpoint to {args.save}", file=sys.stderr)
-        if args.sample and code == 0:  # rank 0 samples from the gathered weights
-            s = run_.sample_text("", args.sample, seed=cfg.seed)
-            if s is not None:
-                print(s["text"])
-        if rank == 0 and run_.records and code == 0:
-            last = run_.records[-1]
-            print(json.dumps(json_safe({"steps": run_.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
-                                         "status": run_.status, "elapsed_s": round(run_.elapsed(), 2),
-                                         "world_size": world, "dp": args.dp, "ep": args.ep})))
+            run_ = DistributedTrainRun(model_cfg, cfg, build_meshes(plan, device.type), device)
+        except ValueError as e:  # the same on every rank (same arguments), so no rank is left waiting
+            _say(rank, f"error: {e}")
+            return 2
+        return run_and_write(run_, args)
     finally:
         dist.destroy_process_group()
-    return code
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m core.parallel.launch` = `python -m core.train` with --dp/--ep (until the CLI carries them)."""
-    import dataclasses
-    from core.train import TrainConfig, _arg_parser
-    ap = _arg_parser()
-    add_parallel_args(ap)
-    if not any(a.dest == "device" for a in ap._actions):  # until the training CLI has its own --device
-        ap.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"),
-                        help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run(args, cfg)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

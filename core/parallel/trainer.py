@@ -13,16 +13,13 @@ are the global gradient. After the step:
 """
 from __future__ import annotations
 
-import math
-import time
-
 import torch
 import torch.distributed as dist
 
 from core.model import DeepSeekV3
 from core.parallel.fsdp import all_mean, clip_grad_norm_, full_state_dict, global_loads, parallelize
 from core.parallel.mesh import Meshes
-from core.train import TrainRun, lr_at
+from core.train import TrainRun
 
 __all__ = ["DistributedTrainRun", "DIST_RECORD_FIELDS"]
 
@@ -33,69 +30,50 @@ _INFO_KEYS = ("lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss")
 
 
 class DistributedTrainRun(TrainRun):
-    """A `TrainRun` whose model is parallelized over `meshes` (call on every rank, same arguments)."""
+    """A `TrainRun` whose model is parallelized over `meshes` (call on every rank, same arguments).
+
+    Only the hooks of `TrainRun.step` differ from one process (see the module docstring).
+    """
 
     def __init__(self, model_cfg, cfg, meshes: Meshes, device: torch.device | str = "cpu", stop=None):
-        super().__init__(model_cfg, cfg, stop)
         self.meshes = meshes
         self.device = torch.device(device)
-        self.model.to(self.device)  # built on the CPU from the seed, as on one process; sharded below
-        self.comm = parallelize(self.model, meshes)
-        params = [p for p in self.model.parameters() if p.requires_grad]  # FSDP's sharded parameters
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, foreach=True)
-        self.opt_params = params
         self.world = dist.get_world_size()
         self.rank = dist.get_rank()
+        super().__init__(model_cfg, cfg, stop)
 
-    def step(self, batch=None) -> dict:
-        cfg = self.config
-        self.status = "running"
-        t_start = time.perf_counter()
-        self.comm.reset()
-        lr = lr_at(self.step_count, cfg)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        x, y = batch[:2] if batch is not None else self.data.batch(cfg.batch_size, cfg.seq_len, self.generator)[:2]
+    def _prepare(self, model):
+        # built on the CPU from the seed (the weights of one process), then moved and sharded
+        self.comm = parallelize(model.to(self.device), self.meshes)
+        return model
+
+    def _local_batch(self, x, y):
+        self.comm.reset()  # this step's exchanges start here
         share = x.shape[0] // self.world
         rows = slice(self.rank * share, (self.rank + 1) * share)
-        loss, info = self._losses(x[rows].to(self.device), y[rows].to(self.device))
+        return x[rows].to(self.device), y[rows].to(self.device)
+
+    def _global_loss(self, loss, info):
+        # equal slices: the mean of the ranks' means is the global mean; the same verdict on a non-finite loss
+        # reaches every rank, so all or none run the backward
         keys = [k for k in _INFO_KEYS if info[k] is not None]
-        means = all_mean([float(loss.detach())] + [info[k] for k in keys], self.device)
-        loss_value = means[0]
+        means = all_mean([loss] + [info[k] for k in keys], self.device)
         info.update(zip(keys, means[1:]))
-        grad_norm = math.nan
-        if math.isfinite(loss_value):  # the same verdict on every rank: all or none run the backward
-            loss.backward()
-            grad_norm = clip_grad_norm_(self.opt_params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        loads = global_loads([moe.last_routing.loads.detach() for moe in self.moes])
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            return self._diverged(loss_value, grad_norm, lr, info)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if cfg.uses_bias_update:
-            from core.moe import update_bias
-            for moe, c in zip(self.moes, loads):
-                update_bias(moe.gate, c, cfg.gamma)
+        return means[0]
+
+    def _clip_grad_norm(self, max_norm):
+        return clip_grad_norm_(self.opt_params, max_norm)
+
+    def _global_loads(self, loads):
+        return global_loads(loads)
+
+    def _record(self, loss, lr, grad_norm, info, loads, tokens_per_s) -> dict:
+        rec = super()._record(loss, lr, grad_norm, info, loads, tokens_per_s)
         traffic = torch.tensor([self.comm.activation_bytes, self.comm.inter_node_bytes, self.comm.meta_bytes],
                                dtype=torch.int64, device=self.device)
         dist.all_reduce(traffic)
-        dt = time.perf_counter() - t_start
-        self.step_count += 1
-        n_tok = y.numel()
-        self.tokens_seen += n_tok
-        rec = self._record(loss_value, lr, grad_norm, info, loads[:len(self.main_moes)], n_tok / dt)
         rec.update(a2a_bytes=int(traffic[0]), a2a_bytes_inter_node=int(traffic[1]), a2a_meta_bytes=int(traffic[2]),
                    world_size=self.world, dp=self.meshes.plan.dp, ep=self.meshes.plan.ep)
-        if cfg.eval_every and (self.step_count % cfg.eval_every == 0 or self.step_count == cfg.steps):
-            rec["val_loss"] = self.evaluate(cfg.eval_batches)
-        rec["elapsed_s"] = self.elapsed()
-        if self.step_count >= cfg.steps:
-            self.status = "done"
-        self.records.append(rec)
         return rec
 
     def full_model(self) -> DeepSeekV3 | None:
