@@ -57,7 +57,8 @@ def _bool(v) -> str:
 
 def _formatters() -> dict[str, Callable[[Any], str]]:
     """How each bound knob's value is written in the URL (the widget's option label)."""
-    from app.compute import FMT_LABELS, STRATEGY_LABELS
+    from app.compute.fp8 import FMT_LABELS
+    from app.compute.moe import STRATEGY_LABELS
     from app.lab.knobs import KNOBS
 
     f: dict[str, Callable[[Any], str]] = {
@@ -423,7 +424,7 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
     model = kn.get("model", "deepseek-v3")
     seed = kn.get("seed", seed)
     cfg_json = _model_json(model)
-    cfg = compute.cfg_of(cfg_json)
+    cfg = compute.common.cfg_of(cfg_json)
     out = []
     for kind in step.preview:
         if kind == "kv":
@@ -436,53 +437,53 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
             arch["num_key_value_heads"] = arch["num_attention_heads"]
             groups = kn.get("mla_groups", 8 if h0 % 8 == 0 and h0 > 8 else max(1, h0 // 2))
             ctx, batch = kn.get("mla_ctx", 131072), kn.get("mla_batch", 1)
-            arch_json = compute.mla_arch(cfg_json, **arch)
-            kv = compute.kv_vs_context(arch_json, ctx, batch, kn.get("mla_dtype", "bf16"), groups)
-            out.append((charts.kv_vs_context(kv, ctx, batch, groups, kn.get("mla_log", True)), kv, "kv cache"))
+            arch_json = compute.mla.mla_arch(cfg_json, **arch)
+            kv = compute.mla.kv_vs_context(arch_json, ctx, batch, kn.get("mla_dtype", "bf16"), groups)
+            out.append((charts.mla.kv_vs_context(kv, ctx, batch, groups, kn.get("mla_log", True)), kv, "kv cache"))
         elif kind == "attention":
-            small = compute.scaled_down(cfg_json)
-            amap = compute.attention_map(small, seed)
+            small = compute.mla.scaled_down(cfg_json)
+            amap = compute.mla.attention_map(small, seed)
             rel = kn.get("mla_heatview", "× uniform") == "× uniform"
-            out.append((charts.attention_heatmap(amap["probs"][0], 0, amap["ids"], rel), amap["table"],
+            out.append((charts.mla.attention_heatmap(amap["probs"][0], 0, amap["ids"], rel), amap["table"],
                         "attention heatmap"))
         elif kind == "maxvio":
             e = kn.get("moe_experts", max(cfg.n_routed_experts, 4))
             groups = kn.get("moe_groups", cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1)
-            sim = compute.moe_simulation(e, kn.get("moe_topk", min(max(cfg.num_experts_per_tok, 1), 16)), groups,
-                                         kn.get("moe_topkg", min(cfg.topk_group, 16)),
-                                         kn.get("moe_scoring", cfg.scoring_func), kn.get("moe_gamma", 1e-2),
-                                         kn.get("moe_alpha", 1e-2), kn.get("moe_steps", 30), kn.get("moe_skew", 1.0),
-                                         seed)
-            out.append((charts.maxvio_over_steps(sim["max_vio"]), sim["max_vio"], "maxvio per step"))
+            sim = compute.moe.moe_simulation(e, kn.get("moe_topk", min(max(cfg.num_experts_per_tok, 1), 16)),
+                                             groups, kn.get("moe_topkg", min(cfg.topk_group, 16)),
+                                             kn.get("moe_scoring", cfg.scoring_func), kn.get("moe_gamma", 1e-2),
+                                             kn.get("moe_alpha", 1e-2), kn.get("moe_steps", 30),
+                                             kn.get("moe_skew", 1.0), seed)
+            out.append((charts.moe.maxvio_over_steps(sim["max_vio"]), sim["max_vio"], "maxvio per step"))
         elif kind in ("fp8hist", "sweep"):
             fmt, gran = kn.get("fp8_fmt", "e4m3"), kn.get("fp8_gran", "tensor")
             och, osz = kn.get("fp8_och", 4), kn.get("fp8_osz", 10000.0)
             if kind == "fp8hist":
-                q = compute.fp8_quantize(fmt, gran, kn.get("fp8_over", "saturate"), kn.get("fp8_data", "outliers"),
-                                         och, osz, seed)
-                out.append((charts.fp8_histogram(q["hist"], q["grid"], q["metrics"], fmt, compute.GRAN_LABELS[gran]),
-                            q["hist"], "fp8 histogram"))
+                q = compute.fp8.fp8_quantize(fmt, gran, kn.get("fp8_over", "saturate"),
+                                             kn.get("fp8_data", "outliers"), och, osz, seed)
+                out.append((charts.fp8.fp8_histogram(q["hist"], q["grid"], q["metrics"], fmt,
+                                                     compute.fp8.GRAN_LABELS[gran]), q["hist"], "fp8 histogram"))
             else:
                 f = "e4m3" if fmt == "bf16" else fmt
-                sw = compute.fp8_granularity_sweep(f, och, seed)
-                out.append((charts.granularity_sweep(sw, osz, f, och), sw, "granularity vs outliers"))
+                sw = compute.fp8.fp8_granularity_sweep(f, och, seed)
+                out.append((charts.fp8.granularity_sweep(sw, osz, f, och), sw, "granularity vs outliers"))
         elif kind == "gemm":
             nc, bits = kn.get("fp8_nc", 128), kn.get("fp8_accbits", 13)
-            g = compute.fp8_gemm_curves(bits, nc, kn.get("fp8_fmt", "e4m3"), seed)
-            out.append((charts.gemm_error(g, nc, bits), g, "gemm error vs k"))
+            g = compute.fp8.fp8_gemm_curves(bits, nc, kn.get("fp8_fmt", "e4m3"), seed)
+            out.append((charts.fp8.gemm_error(g, nc, bits), g, "gemm error vs k"))
         elif kind in ("params", "memory"):
-            d = compute.overview(cfg_json, kn.get("ov_ctx", 131072), kn.get("ov_kvdt", "bf16"))
+            d = compute.overview.overview(cfg_json, kn.get("ov_ctx", 131072), kn.get("ov_kvdt", "bf16"))
             if kind == "params":
-                out.append((charts.params_breakdown(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
-                            "parameter breakdown"))
+                out.append((charts.overview.params_breakdown(d["params"], d["counts"]),
+                            d["params"].drop(columns=["formula"]), "parameter breakdown"))
             else:
-                out.append((charts.memory_bars(d["memory"]), d["memory"], "memory"))
+                out.append((charts.overview.memory_bars(d["memory"]), d["memory"], "memory"))
         elif kind == "lab":
             from app.lab import knobs as lab_knobs
             from core.train import lr_at
             knobs = {k: v for k, v in kn.items() if k.startswith("tr_")}
             mcfg, tcfg = lab_knobs.lab_config(knobs, seed)
-            d = compute.overview(_json(mcfg), tcfg.seq_len, "fp32")
+            d = compute.overview.overview(_json(mcfg), tcfg.seq_len, "fp32")
             out.append((ct.lab_params(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
                         "lab model parameters"))
             lrs = rec.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])

@@ -14,7 +14,7 @@ Backend (`fp32_backend()`), chosen once per process from the environment variabl
     "onednn":         oneDNN fp32 GEMMs (falls back to "torch" where oneDNN is unavailable)
     "torch":          torch's defaults (MKL on x86-64)
 `set_fp32_backend` switches it at run time (benchmarks, tests; the app's server process picks "torch", see
-`app.compute.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
+`app.compute.common.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
 1024 kernels (sizes per run: docs/performance.md); `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
 use) bounds it.
 

@@ -321,7 +321,7 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
 
     with st.expander("The model and schedule you are about to train", expanded=expanded,
                      icon=":material/visibility:"):
-        d = compute.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
+        d = compute.overview.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
         c = d["counts"]
         with ui.cards():
             ui.number_with_formula("Parameters", human_count(c["total"]), r"N_{\text{total}}", width=250,
