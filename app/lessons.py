@@ -15,7 +15,8 @@ from typing import Any, Callable
 
 from app.pages import PAGES
 from core.published import (H800_FP8_ACCUM_BITS, V2_ACTIVATED_PARAMS, V2_TOTAL_PARAMS, V3_ACTIVATED_PARAMS,
-                            V3_CONTEXT_TOKENS, V3_FP8_LOSS_REL_ERROR, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
+                            V3_CONTEXT_TOKENS, V3_EP_NODES, V3_EP_RANKS, V3_FP8_LOSS_REL_ERROR, V3_NODE_LIMIT,
+                            V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
 from core.units import tokens
 
 # ====================================================================== data model
@@ -63,7 +64,7 @@ def _formatters() -> dict[str, Callable[[Any], str]]:
 
     f: dict[str, Callable[[Any], str]] = {
         "lesson": _bool, "mla_log": _bool,
-        "ov_ctx": tokens, "mla_ctx": tokens,
+        "ov_ctx": tokens, "mla_ctx": tokens, "ov_mlimit": lambda m: "no limit" if m is None else str(m),
         "fp8_fmt": FMT_LABELS.__getitem__, "fp8_osz": _osz,
         "fp8_over": {"saturate": "saturate", "nan": "NaN / inf"}.__getitem__,
         "moe_strategy": STRATEGY_LABELS.__getitem__,
@@ -330,6 +331,18 @@ SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOT
          "Total and activated parameters both shrink; the share of weights a token activates is similar.",
          (),
          ("params",)),
+    Step("Expert parallelism: what crosses the network",
+         f"Training spreads the routed experts over GPUs (V3: {V3_EP_RANKS} GPUs on {V3_EP_NODES} nodes), so every "
+         "MoE layer sends each token to the GPUs of its experts and the outputs back: two all-to-all exchanges, in "
+         "FP8 one way and BF16 the other. The slow links are between nodes, and node-limited routing caps how many "
+         f"nodes a token may reach: at most {V3_NODE_LIMIT} of {V3_EP_NODES} in V3.",
+         "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ep": V3_EP_RANKS, "ov_nodes": V3_EP_NODES,
+                               "ov_mlimit": V3_NODE_LIMIT},
+         "In **Expert parallelism: all-to-all traffic** the blue line (one copy per remote node) falls with the "
+         "node limit M; the grey per-slot line, what a plain all-to-all sends, stays flat.",
+         (r"\mathbb{E}[\text{cross-node bytes}] = (n-1)\,\tfrac{M}{n}\,P_{\text{hit}}\,(B_{\text{disp}} + "
+          r"B_{\text{comb}})",),
+         ("a2a",)),
 ))
 
 SECTIONS: tuple[Section, ...] = (FOUNDATIONS, MLA, MOE, FP8, TOGETHER, SCALE)
@@ -339,6 +352,8 @@ SECTION_IDS = [s.id for s in SECTIONS]
 KNOB_LABELS = {
     "lesson": "Lesson mode", "model": "Model", "seed": "Seed",
     "ov_ctx": "Context length", "ov_kvdt": "KV cache dtype",
+    "ov_ep": "EP ranks", "ov_nodes": "Nodes", "ov_mlimit": "Node limit M", "ov_disp": "Dispatch dtype",
+    "ov_comb": "Combine dtype",
     "mla_dc": "KV latent dim d_c", "mla_rope": "RoPE key dim d_h^R", "mla_heads": "Attention heads",
     "mla_groups": "GQA groups n_g", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
     "mla_gpus": "GPUs", "mla_gpumem": "Memory per GPU (GiB)", "mla_wdtype": "Weights dtype",
@@ -478,6 +493,12 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
                             d["params"].drop(columns=["formula"]), "parameter breakdown"))
             else:
                 out.append((charts.overview.memory_bars(d["memory"]), d["memory"], "memory"))
+        elif kind == "a2a":
+            ep, nodes = kn.get("ov_ep", V3_EP_RANKS), kn.get("ov_nodes", V3_EP_NODES)
+            m = kn.get("ov_mlimit", V3_NODE_LIMIT)
+            d = compute.overview.comm(cfg_json, ep, nodes, m, kn.get("ov_disp", "fp8"), kn.get("ov_comb", "bf16"))
+            out.append((charts.overview.a2a_vs_node_limit(d["by_limit"], m, nodes), d["by_limit"],
+                        "all-to-all bytes vs node limit"))
         elif kind == "lab":
             from app.lab import knobs as lab_knobs
             from core.train import lr_at

@@ -22,8 +22,8 @@ __all__ = ["parallelize", "global_loads", "clip_grad_norm_", "full_state_dict", 
 def parallelize(model: nn.Module, meshes: Meshes) -> CommStats:
     """Split every MoE layer's routed experts over the "ep" mesh (when E > 1), then shard with FSDP2.
 
-    FSDP units (torchtitan's choice): each decoder block (also the MTP modules' blocks), its routed experts as a separate
-    unit on the "dp_mod_ep" mesh (they are already split over "ep"), and the root (embedding, final norm, head)
+    FSDP units (torchtitan's choice): each decoder block (also the MTP modules' blocks), its routed experts as a
+    separate unit on the "dp_mod_ep" mesh (they are already split over "ep"), and the root (embedding, final norm, head)
     on the flattened "dp" mesh. Expert gradients are divided by D, the number of ranks whose losses they sum
     (FSDP would divide by D // E: each rank's experts already collect E ranks' tokens).
     Returns the `CommStats` the expert exchanges count into.
