@@ -20,7 +20,7 @@ counts and gate values), forward and backward, and the share that crosses nodes 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -41,7 +41,6 @@ class CommStats:
     inter_node_bytes: int = 0    # all of the above that crossed a node boundary
     meta_bytes: int = 0          # per-expert counts and gate values (not activations)
     tokens: int = 0              # tokens dispatched by this rank (summed over MoE layers)
-    per_layer: list = field(default_factory=list)
 
     def reset(self) -> None:
         self.dispatch_bytes = self.combine_bytes = self.backward_bytes = 0

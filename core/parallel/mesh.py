@@ -107,10 +107,6 @@ class Meshes:
     rank: int
     ranks_per_node: int
 
-    @property
-    def ep_rank(self) -> int:
-        return self.ep.get_local_rank()
-
 
 def build_meshes(plan: ParallelPlan, device_type: str = "cpu") -> Meshes:
     """init_device_mesh over the running job (call after `init_distributed`)."""
