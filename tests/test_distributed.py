@@ -22,7 +22,7 @@ from core.parallel import ParallelError, ParallelPlan, validate_plan
 from core.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMEOUT_S = 240  # per launch; a hang fails instead of blocking
+TIMEOUT_S = 420  # per launch (all run at once; a loaded 2-core box took 260 s); a hang fails, not blocks
 STEPS = 20
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "16", "--eval-every", "0",
         "--dataset", "synthetic", "--seed", "3", "--warmup", "2", "--gamma", "0.01", "--quiet"]
