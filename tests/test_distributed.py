@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 420  # per launch (all run at once; a loaded 2-core box took 260 s); a hang fails, not blocks
 STEPS = 20
 ARGS = ["--preset", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--seq-len", "16", "--eval-every", "0",
-        "--dataset", "synthetic", "--seed", "3", "--warmup", "2", "--gamma", "0.01", "--quiet"]
+        "--dataset", "synthetic", "--seed", "3", "--warmup", "2", "--gamma", "0.01", "--device", "cpu", "--quiet"]
 
 
 def _train_cfg() -> TrainConfig:
