@@ -23,7 +23,8 @@ from app.texts import (COUNTS, E4M3, E5M2, MINI, V2, V3, V3_KV_MHA, V3_KV_MLA, a
                        fp8_validation_sentence)
 from core.calc import weight_bytes
 from core.published import (H800_FP8_ACCUM_BITS, V2_ACTIVATED_PARAMS, V2_TOTAL_PARAMS, V3_ACTIVATED_PARAMS,
-                            V3_CONTEXT_TOKENS, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
+                            V3_CONTEXT_TOKENS, V3_EP_NODES, V3_EP_RANKS, V3_NODE_LIMIT, V3_PROMOTION_INTERVAL,
+                            V3_TOTAL_PARAMS, billions)
 from core.train import APP_DEFAULT
 from core.units import human_count, tokens
 
@@ -72,7 +73,7 @@ def _formatters() -> dict[str, Callable[[Any], str]]:
 
     f: dict[str, Callable[[Any], str]] = {
         "lesson": _bool, "mla_log": _bool,
-        "ov_ctx": tokens, "mla_ctx": tokens,
+        "ov_ctx": tokens, "mla_ctx": tokens, "ov_mlimit": lambda m: "no limit" if m is None else str(m),
         "fp8_fmt": FMT_LABELS.__getitem__, "fp8_osz": _osz,
         "fp8_over": {"saturate": "saturate", "nan": "NaN / inf"}.__getitem__,
         "moe_strategy": STRATEGY_LABELS.__getitem__,
@@ -379,6 +380,18 @@ SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOT
          f"(published: {V3_ACTIVATED_PARAMS / V3_TOTAL_PARAMS:.1%} and {V2_ACTIVATED_PARAMS / V2_TOTAL_PARAMS:.1%}).",
          (),
          ("params",)),
+    Step("Expert parallelism: what crosses the network",
+         f"Training spreads the routed experts over GPUs (V3: {V3_EP_RANKS} GPUs on {V3_EP_NODES} nodes), so every "
+         "MoE layer sends each token to the GPUs of its experts and the outputs back: two all-to-all exchanges, in "
+         "FP8 one way and BF16 the other. The slow links are between nodes, and node-limited routing caps how many "
+         f"nodes a token may reach: at most {V3_NODE_LIMIT} of {V3_EP_NODES} in V3.",
+         "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ep": V3_EP_RANKS, "ov_nodes": V3_EP_NODES,
+                               "ov_mlimit": V3_NODE_LIMIT},
+         "In **Expert parallelism: all-to-all traffic** the blue line (one copy per remote node) falls with the "
+         "node limit M; the grey per-slot line, what a plain all-to-all sends, stays flat.",
+         (r"\mathbb{E}[\text{cross-node bytes}] = (n-1)\,\tfrac{M}{n}\,P_{\text{hit}}\,(B_{\text{disp}} + "
+          r"B_{\text{comb}})",),
+         ("a2a",)),
 ))
 
 SECTIONS: tuple[Section, ...] = (FOUNDATIONS, MLA, MOE, FP8, TOGETHER, SCALE)
@@ -388,6 +401,8 @@ SECTION_IDS = [s.id for s in SECTIONS]
 KNOB_LABELS = {
     "lesson": "Lesson mode", "model": "Model", "seed": "Seed",
     "ov_ctx": "Context length", "ov_kvdt": "KV cache dtype",
+    "ov_ep": "EP ranks", "ov_nodes": "Nodes", "ov_mlimit": "Node limit M", "ov_disp": "Dispatch dtype",
+    "ov_comb": "Combine dtype",
     "mla_dc": "KV latent dim d_c", "mla_rope": "RoPE key dim d_h^R", "mla_heads": "Attention heads",
     "mla_groups": "GQA groups n_g", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
     "mla_gpus": "GPUs", "mla_gpumem": "Memory per GPU (GiB)", "mla_wdtype": "Weights dtype",
@@ -527,6 +542,12 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
                             d["params"].drop(columns=["formula"]), "parameter breakdown"))
             else:
                 out.append((charts.overview.memory_bars(d["memory"]), d["memory"], "memory"))
+        elif kind == "a2a":
+            ep, nodes = kn.get("ov_ep", V3_EP_RANKS), kn.get("ov_nodes", V3_EP_NODES)
+            m = kn.get("ov_mlimit", V3_NODE_LIMIT)
+            d = compute.overview.comm(cfg_json, ep, nodes, m, kn.get("ov_disp", "fp8"), kn.get("ov_comb", "bf16"))
+            out.append((charts.overview.a2a_vs_node_limit(d["by_limit"], m, nodes), d["by_limit"],
+                        "all-to-all bytes vs node limit"))
         elif kind == "lab":
             from app.lab import knobs as lab_knobs
             from core.train import lr_at

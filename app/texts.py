@@ -12,7 +12,8 @@ from core.fp8 import FORMATS
 from core.published import (FP8_ACCUM_ERROR, FP8_ACCUM_ERROR_K, FP8_VALIDATION_RUNS, H800_FP8_ACCUM_BITS,
                             V2_ACTIVATED_PARAMS, V2_LITE_ACTIVATED_PARAMS, V3_ACTIVATED_PARAMS,
                             V3_ACTIVATED_PARAMS_README, V3_BALANCE_ALPHA, V3_CHECKPOINT_PARAMS, V3_CONTEXT_TOKENS,
-                            V3_FP8_LOSS_REL_ERROR, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions, trillions)
+                            V3_EP_NODES, V3_EP_RANKS, V3_FP8_LOSS_REL_ERROR, V3_NODE_LIMIT, V3_PROMOTION_INTERVAL,
+                            V3_TOTAL_PARAMS, billions, trillions)
 from core.train import APP_DEFAULT
 from core.units import human_count, tokens
 
@@ -99,6 +100,33 @@ OVERVIEW_EQUATIONS = [
     r"F_{\text{fwd}} \approx 2\,N'_{\text{act}} + 2\,L\,n_h\,(d_{qk} + d_v)\,T,\qquad F_{\text{train}} \approx 3\,F_{\text{fwd}}",
     r"M_{\text{FP8}} = 1\cdot N_{\text{lin}} + 2\cdot N_{\text{other}} + 4\cdot\lceil N_{\text{lin}}/128^2\rceil\ \text{bytes}",
     r"\text{KV}_{\text{MLA}} = (d_c + d_h^R)\cdot L \cdot T \cdot B \cdot \text{bytes}",
+]
+
+# Expert-parallel traffic (Overview): knob labels by core.comm's knob names, the explanation and its equations.
+COMM_KNOBS = {"ep": "EP ranks", "nodes": "Nodes", "node_limit": "Node limit M", "dtype": "Dispatch / combine dtype",
+              "n_routed_experts": "Routed experts"}
+COMM_EXPLAIN = r"""
+With expert parallelism the routed experts of every MoE layer are split over EP ranks (V3 trains with
+{V3_EP_RANKS} GPUs on {V3_EP_NODES} nodes). Each token's hidden state is **dispatched** to the ranks holding its
+$K_r$ experts and the expert outputs are **combined** back: two all-to-all exchanges per MoE layer, mirrored again
+by the gradients in training. V3 sends the dispatch in FP8 (1 byte per channel plus a scale per 128 channels) and
+the combine in BF16, and crosses the slow inter-node links (InfiniBand) **once per target node**, forwarding inside
+the node over NVLink. Node-limited
+routing lets a token use experts on at most $M$ nodes (V3: $M = {V3_NODE_LIMIT}$ of {V3_EP_NODES}), so at most $M$
+copies leave its node.
+
+The expected values assume uniform routing: a token picks $M$ nodes (or all $n$), then $K_r$ distinct experts among
+their experts. A plain all-to-all (one copy per token-expert slot, as Eva's `core.parallel` and torchtitan send)
+moves $K_r(1 - 1/\text{EP})$ copies off the rank whatever $M$ is. `core.comm.exchange_bytes` counts measured routing
+exactly; the tests check it against the bytes Eva's exchange actually sends.
+""".replace("{V3_EP_RANKS}", str(V3_EP_RANKS)).replace(
+    "{V3_EP_NODES}", str(V3_EP_NODES)).replace("{V3_NODE_LIMIT}", str(V3_NODE_LIMIT))
+COMM_EQUATIONS = [
+    r"B_{\text{disp}} = d\cdot b_{\text{disp}} + 4\,\lceil d/128\rceil\ [\text{FP8}],\qquad "
+    r"B_{\text{comb}} = d\cdot b_{\text{comb}}",
+    r"P_{\text{hit}} = 1 - \binom{E_M - E_n}{K_r}\Big/\binom{E_M}{K_r},\quad E_n = N_r/n,\ E_M = M\,E_n",
+    r"\mathbb{E}[\text{cross-node bytes}] = (n - 1)\,\tfrac{M}{n}\,P_{\text{hit}}\,(B_{\text{disp}} + B_{\text{comb}})"
+    r"\ \le\ \min(K_r, M)\,(B_{\text{disp}} + B_{\text{comb}})",
 ]
 
 # Knob labels for the custom-architecture overrides (config field -> label); also used to name the knob in errors.

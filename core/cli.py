@@ -4,6 +4,8 @@ Three steps, one function each, so that new flags slot into one place:
   `parse_args`   argv -> argparse.Namespace (`--help` lists every `TrainConfig` knob);
   `build_configs` the namespace -> (ModelConfig, TrainConfig) (where the model's architecture comes from);
   `run_and_write` trains, draws the progress bar, writes the JSON records / checkpoint / sample.
+Under torchrun with `--dp D [--ep E]` the run is a `core.parallel` one (`core.parallel.launch.run`); rank 0
+draws, writes and prints, the checkpoint and the sample are gathered from every rank.
 The JSON file is a JSON *list* with one record per logged step (every `log_every` steps and the last).
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import core.train
 from core.config import ModelConfig, get_preset
 from core.cuda.device import DEVICES
+from core.parallel.launch import add_parallel_args, wants_distributed
 from core.train import TrainConfig, TrainingDiverged, TrainRun, train
 
 __all__ = ["json_safe", "write_records", "parse_args", "build_configs", "run_and_write", "main"]
@@ -89,6 +92,7 @@ def _arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--sample", type=int, default=0, help="print this many sampled bytes after training")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_parallel_args(ap)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         kw = {"default": f.default, "help": f.metadata.get("help", "")}
@@ -127,7 +131,8 @@ def run_and_write(run: TrainRun, args: argparse.Namespace) -> int:
     """Train `run` to the end, writing what `args` asks for; returns the exit status
     (0 done, 1 diverged, 130 interrupted). The JSON file is written even when the run stops early."""
     cfg = run.config
-    progress = None if args.quiet else _Progress(cfg.steps)
+    lead = getattr(run, "rank", 0) == 0  # a parallel run: only rank 0 draws, writes and prints
+    progress = None if args.quiet or not lead else _Progress(cfg.steps)
     logged: list[dict] = []
     code = 0
     try:
@@ -136,9 +141,10 @@ def run_and_write(run: TrainRun, args: argparse.Namespace) -> int:
                 logged.append(rec)
             if progress:
                 progress.update(rec)
-    except TrainingDiverged as e:
+    except TrainingDiverged as e:  # a parallel run's ranks see the same global loss and stop together
         logged.append(e.record)
-        print(f"\nerror: {e}", file=sys.stderr)
+        if lead:
+            print(f"\nerror: {e}", file=sys.stderr)
         code = 1
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -146,18 +152,19 @@ def run_and_write(run: TrainRun, args: argparse.Namespace) -> int:
     finally:
         if progress:
             progress.close()
-        if args.json:
+        if args.json and lead:
             write_records(args.json, logged)
     if args.save and code != 1:
-        run.save(args.save)
-        print(f"saved checkpoint to {args.save}", file=sys.stderr)
-    if args.sample and code == 0:
-        s = run.sample_text("", args.sample, seed=cfg.seed)
+        run.save(args.save)  # collective in a parallel run (rank 0 writes the gathered weights)
+        if lead:
+            print(f"saved checkpoint to {args.save}", file=sys.stderr)
+    s = run.sample_text("", args.sample, seed=cfg.seed) if args.sample and code == 0 else None
+    if s is not None:  # None on the ranks other than 0
         print(s["text"])
         if s["mtp_acceptance"] is not None:
             print(f"MTP draft acceptance: {s['mtp_acceptance']:.1%} ({s['mtp_accepted']}/{s['mtp_drafts']})",
                   file=sys.stderr)
-    if run.records and code == 0:
+    if run.records and code == 0 and lead:
         last = run.records[-1]
         print(json.dumps(json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
                                      "status": run.status, "elapsed_s": round(run.elapsed(), 2)})))
@@ -169,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if wants_distributed(args):
+        from core.parallel.launch import run as run_parallel
+        return run_parallel(args)
     try:
         model_cfg, cfg = build_configs(args)
         run = train(model_cfg, cfg)

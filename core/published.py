@@ -31,6 +31,9 @@ V2_LITE_ACTIVATED_PARAMS = 2.4e9    # V2 report Appendix B (2.4B activated)
 V3_CONTEXT_TOKENS = 128 * 1024      # V3 report §4.3: context extended to 128K with YaRN
 V3_PRETRAIN_TOKENS = 14.8e12        # V3 report abstract and §4.2: 14.8T pre-training tokens
 V3_H800_GPU_HOURS = 2.788e6         # V3 report Table 1: 2.788M H800 GPU hours for the full training
+V3_EP_RANKS = 64                    # V3 report §3.2: 64-way expert parallelism spanning 8 nodes
+V3_EP_NODES = 8
+V3_NODE_LIMIT = 4                   # V3 report §2.1.2 / §3.2.2: each token sent to at most 4 nodes
 V3_BIAS_UPDATE_SPEED = 0.001        # V3 report §4.2: bias update speed gamma = 0.001 (first 14.3T tokens)
 V3_MTP_ACCEPTANCE = (0.85, 0.90)    # V3 report §5.4.3: acceptance of the second (MTP-drafted) token 85%-90%
 V3_BALANCE_ALPHA = 0.0001           # V3 report §4.2: sequence-wise balance loss alpha = 0.0001 ("extremely small")

@@ -354,7 +354,7 @@ class TrainRun:
         self.model_config = resolve_model_config(model_cfg, cfg)
         self.data = get_dataset(cfg.dataset, cfg.seed)
         self.data.check_seq_len("train", cfg.seq_len)
-        self.model = build_model(self.model_config, cfg)
+        self.model = self._prepare(build_model(self.model_config, cfg))
         self.model.train()
         self.stop = stop
         self.generator = torch.Generator().manual_seed(cfg.seed)
@@ -448,18 +448,15 @@ class TrainRun:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         x, y = batch[:2] if batch is not None else self.data.batch(cfg.batch_size, cfg.seq_len, self.generator)[:2]
-        device = self.model.lm_head.weight.device
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        loss, info = self._losses(x, y)
-        loss_value = float(loss.detach())
+        loss, info = self._losses(*self._local_batch(x, y))
+        loss_value = self._global_loss(float(loss.detach()), info)
         grad_norm = math.nan
         if math.isfinite(loss_value):
             loss.backward()
             if self.master:
                 self.master.grads_to_master()
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm))
-        loads = [moe.last_routing.loads.detach() for moe in self.moes]
+            grad_norm = self._clip_grad_norm(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        loads = self._global_loads([moe.last_routing.loads.detach() for moe in self.moes])
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return self._diverged(loss_value, grad_norm, lr, info)
         self.optimizer.step()
@@ -481,6 +478,28 @@ class TrainRun:
             self.status = "done"
         self.records.append(rec)
         return rec
+
+    # -- what a data-parallel run (core.parallel.trainer.DistributedTrainRun) replaces; one process: identity
+    def _prepare(self, model: DeepSeekV3) -> DeepSeekV3:
+        """The freshly built model -> the model to train (a parallel run shards it here)."""
+        return model
+
+    def _local_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The global batch [B, T] -> the rows this process trains on, on the model's device."""
+        device = self.model.lm_head.weight.device
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def _global_loss(self, loss: float, info: dict) -> float:
+        """This process's loss -> the run's loss (`info`'s loss terms likewise, in place)."""
+        return loss
+
+    def _clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradients to `max_norm` (torch's rule); returns the norm before clipping."""
+        return float(torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm))
+
+    def _global_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Per-layer expert loads of this process's tokens -> of the global batch (what the bias update uses)."""
+        return loads
 
     def _record(self, loss, lr, grad_norm, info, loads, tokens_per_s) -> dict:
         vios = [load_metrics(c)["max_vio"] for c in loads]

@@ -1,4 +1,5 @@
-"""Overview / scale calculator: parameters (total vs activated), FLOPs per token, weight memory, KV cache."""
+"""Overview / scale calculator: parameters (total vs activated), FLOPs per token, weight memory, KV cache, and the
+all-to-all traffic of expert parallelism."""
 import streamlit as st
 
 from app import shell, sidebar, state, texts, ui
@@ -7,6 +8,7 @@ from app.compute import overview as compute
 from app.compute.common import apply_overrides
 from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS, billions
 from core.units import flops, human_bytes, human_count, tokens
+from core.comm import CommError
 from core.config import ConfigError
 
 shell.require()  # run inside the entry point (see app/shell.py)
@@ -28,6 +30,31 @@ with sb.expander("Custom architecture", icon=":material/tune:"):
                          follow=sh.model_id)
         if v is not None:
             overrides[field] = int(v)
+
+ep_knobs = None
+if base_cfg.n_routed_experts:
+    with sb.expander("Expert parallelism", icon=":material/hub:"):
+        n_r = base_cfg.n_routed_experts
+        ep_opts = [d for d in range(1, n_r + 1) if n_r % d == 0 and d <= 1024]
+        ep = state.selectbox("EP ranks (GPUs holding the experts)", "ov_ep", ep_opts,
+                             max(d for d in ep_opts if d <= 64), follow=sh.model_id,
+                             help="Routed experts are split evenly over these ranks (V3 trains with EP64).")
+        node_opts = [d for d in range(1, ep + 1) if ep % d == 0]
+        nodes = state.selectbox("Nodes", "ov_nodes", node_opts, ep // 8 if ep % 8 == 0 else 1, follow=sh.model_id,
+                                help="The EP ranks sit on this many nodes (V3: 8 nodes of 8 GPUs).")
+        k = base_cfg.num_experts_per_tok
+        limit_opts = [None] + [m for m in range(1, nodes + 1) if m * n_r // nodes >= k]
+        limit_default = (base_cfg.topk_group if base_cfg.n_group == nodes and base_cfg.topk_group in limit_opts
+                         else None)
+        node_limit = state.selectbox("Node limit M (nodes per token)", "ov_mlimit", limit_opts, limit_default,
+                                     fmt=lambda m: "no limit" if m is None else str(m), follow=sh.model_id,
+                                     help="Node-limited routing: each token may use experts on at most M nodes "
+                                          "(V3: 4).")
+        dispatch = state.radio("Dispatch dtype", "ov_disp", ["fp8", "bf16", "fp32"], "fp8",
+                               help="V3 sends the dispatch in FP8 (with a scale per 128 channels).")
+        combine = state.radio("Combine dtype", "ov_comb", ["bf16", "fp32"], "bf16",
+                              help="V3 sends the combine in BF16.")
+        ep_knobs = (ep, nodes, node_limit, dispatch, combine)
 
 ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
 try:
@@ -102,3 +129,37 @@ ui.chart(ui.fig(charts.flops_vs_context, d["flops"], context), d["flops"], "flop
          lesson=sh.lesson,
          notice="The matmul FLOPs are flat: they depend only on the activated parameters. The attention part "
                 "grows linearly with the context and takes over for long sequences.")
+
+if ep_knobs is not None:
+    st.subheader("Expert parallelism: all-to-all traffic")
+    ep, nodes, node_limit, dispatch, combine = ep_knobs
+    try:
+        a2a = compute.comm(cfg_json, ep, nodes, node_limit, dispatch, combine)
+    except CommError as e:
+        ui.knob_error(texts.COMM_KNOBS.get(e.knob, e.knob), str(e).split(": ", 1)[1])
+        a2a = None
+    if a2a is not None:
+        v = a2a["volume"]
+        ui.explanation("How the traffic is counted", texts.COMM_EXPLAIN, texts.COMM_EQUATIONS, lesson=sh.lesson)
+        with ui.cards():
+            ui.number_with_formula("One token copy", f"{human_bytes(v['dispatch_token_bytes'])} + "
+                                   f"{human_bytes(v['combine_token_bytes'])}",
+                                   r"d\cdot b_{\text{disp}} + 4\lceil d/128\rceil,\;\; d\cdot b_{\text{comb}}",
+                                   detail=f"dispatch in {dispatch.upper()}, combine in {combine.upper()}")
+            ui.number_with_formula("Off-rank, per slot", human_bytes(v["bytes_off_rank"]),
+                                   r"K_r\,(1 - 1/\text{EP})\,(B_{\text{disp}} + B_{\text{comb}})",
+                                   detail=f"{v['slots_off_rank']:.2f} of {base_cfg.num_experts_per_tok} slots leave "
+                                          f"the rank; per token per MoE layer, forward")
+            ui.number_with_formula("Cross-node, one copy per node", human_bytes(v["bytes_inter_node_dedup"]),
+                                   r"(n-1)\,\tfrac{M}{n}\,P_{\text{hit}}\,(B_{\text{disp}} + B_{\text{comb}})",
+                                   detail=f"{v['remote_nodes_expected']:.2f} remote nodes expected, at most "
+                                          f"{v['nodes_per_token_max']}")
+            ui.number_with_formula(f"Per token, all {a2a['moe_layers']} MoE layers",
+                                   human_bytes(v["bytes_inter_node_dedup"] * a2a["moe_layers"]),
+                                   r"L_{\text{MoE}} \times \text{cross-node bytes}",
+                                   detail="forward only; training sends the same again in the backward")
+        ui.chart(ui.fig(charts.a2a_vs_node_limit, a2a["by_limit"], node_limit, nodes), a2a["by_limit"],
+                 "all-to-all bytes vs node limit", key="ov_a2a", lesson=sh.lesson,
+                 notice="The blue line falls as M shrinks: fewer nodes per token means fewer InfiniBand copies, "
+                        "which is why V3 caps each token at 4 nodes. The grey per-slot line does not move: an "
+                        "exchange that sends one copy per expert gains nothing from the limit.")

@@ -129,3 +129,24 @@ def test_invalid_url_value_falls_back_with_note(page):
     assert widget(at, key).value == default
     msg = " ".join(notes(at))
     assert raw in msg and "not a valid value" in msg, msg
+
+
+def test_overview_all_to_all_section_follows_the_node_limit():
+    """The Overview's expert-parallel traffic comes from core.comm for the knobs in the URL, and the node limit moves
+    the cross-node figure (V3 layout: EP64 on 8 nodes)."""
+    from core.comm import a2a_volume
+    from core.config import get_preset
+    from core.units import human_bytes
+
+    v3 = get_preset("deepseek-v3")
+    shown = {}
+    for m in (4, 2):
+        at = open_page("pages/overview.py", {"model": "deepseek-v3", "ov_ep": "64", "ov_nodes": "8",
+                                             "ov_mlimit": str(m)})
+        assert not at.exception and not at.error
+        assert at.selectbox(key="ov_mlimit").value == m
+        expected = human_bytes(a2a_volume(v3, 64, 8, m, "fp8", "bf16")["bytes_inter_node_dedup"])
+        cards = {mt.label: mt.value for mt in at.metric}
+        assert cards["Cross-node, one copy per node"] == expected, m
+        shown[m] = expected
+    assert shown[2] != shown[4]

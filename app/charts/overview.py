@@ -1,4 +1,5 @@
-"""Overview dashboard charts: parameters by component (total vs activated), memory, FLOPs vs context."""
+"""Overview dashboard charts: parameters by component (total vs activated), memory, FLOPs vs context, expert-parallel
+cross-node traffic vs the node limit."""
 from __future__ import annotations
 
 import pandas as pd
@@ -84,3 +85,36 @@ def flops_vs_context(flops: pd.DataFrame, context: int) -> go.Figure:
     fig.update_yaxes(type="log", dtick=1)
     return layout(fig, title, sub, "Context length (tokens, log scale)", "Forward FLOPs per token (GFLOP, log)",
                    width_chars=85)
+
+
+def a2a_vs_node_limit(by_limit: pd.DataFrame, node_limit: int | None, nodes: int) -> go.Figure:
+    """Cross-node all-to-all bytes per token per MoE layer (dispatch + combine, forward) against the node limit M:
+    one copy per remote node as V3 dispatches (expected under uniform routing), its bound min(K, M) copies, and
+    a plain per-slot exchange (one copy per expert on another node, independent of M)."""
+    lim = by_limit[by_limit["limited"]]
+    unit, div = byte_unit(float(by_limit[["inter_node_max", "inter_node_per_slot"]].to_numpy().max()))
+    fig = go.Figure()
+    series = (("inter_node_per_slot", "Per slot: one copy per expert on another node", palette.OKABE_ITO["grey"],
+               "dot"),
+              ("inter_node_max", "Bound: one copy to each of min(K, M) nodes", palette.OKABE_ITO["vermillion"], "dash"),
+              ("inter_node_dedup", "One copy per remote node (V3), expected", palette.OKABE_ITO["blue"], "solid"))
+    for col, name, color, dash in series:
+        fig.add_scatter(x=lim["node_limit"], y=lim[col] / div, name=name, mode="lines+markers",
+                        line=dict(color=color, dash=dash, width=3 if dash == "solid" else 2),
+                        hovertemplate="M = %{x} nodes: %{y:,.2f} " + unit + "<extra></extra>")
+    free = by_limit[~by_limit["limited"]].iloc[0]
+    if node_limit is not None and node_limit in set(lim["node_limit"]):
+        row = lim[lim["node_limit"] == node_limit].iloc[0]
+        fig.add_vline(x=node_limit, line_dash="dot", line_color=palette.OKABE_ITO["grey"])
+        title = (f"Limiting each token to {node_limit} of {nodes} nodes cuts its cross-node traffic to "
+                 f"{percent(row['inter_node_dedup'], free['inter_node_dedup']):.0f}% of unlimited routing")
+        sub = (f"{human_bytes(row['inter_node_dedup'])} vs {human_bytes(free['inter_node_dedup'])} per token per MoE "
+               f"layer (expected, {row['remote_nodes']:.2f} vs {free['remote_nodes']:.2f} remote nodes); a per-slot "
+               f"exchange would send {human_bytes(free['inter_node_per_slot'])}")
+    else:
+        title = f"Without a node limit a token reaches {free['remote_nodes']:.2f} remote nodes on average"
+        sub = (f"{human_bytes(free['inter_node_dedup'])} per token per MoE layer with one copy per node; "
+               f"{human_bytes(free['inter_node_per_slot'])} with one copy per slot")
+    fig.update_xaxes(dtick=1)
+    return layout(fig, title, sub, "Node limit M (nodes a token may use)",
+                  f"Cross-node bytes per token per MoE layer ({unit})", width_chars=85)

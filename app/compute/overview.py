@@ -6,6 +6,7 @@ import streamlit as st
 
 from app.compute.common import BYTES_PER_ELEMENT, cfg_of
 from core import calc
+from core.comm import CommError, a2a_volume
 
 COMPONENT_LABELS = {
     "embedding": "Embedding", "attention": "Attention (MLA)", "dense_ffn": "Dense FFN",
@@ -49,3 +50,26 @@ def overview(cfg_json: str, context: int, kv_dtype: str) -> dict:
         "weights_bf16": calc.weight_bytes(cfg, "bf16"), "weights_fp8": calc.weight_bytes(cfg, "fp8"),
         "weights_fp8_with_mtp": calc.weight_bytes(cfg, "fp8", include_mtp=True),
     }
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def comm(cfg_json: str, ep: int, nodes: int, node_limit: int | None, dispatch: str, combine: str) -> dict | None:
+    """Expert-parallel all-to-all bytes per token (`core.comm.a2a_volume`) for one layout, and the same for every
+    node limit M = 1..nodes (the chart). None for a model without routed experts; raises core.comm.CommError
+    naming the knob for an impossible layout."""
+    cfg = cfg_of(cfg_json)
+    if not cfg.n_routed_experts:
+        return None
+    v = a2a_volume(cfg, ep, nodes, node_limit, dispatch, combine)
+    limits = []
+    for m in [None, *range(1, nodes + 1)]:
+        try:
+            w = a2a_volume(cfg, ep, nodes, m, dispatch, combine)
+        except CommError:  # M nodes hold fewer than K experts: that limit is impossible for this model
+            continue
+        limits.append({"node_limit": m if m is not None else nodes, "limited": m is not None,
+                       "inter_node_dedup": w["bytes_inter_node_dedup"], "inter_node_max": w["bytes_inter_node_max"],
+                       "inter_node_per_slot": w["bytes_inter_node_per_slot"],
+                       "remote_nodes": w["remote_nodes_expected"]})
+    moe_layers = max(cfg.num_hidden_layers - cfg.first_k_dense_replace, 0)
+    return {"volume": v, "by_limit": pd.DataFrame(limits), "moe_layers": moe_layers}
