@@ -1,7 +1,7 @@
 """Overview / scale calculator: parameters (total vs activated), FLOPs per token, weight memory, KV cache."""
 import streamlit as st
 
-from app import shell, sidebar, state, texts, ui
+from app import landing, shell, sidebar, state, texts, ui
 from app.charts import overview as charts
 from app.compute import overview as compute
 from app.compute.common import apply_overrides
@@ -30,6 +30,7 @@ with sb.expander("Custom architecture", icon=":material/tune:"):
             overrides[field] = int(v)
 
 ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
+landing.render(lesson=sh.lesson)
 try:
     cfg_json = apply_overrides(sh.cfg_json, overrides)
 except ConfigError as e:
