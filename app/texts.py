@@ -150,7 +150,7 @@ FP8_EQUATIONS = [
 ]
 
 # ====================================================================== MoE routing
-MOE_TITLE = "MoE routing — how DeepSeek-V3 spreads tokens over 256 experts"
+MOE_TITLE = "MoE routing — how the router spreads tokens over {n_experts} experts"  # .format(n_experts=knob)
 MOE_SUB = "A real router on a multi-domain token stream, load-balance metrics, and the aux-loss-free bias controller"
 
 MOE_EXPLAIN = r"""

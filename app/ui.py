@@ -138,6 +138,14 @@ def number_with_formula(label: str, value: str, formula: str, *, paper: str | No
             st.caption("  ·  ".join(bits))
 
 
+def scroll_x(key: str, min_width: int = 640):
+    """A container whose content (e.g. a wide Markdown table) keeps `min_width` px and scrolls sideways in a narrow
+    window instead of being cut off: `with ui.scroll_x("ov_formulas"): st.markdown(table)`."""
+    st.html(f"<style>.st-key-{key} [data-testid='stMarkdownContainer'] {{ overflow-x: auto; }}"
+            f".st-key-{key} table {{ min-width: {min_width}px; }}</style>")
+    return st.container(key=key)
+
+
 def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")[:60] or "data"
 

@@ -51,18 +51,24 @@ with sb.expander("Serving", expanded=True, icon=":material/dns:"):
     wdtype = state.radio("Weights dtype", "mla_wdtype", ["fp8", "bf16"], "fp8")
     log = state.toggle("Log scale for memory", "mla_log", True)
 
-ui.page_header(texts.MLA_TITLE, texts.MLA_SUB, sh)
-ui.explanation("How MLA shrinks the cache", texts.MLA_EXPLAIN, texts.MLA_EQUATIONS, lesson=sh.lesson)
-
 arch = dict(kv_lora_rank=d_c, qk_rope_head_dim=rope, num_attention_heads=heads, v_head_dim=d_h,
             qk_nope_head_dim=nope, q_lora_rank=None if q_rank == "none" else int(q_rank), num_hidden_layers=layers,
             num_key_value_heads=heads)
+arch_error = None
 try:
     arch_json = compute.mla_arch(sh.cfg_json, **arch)
     compute.check_groups(arch_json, groups)
 except ConfigError as e:
-    ui.config_error(e, compute.MLA_FIELD_LABELS)
+    arch_json, arch_error = sh.cfg_json, e
+custom = arch_json != sh.cfg_json
+
+ui.page_header(texts.MLA_TITLE, texts.MLA_SUB, sh,
+               model_label=f"{sh.label} with the MLA knobs changed" if custom else None)
+ui.explanation("How MLA shrinks the cache", texts.MLA_EXPLAIN, texts.MLA_EQUATIONS, lesson=sh.lesson)
+if arch_error is not None:
+    ui.config_error(arch_error, compute.MLA_FIELD_LABELS)
     st.stop()
+sidebar.summary(arch_json, "With these MLA knobs" if custom else None)
 
 kv = compute.kv_vs_context(arch_json, context, batch, dtype, groups)
 per = kv[kv["context_tokens"] == context].set_index("kind")

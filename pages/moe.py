@@ -50,22 +50,28 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
                                fmt=lambda v: f"{v:g}", help="A common component that makes all tokens prefer the "
                                                              "same experts at first.")
 
-ui.page_header(texts.MOE_TITLE, texts.MOE_SUB, sh)
-if cfg.n_routed_experts > EXPERT_OPTIONS[-1]:
-    st.info(f"**{sh.label}** has {cfg.n_routed_experts:,} routed experts; this page routes real tokens through at "
-            f"most {EXPERT_OPTIONS[-1]} (the hosted app's cap), so it starts at {EXPERT_OPTIONS[-1]}.",
-            icon=":material/speed:")
-ui.explanation("How routing and balancing work", texts.MOE_EXPLAIN, texts.MOE_EQUATIONS, lesson=sh.lesson)
-
 try:
     moe_json = compute.moe_arch(sh.cfg_json, n_routed_experts=experts, n_shared_experts=shared,
                                 num_experts_per_tok=top_k, n_group=groups, topk_group=topk_groups,
                                 scoring_func=scoring, routed_scaling_factor=scale,
                                 norm_topk_prob=scoring == "sigmoid" or cfg.norm_topk_prob,
                                 first_k_dense_replace=min(cfg.first_k_dense_replace, cfg.num_hidden_layers - 1))
+    arch_error = None
 except ConfigError as e:
-    ui.config_error(e, compute.MOE_FIELD_LABELS)
+    moe_json, arch_error = sh.cfg_json, e
+
+custom = moe_json != sh.cfg_json
+ui.page_header(texts.MOE_TITLE.format(n_experts=experts), texts.MOE_SUB, sh,
+               model_label=f"{sh.label} with the MoE knobs changed" if custom else None)
+if cfg.n_routed_experts > EXPERT_OPTIONS[-1]:
+    st.info(f"**{sh.label}** has {cfg.n_routed_experts:,} routed experts; this page routes real tokens through at "
+            f"most {EXPERT_OPTIONS[-1]} (the hosted app's cap), so it starts at {EXPERT_OPTIONS[-1]}.",
+            icon=":material/speed:")
+ui.explanation("How routing and balancing work", texts.MOE_EXPLAIN, texts.MOE_EQUATIONS, lesson=sh.lesson)
+if arch_error is not None:
+    ui.config_error(arch_error, compute.MOE_FIELD_LABELS)
     st.stop()
+sidebar.summary(moe_json, "With these MoE knobs" if custom else None)
 
 @st.fragment(parallel=True)
 def bias_controller_section(experts, top_k, groups, topk_groups, scoring, gamma, alpha, steps, skew, seed, strategy,

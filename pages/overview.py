@@ -29,13 +29,15 @@ with sb.expander("Custom architecture", icon=":material/tune:"):
         if v is not None:
             overrides[field] = int(v)
 
-ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
+ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh,
+               model_label=f"custom, based on {sh.label}" if overrides else None)
 landing.render(lesson=sh.lesson)
 try:
     cfg_json = apply_overrides(sh.cfg_json, overrides)
 except ConfigError as e:
     ui.config_error(e, texts.OVERRIDE_LABELS, where="Custom architecture — ")
     st.stop()
+sidebar.summary(cfg_json, "Custom architecture" if overrides else None)
 
 d = compute.overview(cfg_json, context, kv_dtype)
 c = d["counts"]
@@ -86,7 +88,7 @@ rows = ["| Component | Total | Activated | Share of total | Formula |", "|---|--
 for _, r in params.iterrows():
     rows.append(f"| {r['label']} | {human_count(r['total'])} | {human_count(r['activated'])} | "
                 f"{100 * r['share_of_total']:.2f}% | ${r['formula']}$ |")
-with st.expander("Table with formulas", expanded=True):
+with st.expander("Table with formulas", expanded=True), ui.scroll_x("ov_formulas", 680):
     st.markdown("\n".join(rows))
     st.caption("$L$ layers, $d$ hidden size, $V$ vocabulary, $n_h$ heads, $d_c$ / $d'_c$ KV / query latent dims, "
                "$d_e$ expert width, $d_{ff}$ dense FFN width, $N_r$ / $N_s$ routed / shared experts. The MTP module "
