@@ -392,14 +392,14 @@ def step_from_param(value: str | None) -> tuple[Section, int, Step] | None:
 KNOB_LABELS = {
     "lesson": "Lesson mode", "model": "Model", "seed": "Seed",
     "ov_ctx": "Context length", "ov_kvdt": "KV cache dtype",
-    "mla_dc": "KV latent dim d_c", "mla_rope": "RoPE key dim d_h^R", "mla_heads": "Attention heads",
-    "mla_groups": "GQA groups n_g", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
+    "mla_dc": "KV latent dim $d_c$", "mla_rope": "RoPE key dim $d_h^R$", "mla_heads": "Attention heads",
+    "mla_groups": "GQA groups $n_g$", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
     "mla_gpus": "GPUs", "mla_gpumem": "Memory per GPU (GiB)", "mla_wdtype": "Weights dtype",
     "mla_log": "Log scale for memory", "mla_heatview": "Heatmap colour",
     "moe_strategy": "Strategy shown in detail", "moe_skew": "Shared direction", "moe_alpha": "Aux loss weight α",
     "moe_gamma": "Bias update speed γ", "moe_steps": "Steps", "moe_topkg": "Groups per token",
     "fp8_data": "Data", "fp8_fmt": "Format", "fp8_gran": "Scaling granularity", "fp8_osz": "Outlier size",
-    "fp8_nc": "Promote every N_C", "fp8_accbits": "Accumulator mantissa bits",
+    "fp8_nc": "Promote every $N_C$", "fp8_accbits": "Accumulator mantissa bits",
 }
 
 

@@ -122,12 +122,33 @@ def cards():
     return st.container(horizontal=True, gap="small")
 
 
+# One-line hovers for the jargon in card titles: a card whose title starts with one of these gets it as help.
+JARGON = {
+    "MaxVio": "Maximal violation: how far the busiest expert's load exceeds the mean load (0 = perfectly even; "
+              "1 = the busiest expert gets twice the mean).",
+    "CV of loads": "Coefficient of variation: standard deviation of the experts' loads divided by their mean "
+                   "(0 = every expert gets the same number of tokens).",
+    "Normalized entropy": "Entropy of the load distribution divided by its maximum, log N_r (1 = perfectly even, "
+                          "0 = every token on one expert).",
+    "SQNR": "Signal-to-quantization-noise ratio: signal power over rounding-error power, in decibels; every 6 dB "
+            "more is one more bit of precision.",
+    "Train loss": "Cross-entropy in nats per byte: the average −ln p the model gives the next byte (a uniform guess "
+                  "over 256 bytes scores ln 256 ≈ 5.55).",
+    "Validation loss": "The same cross-entropy (nats per byte) on held-out text the model never trained on.",
+}
+
+
+def jargon_help(label: str) -> str | None:
+    return next((h for k, h in JARGON.items() if label.startswith(k)), None)
+
+
 def number_with_formula(label: str, value: str, formula: str, *, paper: str | None = None,
                         help: str | None = None, detail: str | None = None, width: int | str = CARD_WIDTH,
-                        paper_label: str = "Paper") -> None:
-    """A headline number with its formula (and the published figure) right beside it, as one card."""
+                        paper_label: str = "Paper", delta: str | None = None, delta_color: str = "off") -> None:
+    """A headline number with its formula (and the published figure) right beside it, as one card. `delta` says
+    what changed against the model's own value (e.g. "−67% vs d_c = 512"); jargon titles get a hover (JARGON)."""
     with st.container(border=True, width=width):
-        st.metric(label, value, help=help)
+        st.metric(label, value, delta=delta, delta_color=delta_color, help=help or jargon_help(label))
         st.latex(formula)
         bits = []
         if paper:
@@ -144,6 +165,15 @@ def scroll_x(key: str, min_width: int = 640):
     st.html(f"<style>.st-key-{key} [data-testid='stMarkdownContainer'] {{ overflow-x: auto; }}"
             f".st-key-{key} table {{ min-width: {min_width}px; }}</style>")
     return st.container(key=key)
+
+
+def domains_caption(seed: int = 0) -> str:
+    """The four synthetic token domains, each with a real example and its rule (for charts whose rows are
+    domains, and the lab's sampled text)."""
+    from core import data
+    ex = data.domain_examples(seed)
+    return "The four token domains: " + "; ".join(
+        f"**{d}** `{ex[d]}` ({data.DOMAIN_RULES[d]})" for d in data.DOMAINS) + "."
 
 
 def _slug(s: str) -> str:

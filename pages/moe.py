@@ -20,11 +20,11 @@ sb = st.sidebar
 EXPERT_OPTIONS = [4, 8, 16, 32, 64, 128, 160, 256, 512]  # hosted-mode cap: the real router runs on at most 512
 sb.subheader("MoE knobs")
 with sb.expander("Router", expanded=True, icon=":material/hub:"):
-    experts = state.select_slider("Routed experts N_r", "moe_experts", EXPERT_OPTIONS,
+    experts = state.select_slider("Routed experts $N_r$", "moe_experts", EXPERT_OPTIONS,
                                   min(max(cfg.n_routed_experts, 4), EXPERT_OPTIONS[-1]), follow=f)
-    shared = state.slider("Shared experts N_s", "moe_shared", 0, 4, min(cfg.n_shared_experts, 4), follow=f,
+    shared = state.slider("Shared experts $N_s$", "moe_shared", 0, 4, min(cfg.n_shared_experts, 4), follow=f,
                           help="Experts every token uses; they take no part in routing.")
-    top_k = state.slider("Experts per token K_r (top-k)", "moe_topk", 1, 16, min(max(cfg.num_experts_per_tok, 1), 16),
+    top_k = state.slider("Experts per token $K_r$ (top-k)", "moe_topk", 1, 16, min(max(cfg.num_experts_per_tok, 1), 16),
                          follow=f)
     g0 = cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1
     groups = state.select_slider("Expert groups (nodes)", "moe_groups", [1, 2, 4, 8, 16], g0, follow=f)
@@ -123,7 +123,7 @@ with routing_area:
 
     ui.chart(ui.fig(charts.domain_heatmaps, r["domain_before"], r["domain_after"], mb, ma, steps, gamma, r["has_bias"]),
              r["domain_table"],
-             "routing heatmap by domain", key="moe_domains", lesson=sh.lesson,
+             "routing heatmap by domain", key="moe_domains", lesson=sh.lesson, caption=ui.domains_caption(sh.seed),
              notice="Rows are token domains, columns experts. Bright = more than a fair share. The fresh router sends "
                     "everything to a few experts; after the bias updates the load is spread, yet each domain still has "
                     "its own bright experts.")

@@ -182,7 +182,7 @@ def history_table(runs: list[LabRun]) -> pd.DataFrame:
         last = r.records[-1] if r.records else {}
         rows.append({"run": r.label, "status": STATUS_TEXT.get(r.status, r.status),
                      "steps": last.get("step", 0), "train loss (avg)": f["train"], "val loss": f["val"],
-                     "MaxVio (last)": last.get("max_vio"), "time (s)": round(r.elapsed(), 1),
+                     "MaxVio (moving avg, last)": rec.final_maxvio(r.records), "time (s)": round(r.elapsed(), 1),
                      "MTP acceptance": (r.after.get("sample") or {}).get("mtp_acceptance")})
     return pd.DataFrame(rows)
 
@@ -245,6 +245,12 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                        f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts matched what the model then "
                        f"sampled." if sample.get("mtp_acceptance") is not None else "; MTP was off (no drafts)."))
         st.code(sample["text"], language=None, wrap_lines=True)
+        st.caption("What to look for: " + (
+            "after a good run the text keeps each domain's rule — sums that add up, brackets that close in order, "
+            "a copy after |, letters in order. " + ui.domains_caption(r.train_cfg.seed).replace("The four", "The")
+            if r.train_cfg.dataset == "synthetic" else
+            "English words, spaces and punctuation in place of random bytes; at this size and length, fragments of "
+            "Python's documentation rather than sense."))
     elif r.after.get("sample_error"):
         st.warning(r.after["sample_error"])
     else:
@@ -282,6 +288,11 @@ def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
     if run.train_cfg.seed != 0:
         q["seed"] = str(run.train_cfg.seed)
+    # the sidebar's model travels too (the lab trains `mini` either way, but the opened page's sidebar shows it);
+    # the default is left out as Streamlit does, an uploaded config cannot travel in a link
+    model = st.session_state.get("model", "deepseek-v3")
+    if model not in ("deepseek-v3", "uploaded"):
+        q["model"] = model
     if lesson:
         q["lesson"] = "true"
     return q
