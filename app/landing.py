@@ -31,14 +31,19 @@ def intro_markdown() -> str:
         "copy the address bar to share exactly what you see.")
 
 
+_GO = "_land_go"  # set by the button's callback; the next run switches page (st.switch_page is not for callbacks)
+
+
 def render(lesson: bool = False) -> None:
     """The introduction box. Collapsed to one line once the session is in lesson mode (it has seen it)."""
+    if st.session_state.pop(_GO, False):
+        from app import lessons
+        st.switch_page(LESSONS_PAGE, query_params=lessons.step_query(lessons.SECTIONS[0], 1))
     with st.expander("New here? Start with this", expanded=not lesson, icon=":material/waving_hand:"):
         st.markdown(intro_markdown())
-        if st.button("Start the guided lessons", type="primary", icon=":material/school:", key="land_lessons",
-                     help="Step 1 of six short sections; each step sets a dashboard's knobs and says what to notice."):
-            from app import lessons
-            st.switch_page(LESSONS_PAGE, query_params=lessons.step_query(lessons.SECTIONS[0], 1))
+        st.button("Start the guided lessons", type="primary", icon=":material/school:", key="land_lessons",
+                  on_click=st.session_state.__setitem__, args=(_GO, True),
+                  help="Step 1 of six short sections; each step sets a dashboard's knobs and says what to notice.")
         st.markdown("**Or open a dashboard** — each answers one question:")
         for p in PAGES:
             if p.path != LESSONS_PAGE:

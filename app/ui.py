@@ -87,7 +87,7 @@ def _step_note(sec, n, step) -> None:
             icon=":material/visibility:")
 
 
-def _lesson_anchor(key: str) -> bool:
+def lesson_anchor(key: str) -> bool:
     """Before chart `key`: when a lesson step opened this page for this chart, an anchor the page scrolls to (once
     per arrival) and the step's 'what to notice'. Returns whether it did."""
     target = lesson_target()
@@ -181,10 +181,10 @@ def _slug(s: str) -> str:
 
 
 def chart(fig: go.Figure, df: pd.DataFrame | None, name: str, *, key: str, notice: str | None = None,
-          lesson: bool = False, caption: str | None = None) -> None:
+          lesson: bool = False, caption: str | None = None, anchored: bool | None = None) -> None:
     """A plotly chart, an optional caption, the 'what to notice' note (lesson mode) and the CSV of its data. Opened
     from a lesson step about this chart: an anchor the page scrolls to and the step's note just above it."""
-    from_step = _lesson_anchor(key)
+    from_step = lesson_anchor(key) if anchored is None else anchored  # (a page may place it above the controls)
     st.plotly_chart(fig, key=f"chart_{key}", config={"displaylogo": False})
     if caption:
         st.caption(caption)

@@ -191,13 +191,14 @@ ui.chart(ui.fig(charts.decode_latency, lat), lat, "decode latency", key="mla_lat
 st.subheader("Attention map and low rank")
 amap = compute.attention_map(small_json, sh.seed)
 n_heads = amap["probs"].shape[0]
+heat_from_step = ui.lesson_anchor("mla_heat")  # a lesson step about the heatmap lands above its controls
 with st.container(horizontal=True, gap="medium"):
     head = state.slider("Heatmap head", "mla_head", 0, max(1, n_heads - 1), 0, disabled=n_heads == 1, width=260)
     view = state.radio("Colour", "mla_heatview", ["× uniform", "probability"], "× uniform", width="content")
 h = min(head, n_heads - 1)
 with st.container(width=680):
     ui.chart(ui.fig(charts.attention_heatmap, amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
-             "attention heatmap", key="mla_heat", lesson=sh.lesson,
+             "attention heatmap", key="mla_heat", lesson=sh.lesson, anchored=heat_from_step,
              notice="The upper triangle is empty: causal masking. Rows sum to 1 (each is a softmax).")
 rt = compute.rank_truncation(small_json, sh.seed)
 exact = small["kv_lora_rank"] + small["qk_rope_head_dim"]
