@@ -46,5 +46,6 @@ def render(lesson: bool = False) -> None:
                   help="Step 1 of six short sections; each step sets a dashboard's knobs and says what to notice.")
         st.markdown("**Or open a dashboard** — each answers one question:")
         for p in PAGES:
-            if p.path != LESSONS_PAGE:
-                st.page_link(p.path, label=f"**{p.title}** — {p.answers}", icon=p.icon)
+            if p.path != LESSONS_PAGE:  # the link (a short label: page links do not wrap), its question under it
+                st.page_link(p.path, label=p.title, icon=p.icon)
+                st.caption(p.answers)
