@@ -104,23 +104,21 @@ def decode_latency(df: pd.DataFrame) -> go.Figure:
     n0 = df[(df["kind"] == "MLA (naive)") & (df["context_tokens"] == first)].iloc[0]
     growth = n["ms_min"] / n0["ms_min"] - 1
     mem = n["cache_bytes_fp32"] / a["cache_bytes_fp32"]
+    no_gain = (f"a step here is mostly fixed per-step work (the naive time grows only {growth:.0%} from "
+               f"{tokens(first)} to {tokens(last)} tokens), not reading the cache, so a smaller cache saves little"
+               + (" and absorption's extra multiply-adds show" if ratio > 1 + SPEEDUP_MARGIN else "")
+               + "; absorption pays off where decoding is bound by memory bandwidth: long contexts on a GPU")
     if ratio < 1 - SPEEDUP_MARGIN:
-        title = (f"Absorbed decoding is {1 / ratio:.1f}× faster here: it reads a {mem:.1f}× smaller cache")
+        title = f"Absorbed decoding is {1 / ratio:.1f}× faster here: it reads a {mem:.1f}× smaller cache"
         why = "the smaller cache read outweighs the extra multiply-adds on this CPU at this size"
     elif ratio > 1 + SPEEDUP_MARGIN:
         title = (f"No speed-up on this CPU at this size: absorbed takes {ratio:.2f}× the naive time, "
                  f"though its cache is {mem:.1f}× smaller")
-        why = (f"a step here is mostly fixed per-step work (the naive time grows only {growth:.0%} from "
-               f"{tokens(first)} to {tokens(last)} tokens), not reading the cache, so a smaller cache saves little"
-               + ("" if ratio <= 1 + SPEEDUP_MARGIN else " and absorption's extra multiply-adds show")
-               + "; absorption pays off where decoding is bound by memory bandwidth: long contexts on a GPU")
+        why = no_gain
     else:
         title = (f"No speed-up on this CPU at this size: both paths take about the same time "
                  f"({ratio:.2f}×), though the absorbed cache is {mem:.1f}× smaller")
-        why = (f"a step here is mostly fixed per-step work (the naive time grows only {growth:.0%} from "
-               f"{tokens(first)} to {tokens(last)} tokens), not reading the cache, so a smaller cache saves little"
-               + ("" if ratio <= 1 + SPEEDUP_MARGIN else " and absorption's extra multiply-adds show")
-               + "; absorption pays off where decoding is bound by memory bandwidth: long contexts on a GPU")
+        why = no_gain
     reps = int(df["repeats"].iloc[0]) if "repeats" in df else None
     sub = (f"at {tokens(last)} tokens: {a['ms_min']:.2f} ms vs {n['ms_min']:.2f} ms (best of {reps} alternating "
            f"steps; medians {a['ms_per_token']:.2f} / {n['ms_per_token']:.2f} ms). Why: {why}")
