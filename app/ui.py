@@ -138,6 +138,13 @@ JARGON = {
 }
 
 
+def vs(new: float, base: float, what: str) -> str | None:
+    """A card delta: '−67% vs d_c = 512' (None when nothing changed or there is no base to compare with)."""
+    if not what or base <= 0 or new == base:
+        return None
+    return f"{100 * (new / base - 1):+.0f}% vs {what}".replace("-", "−", 1)
+
+
 def jargon_help(label: str) -> str | None:
     return next((h for k, h in JARGON.items() if label.startswith(k)), None)
 

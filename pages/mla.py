@@ -92,9 +92,7 @@ base_mha = 2 * base["n_h"] * base["d_h"] * base["L"] * BYTES_PER_ELEMENT["bf16"]
 def change(new_bytes: float, base_bytes: float, fields: tuple) -> str | None:
     """'−67% vs d_c = 512' when one of `fields` differs from the model's value, else None."""
     moved = [f"{NAMES[k]} = {str(base[k]).upper() if k == 'dtype' else base[k]}" for k in fields if now[k] != base[k]]
-    if not moved or base_bytes <= 0:
-        return None
-    return f"{100 * (new_bytes / base_bytes - 1):+.0f}% vs {', '.join(moved)}".replace("-", "−")
+    return ui.vs(new_bytes, base_bytes, ", ".join(moved))
 
 
 with ui.cards():

@@ -49,6 +49,9 @@ if overrides:
 
 ui.explanation("How the numbers are computed", texts.OVERVIEW_EXPLAIN, texts.OVERVIEW_EQUATIONS, lesson=sh.lesson)
 
+# a custom architecture: every headline card says how far it moved from the model it is based on
+c0 = compute.overview(sh.cfg_json, context, kv_dtype)["counts"] if overrides else c
+base_label = sh.label.split(" · ")[0]
 fl = d["flops_at_context"]
 kvb = d["kv_bytes_per_token"]
 kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
@@ -56,6 +59,7 @@ kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
 with ui.cards():
     ui.number_with_formula("Total parameters", human_count(c["total"]),
                            r"N_{\text{total}} = \textstyle\sum_{\text{components}} N_i",
+                           delta=ui.vs(c["total"], c0["total"], base_label),
                            paper=(f"{paper['total'] / 1e9:.0f}B" + (f"; checkpoint {paper['checkpoint_total'] / 1e9:.0f}B"
                                                                       if "checkpoint_total" in paper else ""))
                            if paper else None,
@@ -63,6 +67,7 @@ with ui.cards():
                                   f"embedding/head copies) holds {human_count(c['checkpoint_total'])}")
     ui.number_with_formula("Activated per token", human_count(c["activated"]),
                            r"N_{\text{total}} - (N_r - K_r)\,3\,d\,d_e\,L_{\text{MoE}}",
+                           delta=ui.vs(c["activated"], c0["activated"], base_label),
                            paper=f"{paper['activated'] / 1e9:.0f}B" if paper else None,
                            detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights")
     ui.number_with_formula(f"Forward FLOPs / token ({tokens(context)} context)", flops(fl["forward"]),

@@ -120,6 +120,9 @@ def test_overview_custom_architecture_and_lab_name_the_model_they_show():
     clean(at)
     assert summary(at) == "Custom architecture: " + counts_line(PRESETS["deepseek-v3"].replace(num_hidden_layers=30))
     assert "custom, based on" in at.caption[0].value
+    total = next(m for m in at.metric if m.label == "Total parameters")
+    c30, c61 = param_counts(PRESETS["deepseek-v3"].replace(num_hidden_layers=30)), param_counts(PRESETS["deepseek-v3"])
+    assert total.proto.delta == f"−{round(100 * (1 - c30['total'] / c61['total']))}% vs DeepSeek-V3"
     lab = open_page("pages/training.py")
     assert not lab.exception
     from app.lab.knobs import defaults, lab_config
