@@ -188,3 +188,26 @@ def test_lab_table_and_charts_use_one_maxvio():
     assert final != records[-1]["max_vio"]
     title = ct.overlay_maxvio([("#1 default", records)]).layout.title.text.replace("<br>", " ")
     assert f"MaxVio {final:.2f}" in title
+
+
+def test_lab_estimate_is_a_range_until_this_server_has_timed_a_run():
+    from types import SimpleNamespace
+
+    from app.lab import knobs
+    _, cfg = knobs.lab_config(knobs.defaults(), 0)
+    est = knobs.estimate_seconds(cfg)
+    before = knobs.estimate_text(cfg, None)
+    assert f"about {est:.0f}–{est * knobs.UNCALIBRATED_SLOWDOWN:.0f} s" in before
+    timed = SimpleNamespace(speed_ratio=2.0)
+    assert knobs.estimate_text(cfg, timed) == f"≈ {knobs.estimate_seconds(cfg, timed):.0f} s on this server " \
+                                              "(timed from its earlier runs)"
+
+
+def test_a_run_link_keeps_the_sidebar_model():
+    from types import SimpleNamespace
+
+    from app.lab.views import run_query
+    run = SimpleNamespace(knobs={"tr_bal": "none"}, train_cfg=SimpleNamespace(seed=3))
+    assert run_query(run, model="mini") == {"tr_bal": "none", "seed": "3", "model": "mini"}
+    assert "model" not in run_query(run)  # the default model, left out as Streamlit does
+    assert "model" not in run_query(run, model="uploaded")  # an upload cannot travel in a link

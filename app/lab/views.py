@@ -283,14 +283,13 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
     share_section(sel or hist[-1:])
 
 
-def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
-    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does)."""
+def run_query(run: LabRun, lesson: bool = False, model: str = "deepseek-v3") -> dict[str, str]:
+    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does) and
+    the sidebar's `model` (the lab trains `mini` either way, but the opened page's sidebar shows it; an uploaded
+    config cannot travel in a link)."""
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
     if run.train_cfg.seed != 0:
         q["seed"] = str(run.train_cfg.seed)
-    # the sidebar's model travels too (the lab trains `mini` either way, but the opened page's sidebar shows it);
-    # the default is left out as Streamlit does, an uploaded config cannot travel in a link
-    model = st.session_state.get("model", "deepseek-v3")
     if model not in ("deepseek-v3", "uploaded"):
         q["model"] = model
     if lesson:
@@ -301,7 +300,7 @@ def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
 def run_link(run: LabRun, lesson: bool = False) -> str:
     """An absolute link (when the server's address is known) that opens the lab with `run`'s knobs."""
     from urllib.parse import urlencode, urljoin
-    qs = urlencode(run_query(run, lesson))
+    qs = urlencode(run_query(run, lesson, st.session_state.get("model", "deepseek-v3")))
     path = "training" + (f"?{qs}" if qs else "")
     base = getattr(st.context, "url", None)
     return urljoin(base, path) if base else path
