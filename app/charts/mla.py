@@ -82,7 +82,8 @@ def measured_bytes(df: pd.DataFrame) -> go.Figure:
     return layout(fig, title, sub, None, f"Cache bytes ({unit})", height=360, width_chars=85)
 
 
-SPEEDUP_MARGIN = 0.1  # a timing ratio within ±10% of 1 is reported as "about the same" (CPU timing noise)
+SPEEDUP_MARGIN = 0.2  # a ratio within ±20% of 1 is "about the same": best-of-21 times on a shared 2-core server
+                      # moved the ratio between 0.86 and 1.0 from one measurement to the next (docs/performance.md)
 
 
 def decode_latency(df: pd.DataFrame) -> go.Figure:
@@ -117,11 +118,12 @@ def decode_latency(df: pd.DataFrame) -> go.Figure:
         why = no_gain
     else:
         title = (f"No speed-up on this CPU at this size: both paths take about the same time "
-                 f"({ratio:.2f}×), though the absorbed cache is {mem:.1f}× smaller")
+                 f"({ratio:.2f}×, within this CPU's ±{SPEEDUP_MARGIN:.0%} timing noise), though the absorbed cache "
+                 f"is {mem:.1f}× smaller")
         why = no_gain
     reps = int(df["repeats"].iloc[0]) if "repeats" in df else None
-    sub = (f"at {tokens(last)} tokens: {a['ms_min']:.2f} ms vs {n['ms_min']:.2f} ms (best of {reps} alternating "
-           f"steps; medians {a['ms_per_token']:.2f} / {n['ms_per_token']:.2f} ms). Why: {why}")
+    sub = (f"at {tokens(last)} tokens: {a['ms_min']:.2f} ms vs {n['ms_min']:.2f} ms (best of {reps} steps spread "
+           f"over the measurement; medians {a['ms_per_token']:.2f} / {n['ms_per_token']:.2f} ms). Why: {why}")
     ticks = sorted(df["context_tokens"].unique())
     fig.update_xaxes(type="log", tickvals=ticks, ticktext=[tokens(t) for t in ticks])
     fig.update_yaxes(rangemode="tozero")
