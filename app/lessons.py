@@ -397,20 +397,73 @@ SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOT
 SECTIONS: tuple[Section, ...] = (FOUNDATIONS, MLA, MOE, FP8, TOGETHER, SCALE)
 SECTION_IDS = [s.id for s in SECTIONS]
 
+# The chart each step talks about: the `key` its page passes to ui.chart. The step's link opens the page scrolled
+# to it, with the step's "what to notice" beside it ("" = the top of the page: the lab steps start with its
+# Start button). Kept beside the sections, keyed by (section id, step number), so the step texts stay untouched.
+TARGETS: dict[tuple[str, int], str] = {
+    ("Foundations", 1): "mla_heat", ("Foundations", 2): "mla_kv", ("Foundations", 3): "mla_maxctx",
+    ("Foundations", 4): "mla_kv",
+    ("MLA", 1): "mla_kv", ("MLA", 2): "mla_kv", ("MLA", 3): "mla_kv", ("MLA", 4): "mla_bytes",
+    ("MoE", 1): "moe_domains", ("MoE", 2): "moe_maxvio", ("MoE", 3): "moe_maxvio", ("MoE", 4): "moe_maxvio",
+    ("MoE", 5): "moe_tokens",
+    ("FP8", 1): "fp8_hist", ("FP8", 2): "fp8_hist", ("FP8", 3): "fp8_sweep", ("FP8", 4): "fp8_gemm",
+    ("Putting it together", 1): "", ("Putting it together", 2): "", ("Putting it together", 3): "",
+    ("Putting it together", 4): "",
+    ("Scale and deployment", 1): "ov_params", ("Scale and deployment", 2): "ov_mem",
+    ("Scale and deployment", 3): "mla_maxctx", ("Scale and deployment", 4): "ov_params",
+}
+
+# URL key of a dashboard link opened from a lesson step: "<section id>/<step>" (not a knob: no widget binds it).
+STEP_PARAM = "lstep"
+
+# Which session-state keys hold a page's knobs: opening a step resets every one the step does not set, so the
+# page shows exactly the view the step describes ("every other knob at its default").
+PAGE_KNOB_PREFIX = {"pages/overview.py": "ov_", "pages/mla.py": "mla_", "pages/moe.py": "moe_",
+                    "pages/fp8.py": "fp8_"}
+
+
+def page_knob_keys(page: str, keys) -> list[str]:
+    """The keys among `keys` (e.g. st.session_state's) that are knobs of `page`."""
+    if page == "pages/training.py":
+        from app.lab.knobs import KNOBS
+        return [k for k in keys if k in KNOBS]
+    prefix = PAGE_KNOB_PREFIX.get(page)
+    return [k for k in keys if prefix and isinstance(k, str) and k.startswith(prefix)]
+
+
+def link_params(sec: Section, n: int) -> dict[str, str]:
+    """The dashboard link of step `n` of `sec`: its knobs plus which step opened it (the page scrolls to the
+    step's chart and shows its 'what to notice' there)."""
+    return {**url_params(sec.steps[n - 1]), STEP_PARAM: f"{sec.id}/{n}"}
+
+
+def step_from_param(value: str | None) -> tuple[Section, int, Step] | None:
+    """`?lstep=MLA/2` -> (section, 2, step); None for a missing or unknown value (a hand-edited link)."""
+    if not value or "/" not in value:
+        return None
+    sec_id, _, num = value.rpartition("/")
+    if sec_id not in SECTION_IDS or not num.isdigit():
+        return None
+    sec = section(sec_id)
+    n = int(num)
+    if not 1 <= n <= len(sec.steps):
+        return None
+    return sec, n, sec.steps[n - 1]
+
 
 KNOB_LABELS = {
     "lesson": "Lesson mode", "model": "Model", "seed": "Seed",
     "ov_ctx": "Context length", "ov_kvdt": "KV cache dtype",
     "ov_ep": "EP ranks", "ov_nodes": "Nodes", "ov_mlimit": "Node limit M", "ov_disp": "Dispatch dtype",
     "ov_comb": "Combine dtype",
-    "mla_dc": "KV latent dim d_c", "mla_rope": "RoPE key dim d_h^R", "mla_heads": "Attention heads",
-    "mla_groups": "GQA groups n_g", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
+    "mla_dc": "KV latent dim $d_c$", "mla_rope": "RoPE key dim $d_h^R$", "mla_heads": "Attention heads",
+    "mla_groups": "GQA groups $n_g$", "mla_ctx": "Context", "mla_batch": "Batch", "mla_dtype": "Cache dtype",
     "mla_gpus": "GPUs", "mla_gpumem": "Memory per GPU (GiB)", "mla_wdtype": "Weights dtype",
     "mla_log": "Log scale for memory", "mla_heatview": "Heatmap colour",
     "moe_strategy": "Strategy shown in detail", "moe_skew": "Shared direction", "moe_alpha": "Aux loss weight α",
     "moe_gamma": "Bias update speed γ", "moe_steps": "Steps", "moe_topkg": "Groups per token",
     "fp8_data": "Data", "fp8_fmt": "Format", "fp8_gran": "Scaling granularity", "fp8_osz": "Outlier size",
-    "fp8_nc": "Promote every N_C", "fp8_accbits": "Accumulator mantissa bits",
+    "fp8_nc": "Promote every $N_C$", "fp8_accbits": "Accumulator mantissa bits",
 }
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 
 import streamlit as st
@@ -162,14 +163,35 @@ def render() -> Shared:
     elif model == UPLOADED and st.session_state.get(_UP_WARN):
         sb.warning(st.session_state[_UP_WARN], icon=":material/warning:")
     sh = shared()
-    c = param_counts(sh.cfg)
-    sb.caption(f"{human_count(c['total'])} parameters, {human_count(c['activated'])} activated per token")
+    _run.summary = sb.empty()  # the page may replace it with the model it actually shows (see summary())
+    summary(sh.cfg_json)
     sb.divider()
     state.number("Seed", "seed", 0, min_value=0, max_value=2**31 - 1, step=1, container=sb,
                  help="Seeds every random weight and token stream, so a link reproduces the same numbers.")
     state.toggle("Lesson mode", "lesson", False, container=sb,
                  help="Opens every explanation and adds a 'what to notice' note under each chart.")
     return shared()
+
+
+_run = threading.local()  # per script run: the sidebar's model-summary slot
+
+
+def summary(cfg_json: str, what: str | None = None) -> None:
+    """The sidebar line under the model: parameters of the model the page shows. The entry point writes the
+    sidebar model's; a page whose knobs change the model (custom architecture, MLA/MoE knobs, the lab's mini model)
+    calls it again with that config and says what it is (`what`)."""
+    slot = getattr(_run, "summary", None)
+    if slot is None:
+        return
+    c = _counts(cfg_json)
+    line = f"{human_count(c[0])} parameters, {human_count(c[1])} activated per token"
+    slot.caption(f"{what}: {line}" if what else line)
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _counts(cfg_json: str) -> tuple[int, int]:
+    c = param_counts(ModelConfig.from_hf(json.loads(cfg_json)))
+    return int(c["total"]), int(c["activated"])
 
 
 def shared() -> Shared:

@@ -131,22 +131,22 @@ COMM_EQUATIONS = [
 
 # Knob labels for the custom-architecture overrides (config field -> label); also used to name the knob in errors.
 OVERRIDE_FIELDS = [
-    ("num_hidden_layers", "Layers L", 1),
-    ("hidden_size", "Hidden size d", 1),
-    ("num_attention_heads", "Attention heads n_h", 1),
-    ("kv_lora_rank", "KV latent dim d_c", 1),
-    ("q_lora_rank", "Query latent dim d'_c", 1),
-    ("qk_rope_head_dim", "RoPE key dim d_h^R", 2),
-    ("intermediate_size", "Dense FFN width d_ff", 1),
+    ("num_hidden_layers", "Layers $L$", 1),
+    ("hidden_size", "Hidden size $d$", 1),
+    ("num_attention_heads", "Attention heads $n_h$", 1),
+    ("kv_lora_rank", "KV latent dim $d_c$", 1),
+    ("q_lora_rank", "Query latent dim $d'_c$", 1),
+    ("qk_rope_head_dim", "RoPE key dim $d_h^R$", 2),
+    ("intermediate_size", "Dense FFN width $d_{ff}$", 1),
     ("first_k_dense_replace", "Dense layers before MoE", 1),
-    ("n_routed_experts", "Routed experts N_r", 1),
-    ("n_shared_experts", "Shared experts N_s", 1),
-    ("num_experts_per_tok", "Experts per token K_r", 1),
-    ("moe_intermediate_size", "Expert width d_e", 1),
+    ("n_routed_experts", "Routed experts $N_r$", 1),
+    ("n_shared_experts", "Shared experts $N_s$", 1),
+    ("num_experts_per_tok", "Experts per token $K_r$", 1),
+    ("moe_intermediate_size", "Expert width $d_e$", 1),
     ("n_group", "Expert groups", 1),
     ("topk_group", "Groups per token", 1),
-    ("vocab_size", "Vocabulary V", 1),
-    ("num_nextn_predict_layers", "MTP depth D", 1),
+    ("vocab_size", "Vocabulary $V$", 1),
+    ("num_nextn_predict_layers", "MTP depth $D$", 1),
 ]
 OVERRIDE_KEYS = {f: "ov_" + f for f, _, _ in OVERRIDE_FIELDS}
 OVERRIDE_LABELS = {f: lbl for f, lbl, _ in OVERRIDE_FIELDS}
@@ -257,7 +257,7 @@ FP8_EQUATIONS = [
 ]
 
 # ====================================================================== MoE routing
-MOE_TITLE = f"MoE routing — how DeepSeek-V3 spreads tokens over {V3.n_routed_experts} experts"
+MOE_TITLE = "MoE routing — how the router spreads tokens over {n_experts} experts"  # .format(n_experts=knob)
 MOE_SUB = "A real router on a multi-domain token stream, load-balance metrics, and the aux-loss-free bias controller"
 
 MOE_EXPLAIN = r"""

@@ -182,6 +182,20 @@ def _sorted(r: random.Random) -> str:
 
 _GENERATORS = (_arithmetic, _brackets, _copy, _sorted)
 
+# What makes each domain predictable (the rule a model can learn), in the order of DOMAINS.
+DOMAIN_RULES = {
+    "arithmetic": "sums and differences of numbers up to 99: the digits after = are computable",
+    "brackets": "nested ( [ { < brackets: each closer is forced by the last open one",
+    "copy": "lowercase letters, |, then the same letters again: the second half is a copy",
+    "sorted": "uppercase letters in alphabetical order: each letter is at least the previous one",
+}
+
+
+def domain_examples(seed: int = 0) -> dict[str, str]:
+    """One example per synthetic domain, drawn by the generators that make the training stream."""
+    r = random.Random(seed)
+    return {name: gen(r) for name, gen in zip(DOMAINS, _GENERATORS)}
+
 
 def synthetic_stream(n_tokens: int = 1 << 18, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A stream of ``n_tokens`` bytes made of runs (1-4 examples) of one domain at a time.

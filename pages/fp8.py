@@ -34,7 +34,7 @@ with sb.expander("Delayed scaling & GEMM", expanded=False, icon=":material/histo
     acc_bits = state.slider("Accumulator mantissa bits", "fp8_accbits", 8, 23, H800_FP8_ACCUM_BITS - 1,
                             help=f"H800 FP8 tensor cores keep about {H800_FP8_ACCUM_BITS} bits "
                                  f"({H800_FP8_ACCUM_BITS - 1} explicit + the implicit one).")
-    n_c = state.select_slider("Promote to FP32 every N_C products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024],
+    n_c = state.select_slider("Promote to FP32 every $N_C$ products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024],
                               V3_PROMOTION_INTERVAL)
 
 ui.page_header(texts.FP8_TITLE, texts.FP8_SUB, sh)

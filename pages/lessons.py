@@ -33,12 +33,17 @@ def _goto(section_id: str, number: int) -> None:
 
 
 def _open(step: ls.Step) -> None:
-    """Apply the step's shared (sidebar) knobs to this session, then navigate with the page knobs in the URL."""
+    """Apply the step's shared (sidebar) knobs to this session, reset the page's other knobs to their defaults (a
+    knob set by an earlier step must not carry over), then navigate with the page knobs in the URL."""
     ls.remember_position(sec_id, n)
     for k in ("model", "seed", "lesson"):
         if k in step.knobs:
             st.session_state[k] = step.knobs[k]
-    st.session_state["_ls_go"] = (step.page, {k: v for k, v in ls.url_params(step).items()
+    for k in ls.page_knob_keys(step.page, list(st.session_state)):
+        if k not in step.knobs:
+            del st.session_state[k]
+    st.session_state.pop(ui.SCROLLED, None)  # scroll to the step's chart again, even if opened before
+    st.session_state["_ls_go"] = (step.page, {k: v for k, v in ls.link_params(sec, n).items()
                                               if k not in ("model", "seed", "lesson")})
 
 
@@ -55,8 +60,7 @@ with st.container(border=True):
     for eq in step.latex:
         st.latex(eq)
     page_title = ls.PAGE_TITLES[step.page]
-    params = ls.url_params(step)
-    rel = f"{ls.PAGE_URLS[step.page]}?{urlencode(params)}"
+    rel = f"{ls.PAGE_URLS[step.page]}?{urlencode(ls.link_params(sec, n))}"
     with st.container(horizontal=True, vertical_alignment="center"):
         st.button(f"Open {page_title} with these knobs", type="primary", icon=":material/open_in_browser:",
                   key="ls_open", on_click=_open, args=(step,))

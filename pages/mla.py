@@ -22,25 +22,25 @@ sb = st.sidebar
 sb.subheader("MLA knobs")
 P2 = [2**i for i in range(3, 13)]
 with sb.expander("Architecture", expanded=True, icon=":material/architecture:"):
-    d_c = state.select_slider("KV latent dim d_c", "mla_dc", sorted({*P2, 192, 384, 576, 768, 1536}), cfg.kv_lora_rank,
+    d_c = state.select_slider("KV latent dim $d_c$", "mla_dc", sorted({*P2, 192, 384, 576, 768, 1536}), cfg.kv_lora_rank,
                               follow=f, help="kv_lora_rank: numbers cached per token per layer (plus the RoPE key).")
-    rope = state.select_slider("RoPE key dim d_h^R", "mla_rope", [2, 4, 8, 16, 32, 64, 128, 256], cfg.qk_rope_head_dim,
+    rope = state.select_slider("RoPE key dim $d_h^R$", "mla_rope", [2, 4, 8, 16, 32, 64, 128, 256], cfg.qk_rope_head_dim,
                                follow=f, help="qk_rope_head_dim: the decoupled, position-carrying key shared by all heads.")
-    heads = state.select_slider("Attention heads n_h", "mla_heads", [1, 2, 4, 8, 16, 32, 64, 128, 256],
+    heads = state.select_slider("Attention heads $n_h$", "mla_heads", [1, 2, 4, 8, 16, 32, 64, 128, 256],
                                 cfg.num_attention_heads, follow=f)
-    d_h = state.select_slider("Head dim d_h (values; baselines' K and V)", "mla_dh", [8, 16, 32, 64, 128, 256],
+    d_h = state.select_slider("Head dim $d_h$ (values; baselines' K and V)", "mla_dh", [8, 16, 32, 64, 128, 256],
                               cfg.v_head_dim, follow=f)
-    nope = state.select_slider("Key dim without RoPE d_h^nope", "mla_nope", [0, 8, 16, 32, 64, 128, 256],
+    nope = state.select_slider("Key dim without RoPE $d_h^{nope}$", "mla_nope", [0, 8, 16, 32, 64, 128, 256],
                                cfg.qk_nope_head_dim, follow=f)
     q_opts = ["none"] + sorted({64, 128, 256, 512, 768, 1024, 1536, 2048, 3072} | (
         {cfg.q_lora_rank} if cfg.q_lora_rank else set()))
-    q_rank = state.selectbox("Query latent dim d'_c", "mla_q", q_opts,
+    q_rank = state.selectbox("Query latent dim $d'_c$", "mla_q", q_opts,
                              cfg.q_lora_rank if cfg.q_lora_rank else "none", follow=f,
                              help="q_lora_rank ('none' = no query compression). Changes parameters, not the cache.")
-    layers = state.slider("Layers L", "mla_layers", 1, 128, cfg.num_hidden_layers, follow=f)
+    layers = state.slider("Layers $L$", "mla_layers", 1, 128, cfg.num_hidden_layers, follow=f)
     h0 = cfg.num_attention_heads
     g0 = next((g for g in (8, 4, 2) if h0 % g == 0 and g < h0), 1)  # a divisor of the heads: a valid default
-    groups = state.slider("GQA groups n_g (baseline)", "mla_groups", 1, 256, g0, follow=f,
+    groups = state.slider("GQA groups $n_g$ (baseline)", "mla_groups", 1, 256, g0, follow=f,
                           help="K/V heads of the GQA baseline; must divide the number of heads.")
 with sb.expander("Serving", expanded=True, icon=":material/dns:"):
     context = state.select_slider("Context (tokens per sequence)", "mla_ctx", [2**i for i in range(10, 21)], 131072,
@@ -52,18 +52,24 @@ with sb.expander("Serving", expanded=True, icon=":material/dns:"):
     wdtype = state.radio("Weights dtype", "mla_wdtype", ["fp8", "bf16"], "fp8")
     log = state.toggle("Log scale for memory", "mla_log", True)
 
-ui.page_header(texts.MLA_TITLE, texts.MLA_SUB, sh)
-ui.explanation("How MLA shrinks the cache", texts.MLA_EXPLAIN, texts.MLA_EQUATIONS, lesson=sh.lesson)
-
 arch = dict(kv_lora_rank=d_c, qk_rope_head_dim=rope, num_attention_heads=heads, v_head_dim=d_h,
             qk_nope_head_dim=nope, q_lora_rank=None if q_rank == "none" else int(q_rank), num_hidden_layers=layers,
             num_key_value_heads=heads)
+arch_error = None
 try:
     arch_json = compute.mla_arch(sh.cfg_json, **arch)
     compute.check_groups(arch_json, groups)
 except ConfigError as e:
-    ui.config_error(e, compute.MLA_FIELD_LABELS)
+    arch_json, arch_error = sh.cfg_json, e
+custom = arch_json != sh.cfg_json
+
+ui.page_header(texts.MLA_TITLE, texts.MLA_SUB, sh,
+               model_label=f"{sh.label} with the MLA knobs changed" if custom else None)
+ui.explanation("How MLA shrinks the cache", texts.MLA_EXPLAIN, texts.MLA_EQUATIONS, lesson=sh.lesson)
+if arch_error is not None:
+    ui.config_error(arch_error, compute.MLA_FIELD_LABELS)
     st.stop()
+sidebar.summary(arch_json, "With these MLA knobs" if custom else None)
 
 kv = compute.kv_vs_context(arch_json, context, batch, dtype, groups)
 per = kv[kv["context_tokens"] == context].set_index("kind")
@@ -75,11 +81,33 @@ if sh.model in PAPER_FIGURES and arch_json == sh.cfg_json:
     paper = (f"{PAPER_FIGURES[sh.model]['kv_elements_per_token']:,} elements "
              f"({pub['kv_lora_rank'] + pub['qk_rope_head_dim']} × {pub['num_hidden_layers']})")
 
+# What changed against the model's own values: the cards' deltas name the knobs that moved, with the model's value.
+base = dict(d_c=cfg.kv_lora_rank, d_hR=cfg.qk_rope_head_dim, n_h=cfg.num_attention_heads, d_h=cfg.v_head_dim,
+            L=cfg.num_hidden_layers, dtype="bf16")
+now = dict(d_c=d_c, d_hR=rope, n_h=heads, d_h=d_h, L=layers, dtype=dtype)
+NAMES = {"d_c": "d_c", "d_hR": "d_h^R", "n_h": "n_h", "d_h": "d_h", "L": "L", "dtype": "cache"}
+base_mla = (base["d_c"] + base["d_hR"]) * base["L"] * BYTES_PER_ELEMENT["bf16"]
+base_mha = 2 * base["n_h"] * base["d_h"] * base["L"] * BYTES_PER_ELEMENT["bf16"]
+
+
+def change(new_bytes: float, base_bytes: float, fields: tuple) -> str | None:
+    """'−67% vs d_c = 512' when one of `fields` differs from the model's value, else None."""
+    moved = [f"{NAMES[k]} = {str(base[k]).upper() if k == 'dtype' else base[k]}" for k in fields if now[k] != base[k]]
+    return ui.vs(new_bytes, base_bytes, ", ".join(moved))
+
+
 with ui.cards():
     ui.number_with_formula("MLA cache per token", human_bytes(e_mla * bpe), r"(d_c + d_h^R)\,L\cdot\text{bytes}",
-                           paper=paper, detail=f"({d_c} + {rope}) × {layers} = {e_mla:,} elements")
+                           paper=paper, detail=f"({d_c} + {rope}) × {layers} = {e_mla:,} elements",
+                           delta=change(e_mla * bpe, base_mla, ("d_c", "d_hR", "L", "dtype")), delta_color="inverse")
+    ui.number_with_formula(f"MLA cache, {tokens(context)} tokens × {batch}", human_bytes(e_mla * bpe * context * batch),
+                           r"(d_c + d_h^R)\,L\,T\,B\cdot\text{bytes}",
+                           detail=f"MHA would need {human_bytes(e_mha * bpe * context * batch)} for the same "
+                                  f"{batch} × {context:,} tokens",
+                           delta=change(e_mla * bpe, base_mla, ("d_c", "d_hR", "L", "dtype")), delta_color="inverse")
     ui.number_with_formula("MHA cache per token", human_bytes(e_mha * bpe), r"2\,n_h d_h\,L\cdot\text{bytes}",
-                           detail=f"2 × {heads} × {d_h} × {layers} = {e_mha:,} elements")
+                           detail=f"2 × {heads} × {d_h} × {layers} = {e_mha:,} elements",
+                           delta=change(e_mha * bpe, base_mha, ("n_h", "d_h", "L", "dtype")), delta_color="inverse")
     e_gqa, e_mqa = per.loc["GQA", "elements_per_token"], per.loc["MQA", "elements_per_token"]
     ui.number_with_formula(f"GQA-{groups} cache per token", human_bytes(e_gqa * bpe),
                            r"2\,n_g d_h\,L\cdot\text{bytes}",
@@ -92,7 +120,7 @@ with ui.cards():
                                   f"{per.loc['MLA (naive)', 'elements_per_token'] / e_mla:,.1f}× smaller")
     ui.number_with_formula("Same cache as GQA with", f"{e_mla / (2 * d_h * layers):.2f} groups",
                            r"n_g^{\text{eq}} = \frac{d_c + d_h^R}{2 d_h}",
-                           paper="2.25 groups (V2 report, d_c = 4d_h, d_h^R = d_h/2)",
+                           paper="2.25 groups (V2 report, $d_c = 4d_h$, $d_h^R = d_h/2$)",
                            detail="MLA's memory cost expressed in GQA groups")
 
 ui.chart(ui.fig(charts.kv_vs_context, kv, context, batch, groups, log), kv, "kv cache vs context", key="mla_kv",
@@ -128,8 +156,8 @@ small_json = compute.scaled_down(arch_json)
 small = json.loads(small_json)
 st.caption(
     f"`core.attention.MLA` built at a CPU size that keeps your knobs' proportions: hidden {small['hidden_size']}, "
-    f"{small['num_attention_heads']} heads (≤ 8), d_c = {small['kv_lora_rank']}, d_h^R = {small['qk_rope_head_dim']}, "
-    f"d_h^nope = {small['qk_nope_head_dim']}, d_v = {small['v_head_dim']}, d'_c = {small['q_lora_rank']} "
+    f"{small['num_attention_heads']} heads (≤ 8), $d_c$ = {small['kv_lora_rank']}, $d_h^R$ = {small['qk_rope_head_dim']}, "
+    f"$d_h^{{nope}}$ = {small['qk_nope_head_dim']}, $d_v$ = {small['v_head_dim']}, $d'_c$ = {small['q_lora_rank']} "
     f"(your dims ÷ {compute.MEASURE_DIM_DIV}); one layer, random weights from seed {sh.seed}.")
 m = compute.measured_caches(small_json, sh.seed, dtype)
 b = m["bytes"]
@@ -162,13 +190,14 @@ ui.chart(ui.fig(charts.decode_latency, lat), lat, "decode latency", key="mla_lat
 st.subheader("Attention map and low rank")
 amap = compute.attention_map(small_json, sh.seed)
 n_heads = amap["probs"].shape[0]
+heat_from_step = ui.lesson_anchor("mla_heat")  # a lesson step about the heatmap lands above its controls
 with st.container(horizontal=True, gap="medium"):
     head = state.slider("Heatmap head", "mla_head", 0, max(1, n_heads - 1), 0, disabled=n_heads == 1, width=260)
     view = state.radio("Colour", "mla_heatview", ["× uniform", "probability"], "× uniform", width="content")
 h = min(head, n_heads - 1)
 with st.container(width=680):
     ui.chart(ui.fig(charts.attention_heatmap, amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
-             "attention heatmap", key="mla_heat", lesson=sh.lesson,
+             "attention heatmap", key="mla_heat", lesson=sh.lesson, anchored=heat_from_step,
              notice="The upper triangle is empty: causal masking. Rows sum to 1 (each is a softmax).")
 rt = compute.rank_truncation(small_json, sh.seed)
 exact = small["kv_lora_rank"] + small["qk_rope_head_dim"]

@@ -20,11 +20,11 @@ sb = st.sidebar
 EXPERT_OPTIONS = [4, 8, 16, 32, 64, 128, 160, 256, 512]  # hosted-mode cap: the real router runs on at most 512
 sb.subheader("MoE knobs")
 with sb.expander("Router", expanded=True, icon=":material/hub:"):
-    experts = state.select_slider("Routed experts N_r", "moe_experts", EXPERT_OPTIONS,
+    experts = state.select_slider("Routed experts $N_r$", "moe_experts", EXPERT_OPTIONS,
                                   min(max(cfg.n_routed_experts, 4), EXPERT_OPTIONS[-1]), follow=f)
-    shared = state.slider("Shared experts N_s", "moe_shared", 0, 4, min(cfg.n_shared_experts, 4), follow=f,
+    shared = state.slider("Shared experts $N_s$", "moe_shared", 0, 4, min(cfg.n_shared_experts, 4), follow=f,
                           help="Experts every token uses; they take no part in routing.")
-    top_k = state.slider("Experts per token K_r (top-k)", "moe_topk", 1, 16, min(max(cfg.num_experts_per_tok, 1), 16),
+    top_k = state.slider("Experts per token $K_r$ (top-k)", "moe_topk", 1, 16, min(max(cfg.num_experts_per_tok, 1), 16),
                          follow=f)
     g0 = cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1
     groups = state.select_slider("Expert groups (nodes)", "moe_groups", [1, 2, 4, 8, 16], g0, follow=f)
@@ -50,22 +50,28 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
                                fmt=lambda v: f"{v:g}", help="A common component that makes all tokens prefer the "
                                                              "same experts at first.")
 
-ui.page_header(texts.MOE_TITLE, texts.MOE_SUB, sh)
-if cfg.n_routed_experts > EXPERT_OPTIONS[-1]:
-    st.info(f"**{sh.label}** has {cfg.n_routed_experts:,} routed experts; this page routes real tokens through at "
-            f"most {EXPERT_OPTIONS[-1]} (the hosted app's cap), so it starts at {EXPERT_OPTIONS[-1]}.",
-            icon=":material/speed:")
-ui.explanation("How routing and balancing work", texts.MOE_EXPLAIN, texts.MOE_EQUATIONS, lesson=sh.lesson)
-
 try:
     moe_json = compute.moe_arch(sh.cfg_json, n_routed_experts=experts, n_shared_experts=shared,
                                 num_experts_per_tok=top_k, n_group=groups, topk_group=topk_groups,
                                 scoring_func=scoring, routed_scaling_factor=scale,
                                 norm_topk_prob=scoring == "sigmoid" or cfg.norm_topk_prob,
                                 first_k_dense_replace=min(cfg.first_k_dense_replace, cfg.num_hidden_layers - 1))
+    arch_error = None
 except ConfigError as e:
-    ui.config_error(e, compute.MOE_FIELD_LABELS)
+    moe_json, arch_error = sh.cfg_json, e
+
+custom = moe_json != sh.cfg_json
+ui.page_header(texts.MOE_TITLE.format(n_experts=experts), texts.MOE_SUB, sh,
+               model_label=f"{sh.label} with the MoE knobs changed" if custom else None)
+if cfg.n_routed_experts > EXPERT_OPTIONS[-1]:
+    st.info(f"**{sh.label}** has {cfg.n_routed_experts:,} routed experts; this page routes real tokens through at "
+            f"most {EXPERT_OPTIONS[-1]} (the hosted app's cap), so it starts at {EXPERT_OPTIONS[-1]}.",
+            icon=":material/speed:")
+ui.explanation("How routing and balancing work", texts.MOE_EXPLAIN, texts.MOE_EQUATIONS, lesson=sh.lesson)
+if arch_error is not None:
+    ui.config_error(arch_error, compute.MOE_FIELD_LABELS)
     st.stop()
+sidebar.summary(moe_json, "With these MoE knobs" if custom else None)
 
 @st.fragment(parallel=True)
 def bias_controller_section(experts, top_k, groups, topk_groups, scoring, gamma, alpha, steps, skew, seed, strategy,
@@ -120,7 +126,7 @@ with routing_area:
 
     ui.chart(ui.fig(charts.domain_heatmaps, r["domain_before"], r["domain_after"], mb, ma, steps, gamma, r["has_bias"]),
              r["domain_table"],
-             "routing heatmap by domain", key="moe_domains", lesson=sh.lesson,
+             "routing heatmap by domain", key="moe_domains", lesson=sh.lesson, caption=ui.domains_caption(sh.seed),
              notice="Rows are token domains, columns experts. Bright = more than a fair share. The fresh router sends "
                     "many tokens to a few experts; after the bias updates the load is spread, yet each domain still has "
                     "its own bright experts.")

@@ -2,7 +2,7 @@
 all-to-all traffic of expert parallelism."""
 import streamlit as st
 
-from app import shell, sidebar, state, texts, ui
+from app import landing, shell, sidebar, state, texts, ui
 from app.charts import overview as charts
 from app.compute import overview as compute
 from app.compute.common import apply_overrides
@@ -56,12 +56,15 @@ if base_cfg.n_routed_experts:
                               help="V3 sends the combine in BF16.")
         ep_knobs = (ep, nodes, node_limit, dispatch, combine)
 
-ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
+ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh,
+               model_label=f"custom, based on {sh.label}" if overrides else None)
+landing.render(lesson=sh.lesson)
 try:
     cfg_json = apply_overrides(sh.cfg_json, overrides)
 except ConfigError as e:
     ui.config_error(e, texts.OVERRIDE_LABELS, where="Custom architecture — ")
     st.stop()
+sidebar.summary(cfg_json, "Custom architecture" if overrides else None)
 
 d = compute.overview(cfg_json, context, kv_dtype)
 c = d["counts"]
@@ -73,6 +76,9 @@ if overrides:
 
 ui.explanation("How the numbers are computed", texts.OVERVIEW_EXPLAIN, texts.OVERVIEW_EQUATIONS, lesson=sh.lesson)
 
+# a custom architecture: every headline card says how far it moved from the model it is based on
+c0 = compute.overview(sh.cfg_json, context, kv_dtype)["counts"] if overrides else c
+base_label = sh.label.split(" · ")[0]
 fl = d["flops_at_context"]
 kvb = d["kv_bytes_per_token"]
 kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
@@ -80,6 +86,7 @@ kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
 with ui.cards():
     ui.number_with_formula("Total parameters", human_count(c["total"]),
                            r"N_{\text{total}} = \textstyle\sum_{\text{components}} N_i",
+                           delta=ui.vs(c["total"], c0["total"], base_label),
                            paper=(billions(paper['total']) + (f"; checkpoint {billions(paper['checkpoint_total'])}"
                                                                if "checkpoint_total" in paper else ""))
                            if paper else None,
@@ -87,6 +94,7 @@ with ui.cards():
                                   f"embedding/head copies) holds {human_count(c['checkpoint_total'])}")
     ui.number_with_formula("Activated per token", human_count(c["activated"]),
                            r"N_{\text{total}} - (N_r - K_r)\,3\,d\,d_e\,L_{\text{MoE}}",
+                           delta=ui.vs(c["activated"], c0["activated"], base_label),
                            paper=billions(paper['activated']) if paper else None,
                            detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights; without the input "
                                   f"embedding {human_count(c['activated_no_embedding'])} (the paper's convention "
@@ -114,7 +122,7 @@ rows = ["| Component | Total | Activated | Share of total | Formula |", "|---|--
 for _, r in params.iterrows():
     rows.append(f"| {r['label']} | {human_count(r['total'])} | {human_count(r['activated'])} | "
                 f"{100 * r['share_of_total']:.2f}% | ${r['formula']}$ |")
-with st.expander("Table with formulas", expanded=True):
+with st.expander("Table with formulas", expanded=True), ui.scroll_x("ov_formulas", 680):
     st.markdown("\n".join(rows))
     st.caption("$L$ layers, $d$ hidden size, $V$ vocabulary, $n_h$ heads, $d_c$ / $d'_c$ KV / query latent dims, "
                "$d_e$ expert width, $d_{ff}$ dense FFN width, $N_r$ / $N_s$ routed / shared experts. The MTP module "

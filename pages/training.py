@@ -5,6 +5,7 @@ import streamlit as st
 from app import shell, sidebar, texts, ui
 from app.lab import knobs, session, views
 from app.lab import manager as runs
+from app.compute.common import config_json
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -15,8 +16,7 @@ st.sidebar.caption(f"This server: at most {knobs.MAX_STEPS} steps, {knobs.MAX_TO
                    f"gone for {runs.STALE_AFTER_S:.0f} s. The lab always trains the `mini` model; the seed is the "
                    "sidebar's.")
 
-st.title(texts.TRAIN_TITLE)
-st.caption(f"{texts.TRAIN_SUB}  ·  model: **mini** with the knobs in the sidebar  ·  seed {sh.seed}")
+ui.page_header(texts.TRAIN_TITLE, texts.TRAIN_SUB, sh, model_label="mini with the knobs in the sidebar")
 # (the explanation comes after the runs: Start and the live curves stay at the top, also in lesson mode)
 
 session.collect()
@@ -27,6 +27,8 @@ try:
 except knobs.LabConfigError as e:
     mcfg = cfg = None
     cfg_error = e
+if mcfg is not None:  # the sidebar's parameter count describes the model the lab trains, not the preset
+    sidebar.summary(config_json(mcfg), "The lab's mini model")
 session.prewarm()
 
 run = session.current()
@@ -42,7 +44,7 @@ with st.container(horizontal=True, vertical_alignment="center", gap="small"):
         tok = cfg.steps * cfg.batch_size * cfg.seq_len
         est = knobs.estimate_seconds(cfg, mgr)
         st.caption(f"{cfg.steps} steps × {cfg.batch_size} × {cfg.seq_len} tokens = {tok:,} tokens · "
-                   f"seed {sh.seed} · ≈ {est:.0f} s on one core"
+                   f"seed {sh.seed} · {knobs.estimate_text(cfg, mgr)}"
                    + (f" — longer than the {knobs.MAX_SECONDS:.0f} s cap: it will stop early"
                       if est > knobs.MAX_SECONDS else "")
                    + ("" if mgr.worker_ready() or own_active else

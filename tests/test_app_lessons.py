@@ -73,7 +73,7 @@ def test_open_button_navigates_in_session_with_shared_knobs():
     assert at.toggle(key="lesson").value is True
     assert at.title[0].value.startswith("Overview")
     # a short link back (the sidebar cuts long labels) and the step it returns to, in full, under it
-    assert [lnk.proto.label for lnk in at.get("page_link")] == ["Back to the lesson"]
+    assert [lnk.proto.label for lnk in at.sidebar.get("page_link")] == ["Back to the lesson"]
     assert any(c.value == "Scale and deployment, step 4: DeepSeek-V2 for comparison" for c in at.sidebar.caption)
 
 

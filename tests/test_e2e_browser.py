@@ -126,3 +126,48 @@ def test_narrow_window_screenshots(server, browser):
         assert page.locator("[data-testid='stException']").count() == 0
         full_screenshot(page, SHOTS / f"narrow-{i:02d}-{path.strip('/') or 'home'}.png", 700)
     page.close()
+
+
+@pytest.mark.parametrize("width", [1400, 800])
+def test_landing_to_first_lesson_step_lands_on_its_chart(server, browser, width):
+    """A newcomer's path: the landing's 'Start the guided lessons' -> the first step -> its dashboard, opened
+    scrolled to the chart the step talks about (its top inside the window) with the step's note beside it."""
+    from app import lessons as ls
+    sec, n = ls.SECTIONS[0], 1
+    key = ls.TARGETS[(sec.id, n)]
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    page.goto(server)
+    wait_ready(page)
+    page.get_by_role("button", name="Start the guided lessons").click()
+    page.wait_for_function("() => location.pathname.endsWith('/lessons')", timeout=60_000)
+    wait_ready(page)
+    assert page.get_by_role("heading", name=f"{n}. {sec.steps[0].title}").count() == 1
+    page.get_by_role("button", name=f"Open {ls.PAGE_TITLES[sec.steps[0].page]} with these knobs").click()
+    page.wait_for_function(f"() => location.search.includes('{ls.STEP_PARAM}=')", timeout=60_000)
+    wait_ready(page)
+    page.wait_for_timeout(3000)  # the page keeps the anchor in place while the charts above it draw
+    assert page.locator("[data-testid='stException']").count() == 0
+    chart = page.locator(f".st-key-chart_{key} .js-plotly-plot").first
+    box = chart.bounding_box()
+    assert box is not None, "the step's chart is on the page"
+    assert 0 <= box["y"] < 900, f"the chart's top is in the window at {width} px (y = {box['y']:.0f})"
+    note = page.get_by_text(f"Lesson — {sec.id}, step {n}").first
+    nb = note.bounding_box()
+    assert nb is not None and 0 <= nb["y"] < box["y"], "the step's 'what to notice' is in view, right above it"
+    page.screenshot(path=str(SHOTS / f"lesson-step-in-view-{width}.png"))  # what the newcomer sees on arrival
+    page.close()
+
+
+def test_every_page_at_800_px(server, browser):
+    """Screenshots of every page at 800 px (artifacts/screenshots/w800-*.png): no exception on any of them."""
+    page = browser.new_page(viewport={"width": 800, "height": 1000})
+    page.goto(server)
+    wait_ready(page)
+    links = page.eval_on_selector_all("[data-testid='stSidebarNav'] a", "els => [...new Set(els.map(e => e.href))]")
+    for i, url in enumerate(links):
+        page.goto(url)
+        wait_ready(page, charts="lessons" not in url)
+        assert page.locator("[data-testid='stException']").count() == 0, url
+        name = re.sub(r"[^A-Za-z0-9_-]+", "_", urllib.parse.urlparse(url).path.strip("/")) or "home"
+        full_screenshot(page, SHOTS / f"w800-{i:02d}-{name}.png", 800)
+    page.close()

@@ -31,26 +31,53 @@ def wrap(text: str, width: int) -> str:
     return "<br>".join(lines)
 
 
+# Plotly draws titles and legends at fixed pixel sizes and never wraps them. The narrowest layout the app
+# supports is an 800 px window with Streamlit's 300 px sidebar: a plot about NARROW_PX wide. Titles are wrapped
+# for that width (a wider window shows the same lines with room to spare), and the legend's rows are counted
+# for it, so the bottom margin always holds the legend below the x-axis title instead of over it.
+NARROW_PX = 440
+TITLE_PX_PER_CHAR = 9.0      # 16 px bold sans-serif, average glyph
+SUB_PX_PER_CHAR = 6.6        # the subtitle's 12-13 px regular
+LEGEND_PX_PER_CHAR = 6.8     # 13 px legend text
+LEGEND_ITEM_PX = 40          # symbol + gaps per legend item
+LEGEND_ROW_PX = 21
+
+
+def _legend_rows(fig: go.Figure) -> int:
+    names = [t.name for t in fig.data if t.name and t.showlegend is not False]
+    rows, used = (1 if names else 0), 0.0
+    for name in names:
+        w = LEGEND_ITEM_PX + LEGEND_PX_PER_CHAR * len(str(name))
+        if used and used + w > NARROW_PX:
+            rows, used = rows + 1, 0.0
+        used += w
+    return rows
+
+
 def layout(fig: go.Figure, title: str, subtitle: str | None, x: str | None, y: str | None, *,
-            height: int = 420, legend: bool = True, width_chars: int = 85) -> go.Figure:
+           height: int = 420, legend: bool = True, width_chars: int = 85) -> go.Figure:
     """Title (what to notice) + subtitle (the numbers), axis titles with units, legend under the x axis.
 
     Plotly does not wrap text, so title and subtitle are broken into lines for a chart about `width_chars`
-    title characters wide (a half-width column: ~55, full width: ~90).
+    title characters wide (a half-width column: ~46), and never wider than fits at NARROW_PX.
     """
-    t = wrap(title, width_chars)
-    sub = wrap(subtitle or "", int(width_chars * 1.45))
+    title_chars = min(width_chars, int(NARROW_PX / TITLE_PX_PER_CHAR))
+    sub_chars = min(int(width_chars * 1.45), int(NARROW_PX / SUB_PX_PER_CHAR))
+    t = wrap(title, title_chars)
+    sub = wrap(subtitle or "", sub_chars)
     n_title, n_sub = t.count("<br>") + 1, (sub.count("<br>") + 1 if subtitle else 0)
     top = 24 + 21 * n_title + 16 * n_sub + 12
-    bottom = 10
+    rows = _legend_rows(fig) if legend else 0
+    axis = 52 if x else 26                      # tick labels (+ the x-axis title)
+    bottom = 10 + (axis + LEGEND_ROW_PX * rows if rows else 0)
     plot_h = height - 60
     fig.update_layout(
         title=dict(text=t, subtitle=dict(text=sub), x=0, xanchor="left", xref="container", yref="container",
                    y=1 - 10 / (plot_h + top + bottom), yanchor="top", font=dict(size=16), pad=dict(l=10)),
         xaxis_title=x, yaxis_title=y, height=plot_h + top + bottom, font=FONT,
         margin=dict(l=10, r=10, t=top, b=bottom),
-        legend=dict(orientation="h", yanchor="top", y=-(62 if x else 30) / plot_h, xanchor="left", x=0,
-                    title=None),
+        # anchored to the figure's bottom edge (container), inside the margin reserved for its rows
+        legend=dict(orientation="h", yref="container", yanchor="bottom", y=0, xanchor="left", x=0, title=None),
         showlegend=legend, hoverlabel=dict(namelength=-1),
         # No plotly template: Streamlit's chart theme styles the figure in the browser, and a template-free
         # figure is 4x cheaper to copy out of the cache.

@@ -18,7 +18,7 @@ def domain_heatmaps(before: pd.DataFrame, after: pd.DataFrame, mb: dict, ma: dic
 
     rows = [("fresh router (bias 0)", before)]
     if has_bias:
-        rows.append((f"after {steps} aux-loss-free bias updates (γ = {gamma:g})", after))
+        rows.append((f"after {steps} bias updates (γ = {gamma:g})", after))
     fig = make_subplots(rows=len(rows), cols=1, shared_xaxes=True, vertical_spacing=0.12,
                         subplot_titles=[r[0] for r in rows])
     zmax = float(np.nanquantile(np.concatenate([before["relative_load"].values, after["relative_load"].values]),
@@ -28,12 +28,14 @@ def domain_heatmaps(before: pd.DataFrame, after: pd.DataFrame, mb: dict, ma: dic
         slots = d.pivot(index="domain", columns="expert", values="slots")
         fig.add_heatmap(z=piv.values, x=list(piv.columns), y=list(piv.index), colorscale=palette.HEATMAP,
                         zmin=0, zmax=max(zmax, 1.0), customdata=slots.values, showscale=i == 1,
-                        colorbar=dict(title="× fair share", thickness=12),
+                        colorbar=dict(title=dict(text="× fair share", side="right"), thickness=12),
                         hovertemplate="%{y} → expert %{x}: %{z:.2f}× fair share (%{customdata} slots)<extra></extra>",
                         row=i, col=1)
     n = int(before["expert"].max()) + 1
     fig.update_xaxes(**expert_ticks(n))
     fig.update_xaxes(title_text="Routed expert", row=len(rows), col=1)
+    # subplot titles on the left edge, the colour bar's title along the bar: they cannot meet at any width
+    fig.update_annotations(x=0, xanchor="left", font=dict(size=13))
     def row_corr(d: pd.DataFrame) -> float:
         piv = d.pivot(index="domain", columns="expert", values="relative_load").values
         c = np.corrcoef(piv)
@@ -79,6 +81,9 @@ def expert_load_bars(before: list, after: list, mb: dict, ma: dict, capacity_fac
                    width_chars=85)
 
 
+TOKEN_LABEL_PX = 12  # token labels of the token x expert map (readable: >= 11 px)
+
+
 def token_expert_map(tt: pd.DataFrame, top_k: int, topk_group: int, n_group: int, group_limited: bool,
                      route_scale: float = 1.0) -> go.Figure:
     """Gate weights of the experts each token chose; blank cells = experts of groups the token may not use."""
@@ -89,7 +94,7 @@ def token_expert_map(tt: pd.DataFrame, top_k: int, topk_group: int, n_group: int
     ylab = [f"{r.position}: {r.token!r} ({r.domain})" for r in labels.itertuples()]
     fig = go.Figure(go.Heatmap(
         z=zz.values, x=list(z.columns), y=ylab, colorscale=palette.HEATMAP, zmin=0,
-        colorbar=dict(title="gate g", thickness=12),
+        colorbar=dict(title=dict(text="gate g", side="right"), thickness=12),
         hovertemplate="%{y} → expert %{x}: gate %{z:.3f}<extra></extra>"))
     n = z.shape[1]
     per = n // max(n_group, 1)
@@ -103,9 +108,11 @@ def token_expert_map(tt: pd.DataFrame, top_k: int, topk_group: int, n_group: int
     else:
         title = f"Every token picks {top_k} experts (no group limit in this config)"
         sub = f"bright cells are the chosen experts' gate values (× route scale {route_scale:g})"
-    fig.update_yaxes(autorange="reversed", tickfont=dict(size=10), dtick=1)
+    fig.update_yaxes(autorange="reversed", tickfont=dict(size=TOKEN_LABEL_PX), dtick=1)
     fig.update_xaxes(**expert_ticks(n))
-    return layout(fig, title, sub, "Routed expert", None, height=620, legend=False, width_chars=85)
+    # one readable row per token: the label font plus a little space
+    return layout(fig, title, sub, "Routed expert", None, height=170 + (TOKEN_LABEL_PX + 4) * len(ylab),
+                  legend=False, width_chars=85)
 
 
 def group_usage(usage: list[float], topk_group: int) -> go.Figure:

@@ -14,12 +14,17 @@ def cfg_of(cfg_json: str) -> ModelConfig:
     return ModelConfig.from_hf(json.loads(cfg_json))
 
 
+def config_json(cfg: ModelConfig) -> str:
+    """The config as the hashable JSON string the cached computations take."""
+    return json.dumps(cfg.to_hf(), sort_keys=True)
+
+
 def apply_overrides(cfg_json: str, overrides: dict) -> str:
     """The config with `overrides` applied (validated: raises core.config.ConfigError), as JSON."""
     cfg = cfg_of(cfg_json)
     if overrides:
         cfg = cfg.replace(**overrides)
-    return json.dumps(cfg.to_hf(), sort_keys=True)
+    return config_json(cfg)
 
 
 

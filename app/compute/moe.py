@@ -11,8 +11,8 @@ from app.compute.common import apply_overrides, cfg_of, torch_setup
 MOE_HIDDEN = 64
 MOE_BATCH = 2048
 MOE_FIELD_LABELS = {
-    "n_routed_experts": "Routed experts N_r", "n_shared_experts": "Shared experts N_s",
-    "num_experts_per_tok": "Experts per token K_r", "n_group": "Expert groups", "topk_group": "Groups per token",
+    "n_routed_experts": "Routed experts $N_r$", "n_shared_experts": "Shared experts $N_s$",
+    "num_experts_per_tok": "Experts per token $K_r$", "n_group": "Expert groups", "topk_group": "Groups per token",
     "scoring_func": "Scoring", "routed_scaling_factor": "Route scale",
 }
 STRATEGY_LABELS = {"none": "no balancing", "aux_loss": "aux loss (α)", "aux_free": "aux-loss-free bias (γ)",

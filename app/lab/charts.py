@@ -12,7 +12,7 @@ from app import palette
 from app.charts.layout import hline, layout
 from app.charts.moe import bias_heatmap, expert_load_heatmap, maxvio_lines  # noqa: F401 (the MoE page's builders)
 from app.charts.overview import component_bars
-from app.lab.records import UNIFORM_LOSS, ema, final_losses, records_frame
+from app.lab.records import UNIFORM_LOSS, ema, final_losses, maxvio_smooth, records_frame
 
 # ====================================================================== previews
 def lab_params(params: pd.DataFrame, counts: dict) -> go.Figure:
@@ -88,7 +88,7 @@ def maxvio_curve(df: pd.DataFrame, total_steps: int) -> go.Figure:
     lines = [dict(name=f"MoE layer {i + 1}", x=df["step"], y=df[c], width=1, opacity=0.5,
                   color=palette.RUNS[(i + 2) % len(palette.RUNS)]) for i, c in enumerate(cols)]
     if len(df) and df["max_vio"].notna().any():
-        smooth = ema(df["max_vio"].tolist(), 0.15)
+        smooth = maxvio_smooth(df["max_vio"].tolist())
         lines.append(dict(name="mean (moving avg)", x=df["step"], y=smooth, width=3, color=palette.OKABE_ITO["black"]))
         first, last = float(df["max_vio"].iloc[0]), float(smooth[-1])
         title = f"MaxVio goes from {first:.2f} to {last:.2f}: " + (
@@ -158,7 +158,7 @@ def overlay_maxvio(runs: list[tuple[str, list[dict]]]) -> go.Figure | None:
             continue  # a dense run: no router (its colour stays its own, as in the loss overlay)
         mv = df[df["max_vio"].notna()]
         max_step = max(max_step, int(mv["step"].max()))
-        smooth = ema(mv["max_vio"].tolist(), 0.15)
+        smooth = maxvio_smooth(mv["max_vio"].tolist())
         fig.add_scatter(x=mv["step"], y=smooth, mode="lines", name=label, legendgroup=label,
                         line=dict(color=palette.RUNS[i % len(palette.RUNS)], width=2.5),
                         hovertemplate=f"{label}: " + "step %{x}, MaxVio %{y:.2f}<extra></extra>")

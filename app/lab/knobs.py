@@ -254,6 +254,19 @@ def estimate_seconds(cfg, mgr: "RunManager | None" = None) -> float:
     return 0.3 + model_seconds(cfg) * (getattr(mgr, "speed_ratio", None) or 1.0)
 
 
+UNCALIBRATED_SLOWDOWN = 2.5  # a shared server with a browser open ran the default run 2.4x the reference time
+
+
+def estimate_text(cfg, mgr: "RunManager | None" = None) -> str:
+    """The run-time hint shown before Start: from this server's finished runs once there are any, else the
+    reference figure as a range (this server's speed is not known yet)."""
+    est = estimate_seconds(cfg, mgr)
+    if getattr(mgr, "speed_ratio", None):
+        return f"≈ {est:.0f} s on this server (timed from its earlier runs)"
+    return (f"about {est:.0f}–{est * UNCALIBRATED_SLOWDOWN:.0f} s (timed on a reference 2-core machine; this "
+            "server's first run calibrates the estimate)")
+
+
 def knob_summary(knobs: dict) -> list[str]:
     """['Attention = MHA', 'Sample prompt = `12+`', ...]: every knob that differs from its default, in panel order
     (Markdown; text knobs as code, so a typed value cannot format the message)."""

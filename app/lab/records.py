@@ -102,6 +102,20 @@ def final_losses(records: list[dict]) -> dict:
 
 
 
+MAXVIO_EMA = 0.15  # smoothing of the MaxVio curves; the run table's "MaxVio" is the same curve's last point
+
+
+def maxvio_smooth(values) -> np.ndarray:
+    """The MaxVio curve the charts draw and the run table ends on: a moving average of the per-batch values."""
+    return ema(values, MAXVIO_EMA)
+
+
+def final_maxvio(records: list[dict]) -> float | None:
+    """The last point of `maxvio_smooth` over a run's records (None for a run without routed experts)."""
+    mv = [r["max_vio"] for r in records if r.get("max_vio") is not None]
+    return float(maxvio_smooth(mv)[-1]) if mv else None
+
+
 def maxvio_table(runs: list[tuple[str, list[dict]]]) -> pd.DataFrame:
     """The data behind `overlay_maxvio`: one row per run and step (run, step, max_vio = mean over MoE layers)."""
     frames = []

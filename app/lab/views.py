@@ -183,7 +183,7 @@ def history_table(runs: list[LabRun]) -> pd.DataFrame:
         last = r.records[-1] if r.records else {}
         rows.append({"run": r.label, "status": STATUS_TEXT.get(r.status, r.status),
                      "steps": last.get("step", 0), "train loss (avg)": f["train"], "val loss": f["val"],
-                     "MaxVio (last)": last.get("max_vio"), "time (s)": round(r.elapsed(), 1),
+                     "MaxVio (moving avg, last)": rec.final_maxvio(r.records), "time (s)": round(r.elapsed(), 1),
                      "MTP acceptance": (r.after.get("sample") or {}).get("mtp_acceptance")})
     return pd.DataFrame(rows)
 
@@ -247,6 +247,12 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                        f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts matched what the model then "
                        f"sampled." if sample.get("mtp_acceptance") is not None else "; MTP was off (no drafts)."))
         st.code(sample["text"], language=None, wrap_lines=True)
+        st.caption("What to look for: " + (
+            "after a good run the text keeps each domain's rule — sums that add up, brackets that close in order, "
+            "a copy after |, letters in order. " + ui.domains_caption(r.train_cfg.seed).replace("The four", "The")
+            if r.train_cfg.dataset == "synthetic" else
+            "English words, spaces and punctuation in place of random bytes; at this size and length, fragments of "
+            "Python's documentation rather than sense."))
     elif r.after.get("sample_error"):
         st.warning(r.after["sample_error"])
     else:
@@ -279,11 +285,15 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
     share_section(sel or hist[-1:])
 
 
-def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
-    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does)."""
+def run_query(run: LabRun, lesson: bool = False, model: str = "deepseek-v3") -> dict[str, str]:
+    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does) and
+    the sidebar's `model` (the lab trains `mini` either way, but the opened page's sidebar shows it; an uploaded
+    config cannot travel in a link)."""
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
     if run.train_cfg.seed != 0:
         q["seed"] = str(run.train_cfg.seed)
+    if model not in ("deepseek-v3", "uploaded"):
+        q["model"] = model
     if lesson:
         q["lesson"] = "true"
     return q
@@ -292,7 +302,7 @@ def run_query(run: LabRun, lesson: bool = False) -> dict[str, str]:
 def run_link(run: LabRun, lesson: bool = False) -> str:
     """An absolute link (when the server's address is known) that opens the lab with `run`'s knobs."""
     from urllib.parse import urlencode, urljoin
-    qs = urlencode(run_query(run, lesson))
+    qs = urlencode(run_query(run, lesson, st.session_state.get("model", "deepseek-v3")))
     path = "training" + (f"?{qs}" if qs else "")
     base = getattr(st.context, "url", None)
     return urljoin(base, path) if base else path
