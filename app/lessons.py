@@ -411,6 +411,7 @@ TARGETS: dict[tuple[str, int], str] = {
     ("Putting it together", 4): "",
     ("Scale and deployment", 1): "ov_params", ("Scale and deployment", 2): "ov_mem",
     ("Scale and deployment", 3): "mla_maxctx", ("Scale and deployment", 4): "ov_params",
+    ("Scale and deployment", 5): "ov_a2a",
 }
 
 # URL key of a dashboard link opened from a lesson step: "<section id>/<step>" (not a knob: no widget binds it).
