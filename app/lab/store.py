@@ -117,7 +117,8 @@ def run_spec(model_cfg, train_cfg, prompt: str) -> dict:
     if not train_cfg.uses_bias_update:
         train["gamma"] = None
     train.pop("kv_heads", None)
-    return {"model": model_cfg.to_hf(), "train": train, "prompt": str(prompt)}
+    # through JSON once: tuples become lists, so a spec equals itself read back from the store
+    return json.loads(canonical_json({"model": model_cfg.to_hf(), "train": train, "prompt": str(prompt)}))
 
 
 def canonical_json(obj) -> str:
@@ -280,8 +281,12 @@ class RunStore:
 
     def _fail(self, e: Exception) -> None:
         """A failed operation: locked -> skipped (transient); anything else -> the store becomes unavailable."""
-        if isinstance(e, sqlite3.OperationalError) and any(t in str(e).lower() for t in _TRANSIENT):
+        low = str(e).lower()
+        if isinstance(e, sqlite3.OperationalError) and any(t in low for t in _TRANSIENT):
             self.last_error = self._describe(e)
+        elif "no such table" in low:  # the file was deleted under us (a temp-folder cleaner): start a new one
+            self.last_error = f"the file {self.path} had disappeared; a new empty store was started"
+            self.reason = self._open(self.path)
         else:
             self.reason = self._describe(e)
 
