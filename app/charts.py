@@ -11,8 +11,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app import palette
-from app.units import byte_unit, tokens
-from core.calc import human_bytes, human_count
+from core.published import FP8_ACCUM_ERROR, FP8_ACCUM_ERROR_K, H800_FP8_ACCUM_BITS
+from core.units import byte_unit, human_bytes, human_count, tokens
 
 FONT = dict(family="sans-serif", size=13)
 
@@ -465,17 +465,19 @@ def gemm_error(df: pd.DataFrame, promote_every: int, acc_bits: int) -> go.Figure
         fig.add_scatter(x=d["K"], y=d["max_rel_error"], name=acc, mode="lines+markers",
                         line=dict(color=color, width=3),
                         hovertemplate=acc + ": K=%{x:,}: max relative error %{y:.3%}<extra></extra>")
-    fig.add_scatter(x=[4096], y=[0.02], mode="markers+text", name="V3 report: ~2% at K=4096 without promotion",
+    fig.add_scatter(x=[FP8_ACCUM_ERROR_K], y=[FP8_ACCUM_ERROR], mode="markers+text",
+                    name=f"V3 report: ~{FP8_ACCUM_ERROR:.0%} at K={FP8_ACCUM_ERROR_K} without promotion",
                     marker=dict(symbol="star", size=14, color=palette.OKABE_ITO["black"]),
-                    text=["paper ≈2%"], textposition="middle left",
-                    hovertemplate="V3 report §3.3.2: ~2% max relative error at K=4096<extra></extra>")
+                    text=[f"paper ≈{FP8_ACCUM_ERROR:.0%}"], textposition="middle left",
+                    hovertemplate=f"V3 report §3.3.2: ~{FP8_ACCUM_ERROR:.0%} max relative error at "
+                                  f"K={FP8_ACCUM_ERROR_K}<extra></extra>")
     no = df[df["accumulation"] == "no promotion"].set_index("K")["max_rel_error"]
     yes = df[df["accumulation"] != "no promotion"].set_index("K")["max_rel_error"]
-    k = 4096 if 4096 in no.index else no.index.max()
+    k = FP8_ACCUM_ERROR_K if FP8_ACCUM_ERROR_K in no.index else no.index.max()
     title = (f"Without promotion the error grows with K ({no[k]:.1%} at K={k:,}); promoting every "
              f"{promote_every} keeps it at {yes[k]:.2%}")
-    sub = (f"accumulator with {acc_bits} mantissa bits (H800 tensor cores keep ~14 bits incl. the implicit one); "
-           "promotion = add the partial sum into an FP32 register every N_C products")
+    sub = (f"accumulator with {acc_bits} mantissa bits (H800 tensor cores keep ~{H800_FP8_ACCUM_BITS} bits incl. the "
+           "implicit one); promotion = add the partial sum into an FP32 register every N_C products")
     fig.update_xaxes(type="log", tickvals=list(no.index), ticktext=[f"{v:,}" for v in no.index])
     fig.update_yaxes(type="log", tickformat=".2~%",
                      tickvals=[1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5])

@@ -313,7 +313,7 @@ def attention_map(small_json: str, seed: int, tokens: int = 48) -> dict:
     """Causal attention probabilities [H, T, T] of the real MLA module on a repeating token pattern."""
     import torch
 
-    from core.attention import attention_probs
+    from core.probes import attention_probs
 
     small, mla, _ = _modules(small_json, seed)
     g = torch.Generator().manual_seed(seed + 11)
@@ -332,7 +332,7 @@ def attention_map(small_json: str, seed: int, tokens: int = 48) -> dict:
 @memory.heavy
 def rank_truncation(small_json: str, seed: int) -> pd.DataFrame:
     """Relative error of the best rank-r approximation of the per-head K/V the cache would hold: MLA vs MHA."""
-    from core.attention import kv_rank_truncation_error
+    from core.probes import kv_rank_truncation_error
 
     small, mla, mha = _modules(small_json, seed)
     rows = []
@@ -665,8 +665,8 @@ SIM_TOKENS = 256  # tokens per simulated batch (CPU top-k costs ~3 µs per token
 @memory.heavy
 def moe_simulation(n_experts: int, top_k: int, n_group: int, topk_group: int, scoring: str, gamma: float,
                    alpha: float, steps: int, skew: float, seed: int) -> dict:
-    """`core.moe.simulate_bias_controller` for all four strategies, as DataFrames."""
-    from core.moe import SIM_STRATEGIES, simulate_bias_controller
+    """`core.moe_sim.simulate_bias_controller` for all four strategies, as DataFrames."""
+    from core.moe_sim import SIM_STRATEGIES, simulate_bias_controller
 
     torch_setup()
     r = simulate_bias_controller(SIM_STRATEGIES, n_experts=n_experts, top_k=top_k, n_group=n_group,

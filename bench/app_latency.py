@@ -24,17 +24,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
+from tests.live_server import LiveServer  # noqa: E402
 
 # page -> list of (widget kind, key, values to visit in order; the last one is the default)
 SCRIPTS = {
@@ -132,27 +130,10 @@ def memory_live_server(n_sessions: int = 5) -> tuple[float, float, str]:
         chrome = None
     if not chrome:
         return memory_apptest(n_sessions)
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-                             "--server.port", str(port), "--server.address", "127.0.0.1",
-                             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     idle = "[data-testid='stApp'][data-test-script-state='notRunning']"
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                if urllib.request.urlopen(base + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                time.sleep(0.3)
-            if time.time() - t0 > 120:
-                raise RuntimeError("server did not start")
-        before = rss_mib(proc.pid)
+    with LiveServer() as server:
+        base = server.base
+        before = rss_mib(server.pid)
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path=chrome, args=["--disable-background-networking",
                                                                 "--disable-component-update", "--disable-sync"])
@@ -165,15 +146,9 @@ def memory_live_server(n_sessions: int = 5) -> tuple[float, float, str]:
                     pg.wait_for_selector(".js-plotly-plot", timeout=60_000)
                 pages.append(pg)  # keep the five sessions open
             time.sleep(1)
-            after = rss_mib(proc.pid)
+            after = rss_mib(server.pid)
             b.close()
         return before, after, f"live server, {n_sessions} Chromium sessions × 4 pages"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def memory_apptest(n_sessions: int = 5) -> tuple[float, float, str]:

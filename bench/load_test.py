@@ -49,17 +49,17 @@ import json
 import os
 import random
 import shutil
-import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the app (apptest client) and tests.live_server
+from tests.live_server import LiveServer  # noqa: E402
+
 CHROMIUM_ARGS = ["--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-renderer-backgrounding", "--disable-background-timer-throttling",
                  "--disable-backgrounding-occluded-windows"]
@@ -114,14 +114,6 @@ KNOBS_JS = """() => {
 
 
 # ---------------------------------------------------------------------------------------------- server
-def free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def read_status(pid: int) -> dict[str, int]:
     """VmRSS / VmHWM in bytes from /proc/<pid>/status."""
     out = {}
@@ -212,44 +204,6 @@ class Sampler(threading.Thread):
     def stop(self):
         self._halt.set()
         self.join(5)
-
-
-class Server:
-    def __init__(self, session_ttl: float, log_path: Path, extra_env: dict | None = None):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
-        env = dict(os.environ, **(extra_env or {}))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-             "--server.port", str(self.port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-             "--browser.gatherUsageStats", "false", "--server.disconnectedSessionTTL", str(int(session_ttl))],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        t0 = time.time()
-        while True:
-            try:
-                if urllib.request.urlopen(self.base + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if self.proc.poll() is not None or time.time() - t0 > 120:
-                self.stop()
-                raise RuntimeError(f"streamlit did not start; see {log_path}")
-            time.sleep(0.3)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.log.close()
 
 
 # ---------------------------------------------------------------------------------------------- sessions
@@ -463,55 +417,53 @@ async def main_async(args) -> dict:
         raise SystemExit("Debian's chromium is required (apt-get install -y chromium); never `playwright install`")
     out_dir = ROOT / "artifacts"
     out_dir.mkdir(exist_ok=True)
-    server = Server(args.session_ttl, out_dir / f"load-test-server-{args.sessions}.log")
-    timeout_ms = int(args.timeout * 1000)
-    res: dict = {"sessions": args.sessions, "seconds": args.seconds, "loadavg_start": os.getloadavg(),
-                 "cpus": os.cpu_count(), "client": "browser" + (" (charts not drawn)" if args.no_charts else "")}
-    sampler = None
-    try:
-        res["rss_start"] = read_status(server.pid).get("VmRSS", 0)
-        async with async_playwright() as p:
-            browser = await p.chromium.launch(executable_path=chrome, args=CHROMIUM_ARGS)
-            links = await discover_links(browser, server.base, timeout_ms)
-            res["pages"] = [urlparse(h).path or "/" for h in links]
-            res["warmup_errors"] = await warm_up(browser, server.base, links, timeout_ms)
-            await asyncio.sleep(args.session_ttl + 5)
-            res["rss_baseline"] = read_status(server.pid).get("VmRSS", 0)
-            res["tree_baseline"] = read_tree(server.pid)
-            train = any(urlparse(h).path.rstrip("/").endswith("/training") for h in links) and not args.no_train
-            stats = [Stats() for _ in range(args.sessions)]
-            sampler = Sampler(server.pid)
-            sampler.start()
-            cpu0, t0 = cpu_seconds(server.pid), time.time()
-            deadline = t0 + args.seconds
-            rng = random.Random(args.seed)
-            tasks = [session(i, browser, server.base, links, deadline, random.Random(rng.random()), stats[i],
-                             train and i == 0, args.train_query, timeout_ms,
-                             start_delay=rng.uniform(0, args.ramp), no_charts=args.no_charts)
-                     for i in range(args.sessions)]
-            try:
-                await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.seconds + args.timeout + 60)
-            except asyncio.TimeoutError:
-                stats[0].errors.append("the load did not finish within its time bound")
-            res["wall_s"] = time.time() - t0
-            res["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
-            await browser.close()
-        sampler.stop()
-        status = read_status(server.pid)
-        res["rss_peak"] = max(sampler.peak, status.get("VmHWM", 0) if args.count_hwm else sampler.peak)
-        res["rss_hwm"] = status.get("VmHWM", 0)
-        res["rss_end_of_load"] = status.get("VmRSS", 0)
-        res["tree_peak"] = dict(sampler.tree_peak)
-        await asyncio.sleep(args.session_ttl + args.settle)
-        res["rss_after"] = read_status(server.pid).get("VmRSS", 0)
-        res["tree_after"] = read_tree(server.pid)
-        res["server_alive"] = server.proc.poll() is None
-    finally:
+    with LiveServer(log_path=out_dir / f"load-test-server-{args.sessions}.log",
+                    flags=["--server.disconnectedSessionTTL", str(int(args.session_ttl))]) as server:
+        timeout_ms = int(args.timeout * 1000)
+        res: dict = {"sessions": args.sessions, "seconds": args.seconds, "loadavg_start": os.getloadavg(),
+                     "cpus": os.cpu_count(), "client": "browser" + (" (charts not drawn)" if args.no_charts else "")}
+        sampler = None
         try:
+            res["rss_start"] = read_status(server.pid).get("VmRSS", 0)
+            async with async_playwright() as p:
+                browser = await p.chromium.launch(executable_path=chrome, args=CHROMIUM_ARGS)
+                links = await discover_links(browser, server.base, timeout_ms)
+                res["pages"] = [urlparse(h).path or "/" for h in links]
+                res["warmup_errors"] = await warm_up(browser, server.base, links, timeout_ms)
+                await asyncio.sleep(args.session_ttl + 5)
+                res["rss_baseline"] = read_status(server.pid).get("VmRSS", 0)
+                res["tree_baseline"] = read_tree(server.pid)
+                train = any(urlparse(h).path.rstrip("/").endswith("/training") for h in links) and not args.no_train
+                stats = [Stats() for _ in range(args.sessions)]
+                sampler = Sampler(server.pid)
+                sampler.start()
+                cpu0, t0 = cpu_seconds(server.pid), time.time()
+                deadline = t0 + args.seconds
+                rng = random.Random(args.seed)
+                tasks = [session(i, browser, server.base, links, deadline, random.Random(rng.random()), stats[i],
+                                 train and i == 0, args.train_query, timeout_ms,
+                                 start_delay=rng.uniform(0, args.ramp), no_charts=args.no_charts)
+                         for i in range(args.sessions)]
+                try:
+                    await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.seconds + args.timeout + 60)
+                except asyncio.TimeoutError:
+                    stats[0].errors.append("the load did not finish within its time bound")
+                res["wall_s"] = time.time() - t0
+                res["server_cpu_s"] = cpu_seconds(server.pid) - cpu0
+                await browser.close()
+            sampler.stop()
+            status = read_status(server.pid)
+            res["rss_peak"] = max(sampler.peak, status.get("VmHWM", 0) if args.count_hwm else sampler.peak)
+            res["rss_hwm"] = status.get("VmHWM", 0)
+            res["rss_end_of_load"] = status.get("VmRSS", 0)
+            res["tree_peak"] = dict(sampler.tree_peak)
+            await asyncio.sleep(args.session_ttl + args.settle)
+            res["rss_after"] = read_status(server.pid).get("VmRSS", 0)
+            res["tree_after"] = read_tree(server.pid)
+            res["server_alive"] = server.proc.poll() is None
+        finally:
             if sampler is not None:
                 sampler.stop()
-        finally:
-            server.stop()
     nav = [x for s in stats for x in s.nav_ms]
     knob = [x for s in stats for x in s.knob_ms]
     errors = res["warmup_errors"] + [e for s in stats for e in s.errors]
@@ -557,7 +509,6 @@ def apptest_load(args) -> dict:
             return original(self, path)
     script_cache.ScriptCache.get_bytecode = locked
 
-    sys.path.insert(0, str(ROOT))
     from app.pages import PAGES
     pages = [p.path for p in PAGES]
     app = str(ROOT / "streamlit_app.py")
@@ -668,8 +619,8 @@ def apptest_load(args) -> dict:
     res["tree_peak"] = dict(sampler.tree_peak)
     if train:  # stop the lab's run if it is still going (its owner is gone)
         try:
-            from app import training as tl
-            mgr = tl.manager()
+            from app.lab import session as lab_session
+            mgr = lab_session.manager()
             if mgr.busy() is not None:
                 mgr.cancel(mgr.busy())
         except Exception:

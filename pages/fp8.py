@@ -3,6 +3,7 @@ every number computed by `core.fp8` on a seeded test tensor."""
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
+from core.published import H800_FP8_ACCUM_BITS, V3_PROMOTION_INTERVAL
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -27,9 +28,11 @@ with sb.expander("Data", expanded=True, icon=":material/scatter_plot:"):
 with sb.expander("Delayed scaling & GEMM", expanded=False, icon=":material/history:"):
     hist_len = state.select_slider("amax history length (steps)", "fp8_hist", [1, 2, 4, 8, 16, 32, 64, 128], 16)
     algo = state.radio("amax from the history", "fp8_algo", ["max", "most_recent"], "max")
-    acc_bits = state.slider("Accumulator mantissa bits", "fp8_accbits", 8, 23, 13,
-                            help="H800 FP8 tensor cores keep about 14 bits (13 explicit + the implicit one).")
-    n_c = state.select_slider("Promote to FP32 every N_C products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024], 128)
+    acc_bits = state.slider("Accumulator mantissa bits", "fp8_accbits", 8, 23, H800_FP8_ACCUM_BITS - 1,
+                            help=f"H800 FP8 tensor cores keep about {H800_FP8_ACCUM_BITS} bits "
+                                 f"({H800_FP8_ACCUM_BITS - 1} explicit + the implicit one).")
+    n_c = state.select_slider("Promote to FP32 every N_C products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024],
+                              V3_PROMOTION_INTERVAL)
 
 ui.page_header(texts.FP8_TITLE, texts.FP8_SUB, sh)
 ui.explanation("How FP8 quantization works", texts.FP8_EXPLAIN, texts.FP8_EQUATIONS, lesson=sh.lesson)

@@ -5,9 +5,9 @@ import json
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
-from app.units import tokens
-from core.calc import human_bytes
 from core.config import ConfigError
+from core.published import PAPER_FIGURES, PUBLISHED_CONFIGS
+from core.units import human_bytes, tokens
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -65,8 +65,11 @@ kv = compute.kv_vs_context(arch_json, context, batch, dtype, groups)
 per = kv[kv["context_tokens"] == context].set_index("kind")
 e_mla, e_mha = per.loc["MLA", "elements_per_token"], per.loc["MHA", "elements_per_token"]
 bpe = compute.BYTES_PER_ELEMENT[dtype]
-paper = {"deepseek-v3": "35,136 elements (576 × 61)", "deepseek-v2": "34,560 elements (576 × 60)",
-         "deepseek-v2-lite": "15,552 elements (576 × 27)"}.get(sh.model) if arch_json == sh.cfg_json else None
+paper = None
+if sh.model in PAPER_FIGURES and arch_json == sh.cfg_json:
+    pub = PUBLISHED_CONFIGS[sh.model]
+    paper = (f"{PAPER_FIGURES[sh.model]['kv_elements_per_token']:,} elements "
+             f"({pub['kv_lora_rank'] + pub['qk_rope_head_dim']} × {pub['num_hidden_layers']})")
 
 with ui.cards():
     ui.number_with_formula("MLA cache per token", human_bytes(e_mla * bpe), r"(d_c + d_h^R)\,L\cdot\text{bytes}",

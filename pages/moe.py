@@ -1,10 +1,11 @@
 """MoE routing: a real `core.moe.Router` on a multi-domain token stream (routing heatmaps, expert load, balance
-metrics, group-limited routing) and `core.moe.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
+metrics, group-limited routing) and `core.moe_sim.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
 bias vs both)."""
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
 from core.config import ConfigError
+from core.published import V3_BIAS_UPDATE_SPEED
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -33,8 +34,9 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
     strategy = state.radio("Strategy shown in detail", "moe_strategy", list(compute.STRATEGY_LABELS), "aux_free",
                            fmt=compute.STRATEGY_LABELS.get, horizontal=False)
     gamma = state.select_slider("Bias update speed γ", "moe_gamma", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                                1e-2, fmt=lambda v: f"{v:g}", help="V3 used 0.001 over thousands of steps; 0.01 "
-                                                                   "shows convergence within ~100 steps here.")
+                                1e-2, fmt=lambda v: f"{v:g}",
+                                help=f"V3 used {V3_BIAS_UPDATE_SPEED:g} over thousands of steps; 0.01 shows "
+                                     "convergence within ~100 steps here.")
     alpha = state.select_slider("Aux loss weight α", "moe_alpha", [1e-4, 1e-3, 1e-2, 1e-1, 1.0], 1e-2,
                                 fmt=lambda v: f"{v:g}")
     steps = state.select_slider("Steps (batches)", "moe_steps", [15, 30, 60, 120, 240], 30)

@@ -2,8 +2,8 @@
 import streamlit as st
 
 from app import compute, shell, sidebar, state, texts, ui
-from app.units import flops, tokens
-from core.calc import PAPER_FIGURES, human_bytes, human_count
+from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS
+from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 
 shell.require()  # run inside the entry point (see app/shell.py)
@@ -90,7 +90,8 @@ with st.expander("Table with formulas", expanded=True):
 
 st.subheader("Memory and compute")
 ui.chart(ui.fig("memory_bars", d["memory"]), d["memory"], "memory", key="ov_mem", lesson=sh.lesson,
-         notice="FP8 halves the weight memory (the scales add under 1%); the MLA cache of a whole 128K-token "
+         notice="FP8 halves the weight memory (the scales add under 1%); the MLA cache of a whole "
+                f"{tokens(V3_CONTEXT_TOKENS)}-token "
                 "sequence is small next to the weights, while an MHA cache of the same model would be comparable.")
 ui.chart(ui.fig("flops_vs_context", d["flops"], context), d["flops"], "flops per token", key="ov_flops",
          lesson=sh.lesson,

@@ -1,6 +1,6 @@
 """Browser end-to-end test: the real app in Debian's Chromium, driven by the Python Playwright package.
 
-Starts `streamlit run streamlit_app.py` on a free local port, opens every page from the navigation, waits for
+Starts the app on a free local port (tests/live_server.py), opens every page from the navigation, waits for
 the charts, checks that no exception is shown, saves a screenshot of every page to artifacts/screenshots/, moves a
 slider with the keyboard and checks that the URL carries the new value and that opening that URL restores it.
 
@@ -9,18 +9,15 @@ Never runs `playwright install`: it launches the system Chromium (`apt-get insta
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
+from live_server import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "artifacts" / "screenshots"
@@ -39,37 +36,13 @@ def _missing(reason: str):
 @pytest.fixture(scope="module")
 def server():
     """A headless Streamlit server on a free port; yields its base URL and stops it afterwards."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    base = f"http://127.0.0.1:{port}"
     SHOTS.mkdir(parents=True, exist_ok=True)
-    log = open(SHOTS.parent / "e2e-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "streamlit_app.py", "--server.headless", "true",
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.fileWatcherType", "none",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        t0 = time.time()
-        while True:
-            try:
-                if urllib.request.urlopen(base + "/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() - t0 > 120:
-                pytest.fail(f"streamlit did not start; see {SHOTS.parent / 'e2e-server.log'}")
-            time.sleep(0.3)
-        yield base
-    finally:
-        proc.terminate()
+    with contextlib.ExitStack() as stack:
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            live = stack.enter_context(LiveServer(log_path=SHOTS.parent / "e2e-server.log"))
+        except RuntimeError as e:
+            pytest.fail(str(e))
+        yield live.base
 
 
 @pytest.fixture(scope="module")

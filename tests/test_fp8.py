@@ -1,8 +1,8 @@
-"""Tests for core/fp8.py: formats vs ml_dtypes, scaling granularities, error metrics, the emulated
+"""Tests for the core/fp8 package: formats vs ml_dtypes, scaling granularities, error metrics, the emulated
 FP8 GEMM, limited-precision accumulation and the FP8 training primitives.
 
-Reference numbers: /work/shared/reference/fp8-and-moe.md §1 (bit facts, RNE tie table, local SQNR
-anchors); DeepSeek-V3 report §3.3; DeepSeek inference/kernel.py; DeepGEMM calc_diff.
+Reference numbers: OCP OFP8 spec (bit facts, RNE ties), docs/performance.md "FP8 emulation" (SQNR
+figures); DeepSeek-V3 report §3.3; DeepSeek inference/kernel.py; DeepGEMM calc_diff.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
 
 from apptest_helpers import open_page as _open_page  # noqa: E402
-from core.config import PUBLISHED_CONFIGS  # noqa: E402
+from core.published import PUBLISHED_CONFIGS  # noqa: E402
 
 V3 = PUBLISHED_CONFIGS["deepseek-v3"]
 M = 2**31 - 1
@@ -163,53 +163,50 @@ def test_largest_knobs_of_every_page_render():
 def _lab():
     if "pages/training.py" not in pages():
         pytest.skip("the training lab page is not in the navigation yet")
-    try:
-        from app import training as tl
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"app.training not importable: {e}")
-    return tl
+    from app.lab import knobs, session
+    return knobs, session
 
 
 def test_training_caps_hold_for_every_knob_combination():
-    tl = _lab()
-    steps_opts = tl.KNOBS["tr_steps"].options
-    assert max(steps_opts) <= tl.MAX_STEPS, "a Steps option above the server's cap"
-    assert tl.MAX_SECONDS <= 600 and tl.MAX_TOKENS <= 5_000_000 and tl.MAX_STEPS <= 5_000
+    knobs, session = _lab()
+    steps_opts = knobs.KNOBS["tr_steps"].options
+    assert max(steps_opts) <= knobs.MAX_STEPS, "a Steps option above the server's cap"
+    assert knobs.MAX_SECONDS <= 600 and knobs.MAX_TOKENS <= 5_000_000 and knobs.MAX_STEPS <= 5_000
     ok = refused = 0
     for steps in steps_opts:
-        for batch in tl.KNOBS["tr_batch"].options:
-            for seq in tl.KNOBS["tr_seq"].options:
+        for batch in knobs.KNOBS["tr_batch"].options:
+            for seq in knobs.KNOBS["tr_seq"].options:
                 try:
-                    _, cfg = tl.lab_config({"tr_steps": steps, "tr_batch": batch, "tr_seq": seq}, seed=0)
-                except tl.LabConfigError as e:
+                    _, cfg = knobs.lab_config({"tr_steps": steps, "tr_batch": batch, "tr_seq": seq}, seed=0)
+                except knobs.LabConfigError as e:
                     assert e.knob and e.rule, e
                     refused += 1
                     continue
                 ok += 1
-                assert cfg.steps <= tl.MAX_STEPS
-                assert cfg.steps * cfg.batch_size * cfg.seq_len <= tl.MAX_TOKENS
-                assert 0 < cfg.max_time_s <= tl.MAX_SECONDS
+                assert cfg.steps <= knobs.MAX_STEPS
+                assert cfg.steps * cfg.batch_size * cfg.seq_len <= knobs.MAX_TOKENS
+                assert 0 < cfg.max_time_s <= knobs.MAX_SECONDS
     assert ok and refused, (ok, refused)
 
 
 def test_training_page_reports_its_caps_and_refuses_over_cap_runs():
-    tl = _lab()
+    knobs, session = _lab()
     at = open_page("pages/training.py")
     clean(at)
     caps = " ".join(c.value for c in at.sidebar.caption)
-    assert str(tl.MAX_STEPS) in caps and f"{tl.MAX_TOKENS:,}" in caps, caps
-    big = {"tr_steps": str(max(tl.KNOBS["tr_steps"].options)), "tr_batch": str(max(tl.KNOBS["tr_batch"].options)),
-           "tr_seq": str(max(tl.KNOBS["tr_seq"].options))}
+    assert str(knobs.MAX_STEPS) in caps and f"{knobs.MAX_TOKENS:,}" in caps, caps
+    big = {"tr_steps": str(max(knobs.KNOBS["tr_steps"].options)), "tr_batch": str(max(knobs.KNOBS["tr_batch"].options)),
+           "tr_seq": str(max(knobs.KNOBS["tr_seq"].options))}
     at = open_page("pages/training.py", big)
     clean(at)
     msg = " ".join(e.value for e in at.error)
-    assert "tokens" in msg and f"{tl.MAX_TOKENS:,}" in msg, msg
+    assert "tokens" in msg and f"{knobs.MAX_TOKENS:,}" in msg, msg
     assert at.button(key="tr_start").proto.disabled, "Start must be disabled while the run is over the cap"
 
 
 def test_one_training_run_at_a_time_per_server():
-    tl = _lab()
-    mgr = tl.manager()
+    knobs, session = _lab()
+    mgr = session.manager()
     if not all(hasattr(mgr, a) for a in ("busy", "cancel")):
         pytest.skip("RunManager API changed (busy/cancel)")
     assert mgr.busy() is None, "a run is already active in this process"

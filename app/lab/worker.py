@@ -1,4 +1,4 @@
-"""The training lab's worker process: `python -m app.training_worker` trains one run at a time, off the server.
+"""The training lab's worker process: `python -m app.lab.worker` trains one run at a time, off the server.
 
 Why a process, not a thread: a training step is thousands of small torch ops, each taking and releasing the GIL.
 In a thread of the Streamlit server it fights every page rerun of every session for the GIL (measured here:
