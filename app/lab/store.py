@@ -67,7 +67,7 @@ _ROOT = Path(__file__).resolve().parents[2]
 # plus the lab worker's after-run measurements (sample length, temperature). Hashing the files, not a hand-bumped
 # constant: a constant that someone forgets to bump serves stale numbers as if they were this engine's, while a
 # hash errs the safe way (a comment edit costs one retrain of each run, the store being a cache).
-ENGINE_GLOBS = ("core/**/*.py", "app/lab/worker.py", "app/training_worker.py")
+ENGINE_GLOBS = ("core/**/*.py", "app/lab/worker.py")
 _engine: str | None = None
 _engine_lock = threading.Lock()
 
