@@ -32,6 +32,10 @@ except knobs.LabConfigError as e:
     mcfg = cfg = None
     cfg_error = e
 session.prewarm()
+stats = mgr.store.stats()
+st.sidebar.caption(f"This server has trained {mgr.jobs} run(s) since it started"
+                   + (f"; its run store keeps {stats['runs']} finished run(s) for links and repeats." if stats else
+                      "; it has no run store (see the note on the page)."))
 
 run = session.current()
 own_active = run is not None and run.active

@@ -224,6 +224,11 @@ class RunManager:
             if proc.poll() is None:
                 proc.kill()
 
+    @property
+    def jobs(self) -> int:
+        """Training jobs this manager has sent to a worker since the server started."""
+        return self._seq
+
     # -- requests from pages
     def finished_run(self, key: str | None):
         """The finished run with this key: a `LabRun` from the manager's memory or a `StoredRun` from the store,
