@@ -107,7 +107,8 @@ if other is not None and not own_active:
 else:
     watch = False
 
-layer = views.layer_choice(run) if own_active or (other is not None and watch) else None  # above the live charts
+live_layer = own_active or (other is not None and watch)  # the layer knob goes above the live charts
+layer = views.layer_choice(run if own_active else other) if live_layer else None
 
 # ---------------------------------------------------------------- live view (own run)
 if own_active:
@@ -151,7 +152,7 @@ elif other is not None and watch:
 # ---------------------------------------------------------------- after: results, history, overlay
 hist = session.history()
 if hist and not own_active:
-    views.results_section(hist, layer, sh.lesson)
+    views.results_section(hist, *([layer] if live_layer else []), lesson=sh.lesson)  # one layer knob per page
 
 ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS, lesson=sh.lesson)
 

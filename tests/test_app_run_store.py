@@ -73,6 +73,11 @@ def test_same_knobs_train_once_and_open_from_a_link_after_a_restart(idle_server,
     e.button(key=f"tr_again_{shown.id}").click().run()
     again = run_of(e)
     assert again is not shown and not again.stored and again.key == run.key and mgr.active is again
+    # a tab with results of its own while another run trains: the watch view and its results share one layer knob
+    d.run()
+    clean(d)
+    assert any("Watching another user's run" in p.proto.text for p in d.get("progress"))
+    assert "Compare runs" in _results(d)
     _drain(mgr)
 
 

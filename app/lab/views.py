@@ -189,7 +189,10 @@ def history_table(runs: list[LabRun]) -> pd.DataFrame:
 
 
 # ====================================================================== page sections
-def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None:
+_UNSET = object()
+
+
+def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> None:
     """After the runs: the picked run's numbers, charts, specialisation matrix, sampled text and CSV; then the
     overlay of runs with the final-loss delta, the table of runs and the CSV of every record."""
     names = [r.label for r in hist]
@@ -224,8 +227,8 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                                    r"\frac{\#\,\text{drafts confirmed}}{\#\,\text{drafts}}", width=w,
                                    paper="V3: 85–90% for the 2nd token",
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
-    if layer is None:
-        layer = layer_choice(r)  # right above the charts it controls
+    if layer is _UNSET:  # not drawn above (no live view): right above the charts it controls
+        layer = layer_choice(r)
     live_charts(r, layer, f"res_{r.id}", lesson)
     dom = domain_view(r, layer)
     if dom:
