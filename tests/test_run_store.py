@@ -117,6 +117,10 @@ def test_eviction_by_bytes_bounds_the_file(tmp_path):
     assert st.has(make_run(seed=39).id) and not st.has(make_run(seed=0).id)
     # freed pages go back to the file system and the WAL is truncated: the file stays near the cap
     assert info["file_bytes"] < cap + 256 * 1024
+    # a run JSON cannot hold is refused with a reason
+    bad = make_run(seed=99)
+    bad.after = {"x": float("nan")}
+    assert not st.put(bad) and "cannot be stored" in st.last_error and st.available
     # a run larger than the whole cap is refused with a reason, the store stays available
     tiny = rs.RunStore(tmp_path / "tiny", max_bytes=1000)
     assert not tiny.put(one) and "more than the store's whole cap" in tiny.last_error and tiny.available

@@ -361,8 +361,12 @@ class RunStore:
         than the byte cap (`last_error` says which)."""
         if not self.available:
             return False
-        records, after = _pack(run.records), _pack(run.after)
-        spec, knobs, n_params = canonical_json(run.spec), canonical_json(run.knobs), canonical_json(run.n_params)
+        try:
+            records, after = _pack(run.records), _pack(run.after)
+            spec, knobs, n_params = canonical_json(run.spec), canonical_json(run.knobs), canonical_json(run.n_params)
+        except (ValueError, TypeError) as e:  # a value JSON cannot hold (NaN, an object): not storable, not fatal
+            self.last_error = f"run {run.id} cannot be stored: {e}"
+            return False
         size = len(records) + len(after) + len(spec) + len(knobs) + len(n_params)
         if size > self.max_bytes:
             self.last_error = (f"run {run.id} is {size:,} bytes, more than the store's whole cap "
