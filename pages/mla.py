@@ -4,7 +4,11 @@ import json
 
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
+from app import shell, sidebar, state, texts, ui
+from app import gpu_view
+from app.charts import mla as charts
+from app.compute import mla as compute
+from app.compute.common import BYTES_PER_ELEMENT
 from core.config import ConfigError
 from core.published import PAPER_FIGURES, PUBLISHED_CONFIGS
 from core.units import human_bytes, tokens
@@ -64,7 +68,7 @@ except ConfigError as e:
 kv = compute.kv_vs_context(arch_json, context, batch, dtype, groups)
 per = kv[kv["context_tokens"] == context].set_index("kind")
 e_mla, e_mha = per.loc["MLA", "elements_per_token"], per.loc["MHA", "elements_per_token"]
-bpe = compute.BYTES_PER_ELEMENT[dtype]
+bpe = BYTES_PER_ELEMENT[dtype]
 paper = None
 if sh.model in PAPER_FIGURES and arch_json == sh.cfg_json:
     pub = PUBLISHED_CONFIGS[sh.model]
@@ -91,7 +95,7 @@ with ui.cards():
                            paper="2.25 groups (V2 report, d_c = 4d_h, d_h^R = d_h/2)",
                            detail="MLA's memory cost expressed in GQA groups")
 
-ui.chart(ui.fig("kv_vs_context", kv, context, batch, groups, log), kv, "kv cache vs context", key="mla_kv",
+ui.chart(ui.fig(charts.kv_vs_context, kv, context, batch, groups, log), kv, "kv cache vs context", key="mla_kv",
          lesson=sh.lesson,
          notice="All lines are straight: every cache grows linearly with the context. The vertical gap on the log "
                 "scale is the constant reduction factor — move d_c or the number of heads and watch only the MLA "
@@ -113,7 +117,7 @@ with ui.cards():
     ui.number_with_formula("Longest MLA context", tokens(best["MLA"]),
                            r"T_{\max} = \left\lfloor \frac{M_{\text{free}}}{e\,L\,B\cdot\text{bytes}} \right\rfloor",
                            detail=f"batch {batch}, {dtype.upper()} cache; MHA: {tokens(best['MHA'])}")
-ui.chart(ui.fig("max_context_bars", mc["table"], mc["max_position_embeddings"], mem_label), mc["table"],
+ui.chart(ui.fig(charts.max_context_bars, mc["table"], mc["max_position_embeddings"], mem_label), mc["table"],
          "max context", key="mla_maxctx", lesson=sh.lesson,
          notice="The bar lengths are the free memory divided by the bytes per token: MLA's bar is longer by "
                 "exactly the reduction factor.")
@@ -147,11 +151,11 @@ with ui.cards():
                                   f"{'equal ✓' if naive_row['match'] else 'DIFFERENT ✗'}; "
                                   f"{naive_row['measured_bytes'] / mla_row['measured_bytes']:.1f}× the absorbed cache")
 
-ui.chart(ui.fig("measured_bytes", b), b, "measured cache bytes", key="mla_bytes", lesson=sh.lesson,
+ui.chart(ui.fig(charts.measured_bytes, b), b, "measured cache bytes", key="mla_bytes", lesson=sh.lesson,
          notice="Bars are sums of the cache tensors' nbytes after a real prefill + decode; the black ticks are the "
                 "paper's formula. They coincide.")
 lat = compute.measured_latency(small_json, sh.seed)
-ui.chart(ui.fig("decode_latency", lat), lat, "decode latency", key="mla_lat", lesson=sh.lesson,
+ui.chart(ui.fig(charts.decode_latency, lat), lat, "decode latency", key="mla_lat", lesson=sh.lesson,
          notice="Per-token decode time grows with the context for both paths; the absorbed path reads far fewer "
                 "bytes per step but does more multiply-adds per cached token.")
 
@@ -163,11 +167,14 @@ with st.container(horizontal=True, gap="medium"):
     view = state.radio("Colour", "mla_heatview", ["× uniform", "probability"], "× uniform", width="content")
 h = min(head, n_heads - 1)
 with st.container(width=680):
-    ui.chart(ui.fig("attention_heatmap", amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
+    ui.chart(ui.fig(charts.attention_heatmap, amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
              "attention heatmap", key="mla_heat", lesson=sh.lesson,
              notice="The upper triangle is empty: causal masking. Rows sum to 1 (each is a softmax).")
 rt = compute.rank_truncation(small_json, sh.seed)
 exact = small["kv_lora_rank"] + small["qk_rope_head_dim"]
-ui.chart(ui.fig("rank_truncation", rt, exact), rt, "rank truncation", key="mla_rank", lesson=sh.lesson,
-         notice="MLA's curve drops to zero at d_c + d_h^R: its cache already is the optimal low-rank code. "
+ui.chart(ui.fig(charts.rank_truncation, rt, exact), rt, "rank truncation", key="mla_rank", lesson=sh.lesson,
+         notice="MLA's curve drops to zero at d_c + d_h^R: its cache already is an exact rank-(d_c + d_h^R) code "
+                "of all heads' K and V. "
                 "MHA's error decays slowly — there is no free compression left in it.")
+
+gpu_view.mla_section(sh.lesson)

@@ -1,8 +1,11 @@
 """Overview / scale calculator: parameters (total vs activated), FLOPs per token, weight memory, KV cache."""
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
-from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS
+from app import shell, sidebar, state, texts, ui
+from app.charts import overview as charts
+from app.compute import overview as compute
+from app.compute.common import apply_overrides
+from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS, billions
 from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 
@@ -28,7 +31,7 @@ with sb.expander("Custom architecture", icon=":material/tune:"):
 
 ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
 try:
-    cfg_json = compute.apply_overrides(sh.cfg_json, overrides)
+    cfg_json = apply_overrides(sh.cfg_json, overrides)
 except ConfigError as e:
     ui.config_error(e, texts.OVERRIDE_LABELS, where="Custom architecture — ")
     st.stop()
@@ -50,15 +53,17 @@ kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
 with ui.cards():
     ui.number_with_formula("Total parameters", human_count(c["total"]),
                            r"N_{\text{total}} = \textstyle\sum_{\text{components}} N_i",
-                           paper=(f"{paper['total'] / 1e9:.0f}B" + (f"; checkpoint {paper['checkpoint_total'] / 1e9:.0f}B"
-                                                                      if "checkpoint_total" in paper else ""))
+                           paper=(billions(paper['total']) + (f"; checkpoint {billions(paper['checkpoint_total'])}"
+                                                               if "checkpoint_total" in paper else ""))
                            if paper else None,
                            detail=f"MTP module adds {human_count(c['mtp'])}; the checkpoint (MTP with its own "
                                   f"embedding/head copies) holds {human_count(c['checkpoint_total'])}")
     ui.number_with_formula("Activated per token", human_count(c["activated"]),
                            r"N_{\text{total}} - (N_r - K_r)\,3\,d\,d_e\,L_{\text{MoE}}",
-                           paper=f"{paper['activated'] / 1e9:.0f}B" if paper else None,
-                           detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights")
+                           paper=billions(paper['activated']) if paper else None,
+                           detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights; without the input "
+                                  f"embedding {human_count(c['activated_no_embedding'])} (the paper's convention "
+                                  "is not stated)")
     ui.number_with_formula(f"Forward FLOPs / token ({tokens(context)} context)", flops(fl["forward"]),
                            r"2N'_{\text{act}} + 2Ln_h(d_{qk}+d_v)\,T",
                            detail=f"matmuls {flops(fl['matmul'])} + attention {flops(fl['attention'])}; "
@@ -74,7 +79,7 @@ with ui.cards():
 
 st.subheader("Parameter breakdown")
 params = d["params"]
-ui.chart(ui.fig("params_breakdown", params, c), params.drop(columns=["formula"]), "parameter breakdown",
+ui.chart(ui.fig(charts.params_breakdown, params, c), params.drop(columns=["formula"]), "parameter breakdown",
          key="ov_params", lesson=sh.lesson,
          notice="Compare the purple routed-expert segment in the two bars: it dominates the total but shrinks to "
                 "K_r/N_r of itself in the activated bar. That is the whole point of a fine-grained MoE.")
@@ -89,11 +94,11 @@ with st.expander("Table with formulas", expanded=True):
                "is not part of the main model's total.")
 
 st.subheader("Memory and compute")
-ui.chart(ui.fig("memory_bars", d["memory"]), d["memory"], "memory", key="ov_mem", lesson=sh.lesson,
+ui.chart(ui.fig(charts.memory_bars, d["memory"]), d["memory"], "memory", key="ov_mem", lesson=sh.lesson,
          notice="FP8 halves the weight memory (the scales add under 1%); the MLA cache of a whole "
                 f"{tokens(V3_CONTEXT_TOKENS)}-token "
                 "sequence is small next to the weights, while an MHA cache of the same model would be comparable.")
-ui.chart(ui.fig("flops_vs_context", d["flops"], context), d["flops"], "flops per token", key="ov_flops",
+ui.chart(ui.fig(charts.flops_vs_context, d["flops"], context), d["flops"], "flops per token", key="ov_flops",
          lesson=sh.lesson,
          notice="The matmul FLOPs are flat: they depend only on the activated parameters. The attention part "
                 "grows linearly with the context and takes over for long sequences.")

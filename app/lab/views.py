@@ -17,6 +17,7 @@ from app.lab.manager import STATUS_TEXT, LabRun
 from app.lab import session
 from app.lab.session import current, history
 from app.lab.worker import DEFAULT_PROMPT
+from core.published import V3_MTP_ACCEPTANCE
 
 POLL_S = 1.0           # owner's live view refresh (the first point comes with the Start response itself)
 WATCH_POLL_S = 2.0     # a watcher's refresh (cheaper: many watchers share the server)
@@ -225,7 +226,8 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
         if sample.get("mtp_acceptance") is not None:
             ui.number_with_formula("MTP draft acceptance", f"{100 * sample['mtp_acceptance']:.0f}%",
                                    r"\frac{\#\,\text{drafts confirmed}}{\#\,\text{drafts}}", width=w,
-                                   paper="V3: 85–90% for the 2nd token",
+                                   paper=(f"V3: {V3_MTP_ACCEPTANCE[0]:.0%}–{V3_MTP_ACCEPTANCE[1]:.0%} for the "
+                                          "2nd token"),
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
     if layer is _UNSET:  # not drawn above (no live view): right above the charts it controls
         layer = layer_choice(r)
@@ -345,7 +347,7 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
 
     with st.expander("The model and schedule you are about to train", expanded=expanded,
                      icon=":material/visibility:"):
-        d = compute.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
+        d = compute.overview.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
         c = d["counts"]
         with ui.cards():
             ui.number_with_formula("Parameters", human_count(c["total"]), r"N_{\text{total}}", width=250,
