@@ -38,7 +38,8 @@ DOMAINS = ("arithmetic", "brackets", "copy", "sorted")
 
 # ---------------------------------------------------------------------------------------------- tokenizer
 class ByteTokenizer:
-    """UTF-8 bytes as tokens (vocab 256). ``decode`` replaces invalid byte sequences with U+FFFD."""
+    """UTF-8 bytes as tokens (vocab 256). ``decode`` shows each byte that is not part of valid UTF-8 as a visible
+    ``\\xNN`` escape (a sampled model emits such bytes; U+FFFD would hide which byte it was)."""
 
     vocab_size = VOCAB_SIZE
 
@@ -50,7 +51,7 @@ class ByteTokenizer:
     def decode(tokens) -> str:
         if isinstance(tokens, torch.Tensor):
             tokens = tokens.flatten().tolist()
-        return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="replace")
+        return bytes(int(t) % 256 for t in tokens).decode("utf-8", errors="backslashreplace")
 
 
 TOKENIZER = ByteTokenizer()

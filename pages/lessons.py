@@ -36,6 +36,9 @@ def _open(step: ls.Step) -> None:
     """Apply the step's shared (sidebar) knobs to this session, reset the page's other knobs to their defaults (a
     knob set by an earlier step must not carry over), then navigate with the page knobs in the URL."""
     ls.remember_position(sec_id, n)
+    if step.page == "pages/training.py":  # the lab keeps the student's own knobs and shows the step's view
+        from app.lab import session as lab_session
+        lab_session.enter_lesson_view(step.knobs, f"{sec_id}, step {n}: {step.title}")
     for k in ("model", "seed", "lesson"):
         if k in step.knobs:
             st.session_state[k] = step.knobs[k]

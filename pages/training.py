@@ -10,6 +10,8 @@ from app.compute.common import config_json
 shell.require()  # run inside the entry point (see app/shell.py)
 
 sh = sidebar.shared()
+if session.lesson_view() and not sh.lesson:  # lesson mode turned off: the student's own knobs come back
+    session.leave_lesson_view()
 knob_values = views.knob_panel()
 st.sidebar.caption(f"This server: at most {knobs.MAX_STEPS} steps, {knobs.MAX_TOKENS:,} tokens and "
                    f"{knobs.MAX_SECONDS:.0f} s per run, one run at a time; a run stops when its browser tab has been "
@@ -21,6 +23,8 @@ ui.page_header(texts.TRAIN_TITLE, texts.TRAIN_SUB, sh, model_label="mini with th
 
 session.collect()
 mgr = session.manager()
+linked = session.open_linked_runs()  # ?runs=<id>...: a link's (or a reload's) finished runs, from the store
+session.sync_url()
 try:
     mcfg, cfg = knobs.lab_config(knob_values, sh.seed)
     cfg_error = None
@@ -30,6 +34,10 @@ except knobs.LabConfigError as e:
 if mcfg is not None:  # the sidebar's parameter count describes the model the lab trains, not the preset
     sidebar.summary(config_json(mcfg), "The lab's mini model")
 session.prewarm()
+stats = mgr.store.stats()
+st.sidebar.caption(f"This server has trained {mgr.jobs} run(s) since it started"
+                   + (f"; its run store keeps {stats['runs']} finished run(s) for links and repeats." if stats else
+                      "; it has no run store (see the note on the page)."))
 
 run = session.current()
 own_active = run is not None and run.active
@@ -51,7 +59,34 @@ with st.container(horizontal=True, vertical_alignment="center", gap="small"):
                       " · the training process is still loading PyTorch (first use of this server)"))
 if cfg_error is not None:
     ui.knob_error(cfg_error.knob, cfg_error.rule)
-if cfg_error is None and session.opened_from_link() and run is None and not session.history():
+notice = session.pop_notice()
+if notice:
+    st.info(notice, icon=":material/info:")
+if session.lesson_view():
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.info(f"**Lesson step view** ({session.lesson_view()}): the sidebar shows this step's knobs. Your own lab "
+                "knobs are kept and come back when you leave the lesson.", icon=":material/school:")
+        st.button("Back to my own knobs", icon=":material/undo:", key="tr_own_knobs",
+                  on_click=session.leave_lesson_view)
+if not mgr.store.available:
+    st.caption(f":material/warning: The run store is unavailable ({mgr.store.reason}): runs train as usual, but "
+               "finished runs are not kept for links, reloads or other users.")
+if linked:
+    for msg in linked["bad"]:
+        st.error(msg, icon=":material/link_off:")
+    if linked["missing"]:
+        st.warning(f"**This link names {len(linked['missing'])} run(s) this server has not stored** "
+                   f"({', '.join(linked['missing'])}: evicted from the store, or trained by another version of the "
+                   "engine). The link's knobs are in the sidebar: press **Start training** to train it here — the "
+                   "same knobs and seed draw the same curves.", icon=":material/link_off:")
+    if linked["opened"]:
+        st.success(f"**Opened {len(linked['opened'])} stored run(s) from the link** — their results are below; "
+                   "nothing was trained.", icon=":material/link:")
+if session.outcome() == "joined" and own_active:
+    st.info(f"**Joined {run.label}:** the same knobs and seed are already "
+            f"{'queued' if run.status == 'queued' else 'training'} for another tab, so you follow that run instead "
+            f"of training a copy ({len(run.viewers)} tabs follow it).", icon=":material/group:")
+if cfg_error is None and session.opened_from_link() and run is None and not session.history() and not linked:
     changed = knobs.knob_summary(knob_values) + ([f"Seed = **{sh.seed}**"] if sh.seed else [])
     st.info(f"**This link set the lab's knobs:** {', '.join(changed) if changed else 'the defaults'} (see the "
             "sidebar). A link carries knobs, not results: press **Start training** to train this run here — on "
@@ -74,7 +109,8 @@ if other is not None and not own_active:
 else:
     watch = False
 
-layer = views.layer_choice(run) if own_active or (other is not None and watch) else None  # above the live charts
+live_layer = own_active or (other is not None and watch)  # the layer knob goes above the live charts
+layer = views.layer_choice(run if own_active else other) if live_layer else None
 
 # ---------------------------------------------------------------- live view (own run)
 if own_active:
@@ -85,10 +121,9 @@ if own_active:
         run.touch()
         if run.status == "queued":
             pos = mgr.position(run)
-            busy = mgr.busy()
-            left = busy.progress()["left"] if busy is not None else None
+            wait = mgr.wait_estimate(run)
             st.info(f"**Your run {run.label} is #{pos} in the queue.** It starts by itself when the server is free"
-                    + (f" (the current run has ~{views.fmt_s(left)} left)." if left is not None else ".")
+                    + (f", in about {views.fmt_s(wait)}." if wait is not None else ".")
                     + " Keep this tab open.", icon=":material/queue:")
             st.button("Leave the queue", key="tr_leave", on_click=session.on_leave_queue)
         else:
@@ -119,7 +154,7 @@ elif other is not None and watch:
 # ---------------------------------------------------------------- after: results, history, overlay
 hist = session.history()
 if hist and not own_active:
-    views.results_section(hist, layer, sh.lesson)
+    views.results_section(hist, *([layer] if live_layer else []), lesson=sh.lesson)  # one layer knob per page
 
 ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS, lesson=sh.lesson)
 

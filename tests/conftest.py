@@ -1,9 +1,15 @@
 """Shared test set-up."""
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 
 import pytest
+
+# The run store (app/lab/store.py) of every app, server and worker the tests start: a folder of this test session,
+# never the user's cache (a run stored by an earlier session would be shown instead of trained).
+os.environ["EVA_DATA_DIR"] = tempfile.mkdtemp(prefix="eva-test-store-")
 
 
 @pytest.fixture(autouse=True, scope="module")

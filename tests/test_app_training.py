@@ -19,12 +19,21 @@ from app.lab import manager as runs
 
 
 @pytest.fixture(autouse=True)
-def idle_server():
-    """Every test starts and ends with no run on the (process-wide) run manager."""
+def idle_server(tmp_path):
+    """Every test starts and ends with no run on the (process-wide) run manager, and with an empty run store of its
+    own (a run another test trained is not served from the store)."""
     mgr = session.manager()
     _drain(mgr)
+    fresh_store(mgr, tmp_path / "store")
     yield mgr
     _drain(mgr)
+
+
+def fresh_store(mgr, folder):
+    from app.lab.store import RunStore
+    mgr._store = RunStore(folder)
+    mgr._recent.clear()
+    return mgr._store
 
 
 def _drain(mgr, timeout=60):
@@ -145,10 +154,12 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     mv = next(s for s in specs(at) if s["layout"]["title"]["text"].startswith("#2 MHA") and "MaxVio" in
               s["layout"]["title"]["text"])
     assert [t["name"] for t in mv["data"]] == [run.label, run2.label], "MaxVio of both runs overlaid"
-    # runs live in this session: the page says so and gives one link per overlaid run, with that run's knobs
-    assert any("Runs belong to this browser tab" in i.value for i in at.info)
+    # one link per overlaid run, with that run's knobs; a finished run's link also names it (stopped runs are not
+    # stored: their link carries knobs only)
+    assert any("Links carry results" in i.value for i in at.info)
     links = [c.value for c in at.code if "training" in c.value]
     assert len(links) == 2 and "tr_steps=400" in links[0] and "tr_attn=MHA" in links[1] and "tr_steps=25" in links[1]
+    assert "runs=" not in links[0] and f"runs={run2.key}" in links[1]
 
 
 def test_typed_sample_prompt_reaches_the_worker_and_the_caption(idle_server):
@@ -185,9 +196,10 @@ def test_over_long_sample_prompt_is_a_message_and_starts_nothing(idle_server):
     assert not at.error and not at.button(key="tr_start").disabled
 
 
-def test_a_run_link_reproduces_the_run_in_another_session(idle_server):
-    """What the page promises a colleague: the link of a run opens the lab with its knobs, and training it again on
-    this server draws the same curve (the worker process, seed and data order are the same)."""
+def test_a_run_link_reproduces_the_run_in_another_session(idle_server, tmp_path):
+    """What the page promises a colleague: the link of a run carries its id and its knobs. Where the store is empty
+    the knobs are there, and training them again on this server draws the same curve (the worker process, seed and
+    data order are the same) — the fact that lets the store serve a run instead of training it."""
     a = lab({**TINY, "tr_bal": "aux loss"})
     a.button(key="tr_start").click().run()
     run_a = run_of(a)
@@ -196,14 +208,17 @@ def test_a_run_link_reproduces_the_run_in_another_session(idle_server):
     link = next(c.value for c in a.code if "tr_bal=" in c.value)
     from urllib.parse import parse_qsl, urlparse
     q = dict(parse_qsl(urlparse(link).query))
-    assert q == {**TINY, "tr_bal": "aux loss"}, q
+    assert q == {**TINY, "tr_bal": "aux loss", "runs": run_a.key}, q
+    fresh_store(idle_server, tmp_path / "empty")  # another server: its store does not have the run
     b = lab(q)  # the colleague: a new session opened with the link's query
-    hint = next(i.value for i in b.info if "This link set the lab's knobs" in i.value)
-    assert "Load balancing = **aux loss**" in hint and "Steps = **25**" in hint, hint
+    missing = next(w.value for w in b.warning if "has not stored" in w.value)
+    assert run_a.key in missing and "press **Start training**" in missing
+    assert run_of(b) is None and idle_server.active is None, "opening a link trains nothing"
     b.button(key="tr_start").click().run()
     run_b = run_of(b)
     poll_until(b, lambda: not run_b.active)
-    assert run_b.label == run_a.label and run_b.status == run_a.status == "done"
+    assert run_b.label == run_a.label and run_b.status == run_a.status == "done" and not run_b.stored
+    assert run_b.key == run_a.key
     assert [r["loss"] for r in run_b.records] == [r["loss"] for r in run_a.records]
     assert [r["max_vio"] for r in run_b.records] == [r["max_vio"] for r in run_a.records]
 

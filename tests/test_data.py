@@ -15,7 +15,10 @@ def test_tokenizer_round_trip_bytes():
     assert all(0 <= i < 256 for i in ids) and TOKENIZER.vocab_size == 256
     assert TOKENIZER.decode(ids) == text
     assert TOKENIZER.decode(torch.tensor(ids)) == text
-    assert TOKENIZER.decode([0xFF, 0x41]) == "\ufffdA"  # invalid UTF-8 is replaced, never raises
+    # bytes that are not valid UTF-8 show as visible \xNN escapes (never U+FFFD), valid ones around them as text
+    assert TOKENIZER.decode([0xFF, 0x41]) == "\\xffA"
+    assert TOKENIZER.decode(list("é".encode()) + [0xC3] + list(b"x") + [0xE2, 0x82]) == "é\\xc3x\\xe2\\x82"
+    assert "\ufffd" not in TOKENIZER.decode(range(256))
 
 
 def test_pydoc_is_sorted_topics_with_tail_held_out():

@@ -217,7 +217,7 @@ def test_one_training_run_at_a_time_per_server():
     try:
         run = mgr.busy()
         assert run is not None, "session A's run did not start"
-        b = open_page("pages/training.py", long)
+        b = open_page("pages/training.py", {**long, "tr_lr": "0.01"})  # other knobs (the same would join A's run)
         clean(b, "session B")
         text = " ".join(w.value for w in b.warning)
         assert "busy" in text.lower(), text
@@ -225,6 +225,10 @@ def test_one_training_run_at_a_time_per_server():
         clean(b, "session B start")
         assert mgr.busy() is run, "a second run started while one was active"
         assert "not started" in " ".join(w.value for w in b.warning).lower()
+        c = open_page("pages/training.py", long)  # A's knobs: C follows A's run, still one run on the server
+        c.button(key="tr_start").click().run()
+        clean(c, "session C start")
+        assert mgr.busy() is run and c.session_state["_tr_run"] is run and not mgr.queue
     finally:
         if mgr.busy() is not None:
             mgr.cancel(mgr.busy())

@@ -6,15 +6,20 @@ that read its events and watch heartbeats and the time cap). No widgets and no S
 Hosted-server manners (a classroom shares one small server):
 
 * **one run at a time per server** — a second user who presses Start is refused politely, sees the running run's
-  progress, can watch it live (read-only) or queue their run (it starts by itself when the server is free);
+  progress, can watch it live (read-only) or queue their run (it starts by itself when the server is free; the
+  page shows its position and an estimated wait);
+* **a run is trained once** — runs are keyed by what decides their numbers (`app.lab.store.run_id`): a Start on
+  the knobs of the run that is training (or queued) joins it as a viewer instead of queueing a copy, and a
+  finished run goes to the run store (app/lab/store.py), from which any later Start or link opens it at once;
 * **the run trains in a worker process** (app/lab/worker.py, one core, started when the lab page is first opened),
   so it never competes with the server's page reruns for the GIL; its records stream back into a bounded list
   that the page polls with `st.fragment(run_every=...)`;
 * **caps** — steps, tokens per run (steps × batch × sequence length), wall time (`TrainConfig.max_time_s`), and a
   hard kill of the worker if a run overstays the cap by a minute;
-* **runs stop when their session goes away** — the owner's browser polls the run and every poll refreshes the
+* **runs stop when their sessions go away** — every viewer's browser polls the run and every poll refreshes the
   run's heartbeat; the monitor thread stops the run when the heartbeat is older than `STALE_AFTER_S`, or sooner
-  when Streamlit reports the session disconnected.
+  when Streamlit reports every viewer's session disconnected. A viewer's Stop only stops the run when no other
+  viewer is left (one student cannot stop the class's run).
 
 After training, the worker samples text (with MTP draft acceptance) and measures the domain × expert matrix, so
 the page only draws.
@@ -27,13 +32,16 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.lab.knobs import MAX_SECONDS, MAX_STEPS, model_seconds, run_label
+from app.lab.knobs import MAX_SECONDS, MAX_STEPS, estimate_seconds, model_seconds, run_label
 
 STALE_AFTER_S = float(os.environ.get("EVA_LAB_STALE_S", 20))            # owner not seen for this long -> stop
 MAX_QUEUE = 5
+RECENT = 16   # finished runs the manager keeps in memory by key (serves repeats while the store write is pending
+              # or when the store is unavailable)
 
 # ====================================================================== runs and the manager
 ACTIVE = ("queued", "starting", "running", "finishing")
@@ -67,6 +75,17 @@ class LabRun:
     n_params: dict = field(default_factory=dict)
     seq: int = 0                                # job number in the worker process
     abandoned: bool = False                     # stopped because its browser session went away
+    spec: dict | None = None                    # app.lab.store.run_spec: what decides its numbers
+    key: str | None = None                      # app.lab.store.run_id of that spec (None: not keyed)
+    stored: bool = False                        # opened from the run store (or the manager's memory): not trained
+    saved: bool | None = None                   # written to the run store after training (None: not attempted)
+    viewers: set = field(default_factory=set)   # lab session keys following this run (the owner included)
+    session_ids: set = field(default_factory=set)  # their Streamlit runtime session ids, where known
+
+    def __post_init__(self):
+        self.viewers.add(self.owner)
+        if self.session_id:
+            self.session_ids.add(self.session_id)
 
     @property
     def label(self) -> str:
@@ -120,10 +139,13 @@ def _session_connected(session_id: str | None) -> bool | None:
 
 
 def _stale(run: LabRun) -> bool:
+    """Nobody follows `run` any more: no viewer polled it for STALE_AFTER_S, or (sooner) Streamlit says every
+    viewer's session is disconnected."""
     age = time.monotonic() - run.heartbeat
     if age > STALE_AFTER_S:
         return True
-    return age > 3.0 and _session_connected(run.session_id) is False
+    ids = list(run.session_ids)
+    return age > 3.0 and bool(ids) and all(_session_connected(s) is False for s in ids)
 
 
 class RunManager:
@@ -133,7 +155,7 @@ class RunManager:
 
     HARD_LIMIT_S = 60.0   # a run still going this long after the time cap is killed with its worker process
 
-    def __init__(self):
+    def __init__(self, store=None):
         self.lock = threading.Lock()
         self.active: LabRun | None = None
         self.queue: list[LabRun] = []
@@ -143,6 +165,17 @@ class RunManager:
         self._seq = 0
         self._ready = threading.Event()
         self._closed = False
+        self._store = store
+        self._recent: OrderedDict[str, LabRun] = OrderedDict()  # key -> finished "done" run (newest last)
+
+    @property
+    def store(self):
+        """The run store (app/lab/store.py), opened on first use; `store.available` / `store.reason` say whether
+        it works. A store that cannot be opened never raises: the lab trains as without one."""
+        if self._store is None:
+            from app.lab.store import RunStore
+            self._store = RunStore()
+        return self._store
 
     # -- the worker process
     def ensure_worker(self) -> None:
@@ -191,10 +224,67 @@ class RunManager:
             if proc.poll() is None:
                 proc.kill()
 
+    @property
+    def jobs(self) -> int:
+        """Training jobs this manager has sent to a worker since the server started."""
+        return self._seq
+
     # -- requests from pages
+    def finished_run(self, key: str | None):
+        """The finished run with this key: a `LabRun` from the manager's memory or a `StoredRun` from the store,
+        else None. Never raises (a broken store reads as empty)."""
+        if not key:
+            return None
+        with self.lock:
+            mem = self._recent.get(key)
+            if mem is not None:
+                self._recent.move_to_end(key)
+                return mem
+        return self.store.get(key)
+
+    def join(self, run: LabRun) -> tuple[LabRun, int] | None:
+        """If a run with `run.key` is training or queued, add `run`'s session as a viewer of it and return
+        (that run, its queue position or 0); else None."""
+        if not run.key:
+            return None
+        with self.lock:
+            for pos, other in enumerate([self.active] + self.queue):
+                if other is not None and other.key == run.key and other.active:
+                    other.viewers.add(run.owner)
+                    if run.session_id:
+                        other.session_ids.add(run.session_id)
+                    other.touch()
+                    return other, pos
+        return None
+
+    def leave(self, run: LabRun, viewer: str, session_id: str | None = None) -> bool:
+        """`viewer` stops following `run`. Returns True when it was the last viewer (the caller then cancels the
+        run), False when others still follow it (it goes on for them)."""
+        with self.lock:
+            run.viewers.discard(viewer)
+            if session_id:
+                run.session_ids.discard(session_id)
+            return not run.viewers
+
+    def wait_estimate(self, run: LabRun) -> float | None:
+        """Seconds until queued `run` starts: what the active run has left plus the estimates of the runs queued
+        before it (this server's calibrated speed); None when it is not queued."""
+        with self.lock:
+            if run not in self.queue:
+                return None
+            ahead = self.queue[:self.queue.index(run)]
+            active = self.active
+        left = 0.0
+        if active is not None:
+            p = active.progress()
+            left = p["left"] if p["left"] is not None else max(0.0, estimate_seconds(active.train_cfg, self)
+                                                                    - p["elapsed"])
+        return left + sum(estimate_seconds(r.train_cfg, self) for r in ahead)
+
     def request(self, run: LabRun, queue: bool = False) -> tuple[str, int]:
         """Start `run` now if the server is free: ("started", 0); otherwise ("queued", position) when `queue`,
-        ("busy", 0) when not, or ("full", 0) when the queue is full."""
+        ("busy", 0) when not, or ("full", 0) when the queue is full. (Joining a run with the same key is `join`,
+        asked first by the session.)"""
         with self.lock:
             self._drop_stale_queue()
             if self.active is None and not self.queue:
@@ -269,6 +359,12 @@ class RunManager:
             if self.active is run:
                 self.active = None
             self.completed += 1
+            keep = status == "done" and run.key is not None
+            if keep:  # in memory at once: a Start in the next instant finds it even before the store has it
+                self._recent[run.key] = run
+                self._recent.move_to_end(run.key)
+                while len(self._recent) > RECENT:
+                    self._recent.popitem(last=False)
             if status in ("done", "time limit") and len(run.records) >= 10:  # recalibrate the estimates
                 done = run.records[-1]["step"] / run.total_steps
                 v = run.records[-1]["elapsed_s"] / max(model_seconds(run.train_cfg) * done, 1e-9)
@@ -277,6 +373,20 @@ class RunManager:
             self._drop_stale_queue()
             if self.active is None and self.queue:
                 self._start(self.queue.pop(0))
+        if keep:
+            self._save(run)
+
+    def _save(self, run: LabRun) -> None:
+        """Write a finished run to the store (outside the manager's lock: a busy file may wait for its timeout)."""
+        from app.lab.store import StoredRun, engine_version
+        st = self.store
+        if not st.available:
+            run.saved = False
+            return
+        run.saved = st.put(StoredRun(
+            id=run.key, spec=run.spec, knobs=dict(run.knobs), records=list(run.records), after=run.after,
+            n_params=run.n_params, status=run.status, message=run.message, started=run.started or 0.0,
+            finished=run.finished or 0.0, engine=engine_version()))
 
     def _read(self, proc) -> None:
         """Reader thread: the worker's events (JSON lines) -> run state."""

@@ -1,6 +1,15 @@
 """The training lab's per-session side: the session-state keys, the manager accessor (`manager`, the one
 `st.cache_resource` singleton per server), this session's current run and history, and the callbacks of the
-page's buttons (start / queue / stop / leave the queue) and the heartbeat.
+page's buttons (start / queue / stop / leave the queue / train again) and the heartbeat.
+
+A Start first looks for the finished run of these knobs (the manager's memory, then the run store) and shows it at
+once; then for the same run training or queued, which it joins as a viewer; only then does it ask for a new run.
+
+The tab's history survives a reload through the URL: `?runs=<id>.<id>...` lists the ids of its finished runs (the
+same parameter makes a run's share link, see app/lab/views.py), and a fresh session opens them from the store.
+Chosen over a session token in the URL with the history kept server-side: the ids are already what a link needs,
+they expose nothing a link would not, and the store needs no per-session table to clean up. The price: only
+finished runs (those in the store) come back; a stopped run or a server without a store does not.
 """
 from __future__ import annotations
 
@@ -9,7 +18,7 @@ import uuid
 
 import streamlit as st
 
-from app.lab.knobs import KNOBS, LabConfigError, lab_config, sample_prompt
+from app.lab.knobs import KNOBS, LabConfigError, defaults, lab_config, sample_prompt
 from app.lab.manager import LabRun, RunManager
 
 HISTORY = 8            # finished runs kept per session
@@ -27,6 +36,8 @@ _CUR = "_tr_run"        # this session's current (active or last) LabRun
 _HIST = "_tr_history"   # finished LabRuns of this session (newest last)
 _COUNT = "_tr_count"
 _NOTICE = "_tr_notice"  # a message for the next render (refused start, ...)
+_NUMS = "_tr_nums"      # run id -> this session's number for runs it joined (their owner numbered them)
+RUNS_PARAM = "runs"     # ?runs=<id>.<id>: the finished runs a link (or this tab's address bar) opens
 
 
 def session_key() -> str:
@@ -52,8 +63,41 @@ def history() -> list[LabRun]:
     return st.session_state.setdefault(_HIST, [])
 
 
+def _copy(run: LabRun, number: int, stored: bool) -> LabRun:
+    """This session's own copy of a finished run (another session's, or the manager's memory): its own number and
+    id, the same records and results."""
+    c = LabRun(owner=session_key(), number=number, knobs=dict(run.knobs), model_cfg=run.model_cfg,
+               train_cfg=run.train_cfg, prompt=run.prompt, records=run.records, status=run.status,
+               message=run.message, created=run.created, started=run.started, finished=run.finished,
+               after=run.after, n_params=run.n_params, spec=run.spec, key=run.key, stored=stored, saved=run.saved)
+    return c
+
+
+def _from_store(s, number: int) -> LabRun:
+    """A LabRun of a `StoredRun`: the configs rebuilt from its spec (what it trained, whatever this server's caps
+    are now)."""
+    from core.config import ModelConfig
+    from core.train import TrainConfig
+    train = {k: v for k, v in s.spec["train"].items() if v is not None}
+    mcfg, cfg = ModelConfig.from_hf(s.spec["model"]), TrainConfig(**train)
+    return LabRun(owner=session_key(), number=number, knobs={**defaults(), **s.knobs}, model_cfg=mcfg, train_cfg=cfg,
+                  prompt=s.spec.get("prompt", ""), records=s.records, status=s.status, message=s.message,
+                  started=s.started, finished=s.finished, after=s.after, n_params=s.n_params, spec=s.spec,
+                  key=s.id, stored=True, saved=True)
+
+
+def _next_number() -> int:
+    n = st.session_state.get(_COUNT, 0) + 1
+    st.session_state[_COUNT] = n
+    return n
+
+
+def _finished_copy(fin, number: int) -> LabRun:
+    return _copy(fin, number, stored=True) if isinstance(fin, LabRun) else _from_store(fin, number)
+
+
 def collect() -> None:
-    """Move this session's finished run into its history (once)."""
+    """Move this session's finished run into its history (once); a run it joined becomes its own copy there."""
     run = current()
     if run is None or run.active:
         return
@@ -61,23 +105,96 @@ def collect() -> None:
     if run in hist:
         return
     if run.records:
+        if run.owner != session_key():
+            run = _copy(run, st.session_state.get(_NUMS, {}).get(run.id, run.number), stored=False)
+            st.session_state[_CUR] = run
         hist.append(run)
         del hist[:-HISTORY]
 
 
-def start(knobs: dict, seed: int, queue: bool = False) -> tuple[str, int, LabRun | None]:
-    """Create this session's run from the knobs and ask the manager to start (or queue) it."""
+def history_ids() -> list[str]:
+    """Ids of this tab's finished runs that a link can open (keyed runs that finished all their steps)."""
+    return [r.key for r in history() if r.key and r.status == "done"]
+
+
+def sync_url() -> None:
+    """Write this tab's finished run ids into the address bar (`?runs=`), so a reload (or a copy of the address)
+    opens them again."""
+    ids = ".".join(dict.fromkeys(history_ids()))
+    if ids:
+        if st.query_params.get(RUNS_PARAM) != ids:
+            st.query_params[RUNS_PARAM] = ids
+    elif RUNS_PARAM in st.query_params:
+        del st.query_params[RUNS_PARAM]
+
+
+_OPENED = "_tr_opened"  # the ?runs= value this session has opened (once per session)
+
+
+def open_linked_runs() -> dict | None:
+    """A fresh session whose URL has `?runs=`: open those runs from the store into the history, no training.
+    Returns {"opened": [LabRun], "missing": [id], "bad": [message], "store": reason or None} the first time,
+    None afterwards or without the parameter."""
+    from app.lab.store import RunIdError, check_id
+    raw = st.query_params.get(RUNS_PARAM)
+    if not raw or st.session_state.get(_OPENED) == raw or _HIST in st.session_state and history():
+        return None
+    st.session_state[_OPENED] = raw
+    out = {"opened": [], "missing": [], "bad": [], "store": None}
+    mgr = manager()
+    hist = history()
+    for part in raw.split(".")[:HISTORY]:
+        try:
+            rid = check_id(part)
+        except RunIdError as e:
+            out["bad"].append(str(e))
+            continue
+        fin = mgr.finished_run(rid)
+        if fin is None:
+            out["missing"].append(rid)
+            continue
+        run = _finished_copy(fin, _next_number())
+        hist.append(run)
+        out["opened"].append(run)
+    if out["opened"]:
+        st.session_state[_CUR] = hist[-1]
+    if not mgr.store.available:
+        out["store"] = mgr.store.reason
+    return out
+
+
+def start(knobs: dict, seed: int, queue: bool = False, again: bool = False) -> tuple[str, int, LabRun | None]:
+    """This session's run of the knobs: the finished one at once ("stored", unless `again`), the same run already
+    training or queued ("joined", its queue position), or a new run the manager starts ("started") or queues
+    ("queued"); "busy" / "full" when it does neither."""
+    from app.lab.store import run_id, run_spec
     mcfg, cfg = lab_config(knobs, seed)
     collect()
+    mgr = manager()
+    prompt = sample_prompt(knobs)
+    spec = run_spec(mcfg, cfg, prompt)
+    key = run_id(spec)
     n = st.session_state.get(_COUNT, 0) + 1
+    if not again:
+        fin = mgr.finished_run(key)
+        if fin is not None:
+            run = _finished_copy(fin, _next_number())
+            st.session_state[_CUR] = run
+            return "stored", 0, run
     run = LabRun(owner=session_key(), number=n, knobs=dict(knobs), model_cfg=mcfg, train_cfg=cfg,
-                 prompt=sample_prompt(knobs), session_id=_runtime_session_id())
+                 prompt=prompt, session_id=_runtime_session_id(), spec=spec, key=key)
+    joined = mgr.join(run)
+    if joined is not None:
+        other, pos = joined
+        st.session_state.setdefault(_NUMS, {})[other.id] = _next_number()
+        st.session_state[_CUR] = other
+        return "joined", pos, other
     try:
         from core.calc import param_counts
         run.n_params = param_counts(mcfg)
     except Exception:  # pragma: no cover
         pass
-    outcome, pos = manager().request(run, queue=queue)
+    outcome, pos = mgr.request(run, queue=queue)
     if outcome in ("started", "queued"):
         st.session_state[_COUNT] = n
         st.session_state[_CUR] = run
@@ -118,6 +235,19 @@ def on_start(queue: bool = False) -> None:
     st.session_state[_OUTCOME] = outcome
 
 
+def on_train_again(run: LabRun) -> None:
+    """"Train again" on a stored run: train its knobs and seed here (the result replaces the stored one)."""
+    cur = current()
+    if cur is not None and cur.active:
+        return
+    try:
+        outcome, pos, _ = start(run.knobs, run.train_cfg.seed, queue=True, again=True)
+    except LabConfigError as e:
+        outcome = "invalid"
+        st.session_state[_NOTICE] = str(e)
+    st.session_state[_OUTCOME] = outcome
+
+
 def outcome() -> str | None:
     """The last Start/Queue outcome of this session: started, queued, busy, full or invalid."""
     return st.session_state.get(_OUTCOME)
@@ -132,9 +262,17 @@ def on_leave_queue() -> None:
 
 
 def stop_current() -> None:
+    """Stop this session's run — or, when other tabs follow it too, stop following it (it goes on for them)."""
     run = current()
-    if run is not None and run.active:
-        manager().cancel(run)
+    if run is None or not run.active:
+        return
+    mgr = manager()
+    if mgr.leave(run, session_key(), _runtime_session_id()):
+        mgr.cancel(run)
+    else:
+        st.session_state[_CUR] = None
+        st.session_state[_NOTICE] = (f"You stopped following {run.label}: {len(run.viewers)} other tab(s) follow it, "
+                                     "so it goes on for them.")
 
 
 def heartbeat() -> LabRun | None:
@@ -163,3 +301,35 @@ def wait_first_record(run: LabRun, timeout: float = 1.0) -> None:
     t0 = time.monotonic()
     while run.active and not run.records and run.status != "queued" and time.monotonic() - t0 < timeout:
         time.sleep(0.02)
+
+
+# ====================================================================== lesson steps keep the student's own knobs
+_OWN = "_tr_own_knobs"    # the student's lab knobs from before the lesson step view
+_LESSON = "_tr_lesson"    # the lesson step whose view the lab shows ("MoE, step 2: ...")
+
+
+def enter_lesson_view(step_knobs: dict, where: str) -> None:
+    """A lesson step opens the lab: keep the student's own knobs (from before the first step they opened), then set
+    every lab knob to the step's value or the default (the step shows its own view, not a mix with the student's)."""
+    if _LESSON not in st.session_state:
+        st.session_state[_OWN] = knobs_from_state()
+    st.session_state[_LESSON] = where
+    for k, kn in KNOBS.items():
+        st.session_state[k] = step_knobs.get(k, kn.default)
+
+
+def lesson_view() -> str | None:
+    """The lesson step whose knobs the lab shows, or None."""
+    return st.session_state.get(_LESSON)
+
+
+def leave_lesson_view() -> None:
+    """Leave the lesson step's view: the student's own knobs come back (a callback, or before the knobs are drawn)."""
+    own = st.session_state.pop(_OWN, None)
+    st.session_state.pop(_LESSON, None)
+    for k, v in (own or {}).items():
+        st.session_state[k] = v
+
+
+def pop_notice() -> str | None:
+    return st.session_state.pop(_NOTICE, None)

@@ -14,6 +14,7 @@ from app.lab import charts as ct
 from app.lab import records as rec
 from app.lab.knobs import KNOBS, code_span
 from app.lab.manager import STATUS_TEXT, LabRun
+from app.lab import session
 from app.lab.session import current, history
 from app.lab.worker import DEFAULT_PROMPT
 from core.published import V3_MTP_ACCEPTANCE
@@ -189,7 +190,10 @@ def history_table(runs: list[LabRun]) -> pd.DataFrame:
 
 
 # ====================================================================== page sections
-def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None:
+_UNSET = object()
+
+
+def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> None:
     """After the runs: the picked run's numbers, charts, specialisation matrix, sampled text and CSV; then the
     overlay of runs with the final-loss delta, the table of runs and the CSV of every record."""
     names = [r.label for r in hist]
@@ -198,6 +202,8 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
     pick = st.selectbox("Run", names[::-1], key=f"tr_pick_{hist[-1].id}",
                         help="Runs of this browser session, newest first.")
     r = hist[names.index(pick)]
+    if r.stored:
+        stored_note(r)
     if r.status in ("diverged", "error"):
         st.error(r.message or "The run failed.", icon=":material/error:")
     elif r.message:
@@ -223,8 +229,8 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
                                    paper=(f"V3: {V3_MTP_ACCEPTANCE[0]:.0%}–{V3_MTP_ACCEPTANCE[1]:.0%} for the "
                                           "2nd token"),
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
-    if layer is None:
-        layer = layer_choice(r)  # right above the charts it controls
+    if layer is _UNSET:  # not drawn above (no live view): right above the charts it controls
+        layer = layer_choice(r)
     live_charts(r, layer, f"res_{r.id}", lesson)
     dom = domain_view(r, layer)
     if dom:
@@ -285,11 +291,28 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
     share_section(sel or hist[-1:])
 
 
+def stored_note(run: LabRun) -> None:
+    """A run opened from the store (or from a link): say so, when and how long it trained, and offer to train it
+    again here."""
+    import datetime
+    when = datetime.datetime.fromtimestamp(run.finished or 0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with st.container(horizontal=True, vertical_alignment="center"):
+        st.success(f"**Stored run** — trained on this server on {when} in {run.elapsed():.1f} s; shown from the run "
+                   "store, nothing was trained now. The same knobs and seed train the same numbers, so this is "
+                   "what Start would draw.", icon=":material/inventory_2:")
+        st.button("Train again", icon=":material/replay:", key=f"tr_again_{run.id}", on_click=session.on_train_again,
+                  args=(run,), help="Train this run's knobs and seed here and watch it live (the result replaces "
+                                    "the stored one).")
+
+
 def run_query(run: LabRun, lesson: bool = False, model: str = "deepseek-v3") -> dict[str, str]:
-    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does) and
-    the sidebar's `model` (the lab trains `mini` either way, but the opened page's sidebar shows it; an uploaded
-    config cannot travel in a link)."""
+    """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does),
+    for a finished run its id (`?runs=`: opened where the store has it, the results show with no training; where it
+    does not, the knobs are there to train it), and the sidebar's `model` (the lab trains `mini` either way, but
+    the opened page's sidebar shows it; an uploaded config cannot travel in a link)."""
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
+    if run.key and run.status == "done":
+        q[session.RUNS_PARAM] = run.key
     if run.train_cfg.seed != 0:
         q["seed"] = str(run.train_cfg.seed)
     if model not in ("deepseek-v3", "uploaded"):
@@ -309,14 +332,14 @@ def run_link(run: LabRun, lesson: bool = False) -> str:
 
 
 def share_section(runs: list[LabRun]) -> None:
-    """How to show these runs to a colleague: runs live in this browser tab, links carry knobs. One link per run."""
+    """How to show these runs to a colleague: a link carries a finished run's id and its knobs. One link per run."""
     lesson = bool(st.session_state.get("lesson"))
-    st.info("**Runs belong to this browser tab.** The server does not keep them, and a link carries knobs, not "
-            "results: the address bar holds the sidebar's knobs (your *next* run), and a colleague who opens it sees "
-            "no curves until they train. To show this comparison, send one link per run (below) or the CSV above: "
-            "each link opens the lab with that run's knobs and seed, and on this server the same knobs and seed "
-            "draw the same curves.", icon=":material/share:")
-    with st.expander(f"Links to reproduce {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
+    st.info("**Links carry results.** Each link below names a run and its knobs: on this server it opens the run's "
+            "curves and results at once, with no training (finished runs are kept in the server's run store). Where "
+            "the store no longer has it, the link still sets the run's knobs and seed, and Start trains the same "
+            "numbers. The address bar does the same for every finished run of this tab, so a reload keeps them.",
+            icon=":material/share:")
+    with st.expander(f"Links to {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
                      icon=":material/link:"):
         for r in runs:
             st.markdown(f"**{r.label}**")

@@ -1,0 +1,162 @@
+"""The training lab with its run store (issue 17), under AppTest: a classroom's sessions pressing Start on the same
+knobs share one training; a finished run opens from its link after a server restart with no training; a reload
+keeps the tab's runs; a stored run shows at once with "Train again"; a corrupt store is survived; bad run ids are
+messages; a queued run shows its position and wait; a joined viewer's Stop does not stop the others' run; a
+lesson step keeps the student's own knobs.
+
+Runs are tiny (25 steps of 4 × 32 tokens) and each test trains at most one to completion."""
+from __future__ import annotations
+
+import time
+
+from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of  # noqa: F401
+from test_app_training import idle_server  # noqa: F401  (fixture: an idle manager with an empty store per test)
+
+from app.lab import session
+from app.lab.store import RunStore
+
+
+def _results(at) -> list[str]:
+    return [s.value for s in at.header]
+
+
+def test_same_knobs_train_once_and_open_from_a_link_after_a_restart(idle_server, tmp_path):  # noqa: F811
+    folder = tmp_path / "store"
+    a, b = lab(TINY), lab(TINY)
+    a.button(key="tr_start").click().run()
+    run = run_of(a)
+    b.button(key="tr_start").click().run()
+    clean(b)
+    assert run_of(b) is run, "the second session joins the run instead of queueing a copy"
+    assert idle_server._seq == 1 and not idle_server.queue, "one training for both"
+    assert any("Joined" in i.value and "instead of training a copy" in i.value for i in b.info)
+    assert run.viewers == {a.session_state["_tr_sid"], b.session_state["_tr_sid"]}
+    poll_until(b, lambda: not run.active)
+    a.run()
+    clean(a)
+    clean(b)
+    assert run.status == "done"
+    for at in (a, b):
+        assert "Compare runs" in _results(at)
+        hist = at.session_state["_tr_history"]
+        assert [r.key for r in hist] == [run.key] and hist[0].records == run.records
+        assert at.query_params["runs"] == run.key, "the address bar keeps the tab's runs"
+    assert RunStore(folder).get(run.key).records == run.records, "the finished run is in the store"
+
+    link = next(c.value for c in a.code if "runs=" in c.value)
+    from urllib.parse import parse_qsl, urlparse
+    q = dict(parse_qsl(urlparse(link).query))
+    # a server restart: a new RunManager (no worker, nothing in memory) on the same store
+    session.manager.clear()
+    mgr = session.manager()
+    mgr._store = RunStore(folder)
+    c = lab(q)
+    clean(c)
+    opened = c.session_state["_tr_history"]
+    assert [r.key for r in opened] == [run.key] and opened[0].stored
+    assert [r["loss"] for r in opened[0].records] == [r["loss"] for r in run.records]
+    assert "Compare runs" in _results(c) and any("Stored run" in s.value for s in c.success)
+    assert any("loss falls" in (ch.proto.spec or "") for ch in c.get("plotly_chart"))
+    assert mgr.active is None and mgr._seq == 0, "opening a link submits no training job"
+
+    # a reload of a's tab: a fresh session with a's address bar gets a's runs back
+    d = lab(dict(a.query_params))
+    assert [r.key for r in d.session_state["_tr_history"]] == [run.key]
+
+    # Start on knobs with a stored run: shown at once, marked, with "Train again"
+    e = lab(TINY)
+    e.button(key="tr_start").click().run()
+    clean(e)
+    shown = run_of(e)
+    assert shown.stored and shown.key == run.key and mgr.active is None and mgr._seq == 0
+    assert any("Stored run" in s.value for s in e.success)
+    e.button(key=f"tr_again_{shown.id}").click().run()
+    again = run_of(e)
+    assert again is not shown and not again.stored and again.key == run.key and mgr.active is again
+    # a tab with results of its own while another run trains: the watch view and its results share one layer knob
+    d.run()
+    clean(d)
+    assert any("Watching another user's run" in p.proto.text for p in d.get("progress"))
+    assert "Compare runs" in _results(d)
+    _drain(mgr)
+
+
+def test_corrupt_store_is_survived_and_the_lab_trains(idle_server, tmp_path):  # noqa: F811
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "runs.sqlite").write_bytes(b"garbage, not SQLite" * 100)
+    idle_server._store = RunStore(folder)
+    at = lab(TINY)
+    clean(at)
+    assert any("run store is unavailable" in c.value and "damaged" in c.value for c in at.caption)
+    at.button(key="tr_start").click().run()
+    clean(at)
+    run = run_of(at)
+    assert run is not None and idle_server.active is run, "the lab trains as without a store"
+    poll_until(at, lambda: not run.active)
+    at.run()
+    clean(at)
+    assert run.status == "done" and run.saved is False and "Compare runs" in _results(at)
+
+
+def test_bad_and_unknown_run_ids_are_messages(idle_server):  # noqa: F811
+    at = lab({"runs": "../etc"})
+    clean(at)
+    assert any("is not a run id" in e.value and "16 hexadecimal digits" in e.value for e in at.error)
+    at = lab({**TINY, "runs": "0123456789abcdef"})
+    clean(at)
+    assert any("has not stored" in w.value and "0123456789abcdef" in w.value for w in at.warning)
+    assert run_of(at) is None and idle_server.active is None
+
+
+def test_queue_shows_position_and_wait_and_a_viewer_cannot_stop_the_others_run(idle_server):  # noqa: F811
+    a = lab(LONG)
+    a.button(key="tr_start").click().run()
+    run = run_of(a)
+    b = lab(TINY)
+    b.button(key="tr_start").click().run()
+    assert run_of(b) is None, "different knobs: refused while busy, as before"
+    b.button(key="tr_queue").click().run()
+    queued = run_of(b)
+    assert queued.status == "queued"
+    info = " ".join(i.value for i in b.info)
+    assert "#1 in the queue" in info and "in about" in info, info
+    assert idle_server.wait_estimate(queued) > 0
+    c = lab(LONG)
+    c.button(key="tr_start").click().run()
+    assert run_of(c) is run and len(idle_server.queue) == 1, "same knobs as the running run: joined, not queued"
+    a.button(key="tr_stop").click().run()
+    assert run.active and run_of(a) is None, "a's Stop only stops a following the run"
+    assert any("other tab(s) follow it" in i.value for i in a.info)
+    c.button(key="tr_stop").click().run()
+    poll_until(c, lambda: not run.active, timeout=30)
+    assert run.status == "stopped"
+    _drain(idle_server)
+
+
+def test_a_lesson_step_keeps_the_students_own_knobs(idle_server):  # noqa: F811
+    at = lab()
+    at.radio(key="tr_attn").set_value("mha").run()
+    at.select_slider(key="tr_steps").set_value(50).run()
+    at.switch_page("pages/lessons.py").run()
+    at.radio(key="ls_sec").set_value("Putting it together").run()
+    at.select_slider(key="ls_step").set_value(2).run()  # "Balancing matters: turn it off"
+    at.button(key="ls_open").click().run()
+    clean(at)
+    # the step's own view: its knob, every other lab knob at the default
+    assert at.radio(key="tr_bal").value == "none"
+    assert at.radio(key="tr_attn").value == "mla" and at.select_slider(key="tr_steps").value == 150
+    assert any("Lesson step view" in i.value for i in at.info)
+    at.switch_page("pages/training.py")  # (AppTest reruns the page it was told; the app switched to the lab)
+    at.button(key="tr_own_knobs").click().run()
+    clean(at)
+    assert at.radio(key="tr_attn").value == "mha" and at.select_slider(key="tr_steps").value == 50
+    assert at.radio(key="tr_bal").value == "aux_free"
+    # turning lesson mode off also brings them back
+    at.switch_page("pages/lessons.py").run()
+    at.button(key="ls_open").click().run()
+    assert at.radio(key="tr_attn").value == "mla"
+    at.switch_page("pages/training.py")
+    at.toggle(key="lesson").set_value(False).run()
+    clean(at)
+    assert at.radio(key="tr_attn").value == "mha" and at.select_slider(key="tr_steps").value == 50
