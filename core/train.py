@@ -22,7 +22,8 @@ Precision: "fp32"; "bf16" = bf16 compute with fp32 master weights (the model's p
 forward/backward; AdamW updates fp32 copies that are rounded back after each step; the router, its bias,
 RMSNorm statistics, the expert-output sum and the losses stay fp32; attention probabilities are bf16 with fp32
 accumulation inside the softmax); or an FP8 recipe name from `core.fp8.RECIPES`
-(emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights; per-step overflow counts in the record).
+(emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights, AdamW moments in BF16 when the recipe's
+`optimizer_moments` is "bf16" (`core.optim.AdamW`); per-step overflow counts in the record).
 
 Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the batches all derive from
 `seed`; every op used is deterministic on CPU, so the same settings give bit-identical losses (same machine
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
-from core.fp8 import RECIPES
+from core.fp8 import RECIPE_ALIASES, RECIPES, get_recipe
 from core.model import DeepSeekV3, generate
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
 
@@ -203,6 +204,7 @@ class TrainConfig:
         self.betas = (float(b[0]), float(b[1]))
         choice("dataset", DATASETS)
         choice("balancing", BALANCING)
+        self.precision = RECIPE_ALIASES.get(self.precision, self.precision)  # old names of renamed recipes
         choice("precision", PRECISIONS)
         choice("attention", ATTENTION_TYPES)
         choice("ffn", FFNS)
@@ -408,9 +410,12 @@ class TrainRun:
         opt_params = [self.master.optim_param(p) if self.master else p for p in params]
         decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
         no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, fused=True)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.precision in RECIPES and get_recipe(cfg.precision).optimizer_moments == "bf16":
+            from core.optim import AdamW  # BF16 moments, fp32 master weights (V3 report §3.3.3)
+            self.optimizer = AdamW(groups, lr=cfg.lr, betas=cfg.betas, moment_dtype=torch.bfloat16)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
         self.opt_params = opt_params
         self.fp8_stats = None
         if cfg.precision in RECIPES:

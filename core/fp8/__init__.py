@@ -12,7 +12,9 @@ Modules (each imports only those above it):
     metrics   ``error_metrics``, ``quantize_and_measure``, ``make_test_tensor``.
     matmul    ``fp8_gemm`` (official inference/kernel.py / DeepGEMM semantics), ``fp8_gemm_quantized``,
               ``calc_diff``, ``round_mantissa``, ``limited_accumulation_gemm``, ``accumulation_error_curve``.
-    training  ``FP8Recipe`` / ``RECIPES``, ``fake_quant``, ``quant_grad``, ``quant_act``, ``quant_weight``,
+    recipe    ``FP8Recipe`` / ``RECIPES`` / ``get_recipe`` (the V3 report §3.3 switches), ``operand_specs``,
+              ``recipe_table``, ``recipe_notes``.
+    training  ``fp8_gemm_train``, ``fake_quant``, ``quant_grad``, ``quant_act``, ``quant_weight``,
               ``quant_output_grad``, ``fp8_linear``, ``FP8Ops``, ``FP8Linear``, ``FP8Stats``,
               ``convert_to_fp8``, ``get_fp8_stats``.
 
@@ -21,11 +23,12 @@ Convention (official inference/kernel.py ``act_quant``): the scale ``s`` is a *d
 Callers import from ``core.fp8``; every public name of the modules is re-exported here.
 """
 
-from core.fp8 import formats, matmul, metrics, scaling, training
+from core.fp8 import formats, matmul, metrics, recipe, scaling, training
 from core.fp8.formats import *  # noqa: F401,F403
 from core.fp8.matmul import *  # noqa: F401,F403
 from core.fp8.metrics import *  # noqa: F401,F403
+from core.fp8.recipe import *  # noqa: F401,F403
 from core.fp8.scaling import *  # noqa: F401,F403
 from core.fp8.training import *  # noqa: F401,F403
 
-__all__ = [*formats.__all__, *scaling.__all__, *metrics.__all__, *matmul.__all__, *training.__all__]
+__all__ = [*formats.__all__, *scaling.__all__, *metrics.__all__, *matmul.__all__, *recipe.__all__, *training.__all__]
