@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
-from core.fp8 import RECIPE_ALIASES, RECIPES, get_recipe
+from core.fp8 import RECIPE_ALIASES, RECIPES, FP8Recipe, get_recipe, with_switches
 from core.model import DeepSeekV3, generate
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
 
@@ -133,6 +133,8 @@ class TrainConfig:
     mtp: bool = _h("multi-token prediction module on/off", default=True)
     mtp_lambda: float = _h("MTP loss weight lambda", default=0.3)
     precision: str = _h(f"one of {PRECISIONS}", default="fp32")
+    fp8_switches: tuple[str, ...] | None = _h("FP8 recipe switches that are on (core.fp8.SWITCHES; the others off); "
+                                              "None: the recipe as named", default=None)
     attention: str = _h(f"one of {ATTENTION_TYPES}", default="mla")
     kv_heads: int | None = _h("K/V heads for attention=gqa (default heads // 2)", default=None)
     ffn: str = _h(f"one of {FFNS}", default="moe")
@@ -150,6 +152,14 @@ class TrainConfig:
         if self.balancing not in DEFAULT_ALPHA:
             return 0.0
         return DEFAULT_ALPHA[self.balancing] if self.alpha is None else float(self.alpha)
+
+    @property
+    def fp8_recipe(self) -> FP8Recipe | None:
+        """The FP8 recipe this run trains with (the named one with `fp8_switches` applied), None for fp32/bf16."""
+        if self.precision not in RECIPES:
+            return None
+        r = get_recipe(self.precision)
+        return r if self.fp8_switches is None else with_switches(r, self.fp8_switches)
 
     @property
     def uses_bias_update(self) -> bool:
@@ -206,6 +216,16 @@ class TrainConfig:
         choice("balancing", BALANCING)
         self.precision = RECIPE_ALIASES.get(self.precision, self.precision)  # old names of renamed recipes
         choice("precision", PRECISIONS)
+        if self.fp8_switches is not None:
+            if isinstance(self.fp8_switches, str) or not all(isinstance(s, str) for s in self.fp8_switches):
+                raise TrainConfigError("fp8_switches", f"must be a list of switch names, got {self.fp8_switches!r}")
+            if self.precision not in RECIPES:
+                raise TrainConfigError("fp8_switches", f"apply to an FP8 recipe, not precision={self.precision!r}")
+            self.fp8_switches = tuple(self.fp8_switches)
+            try:
+                self.fp8_recipe
+            except ValueError as e:
+                raise TrainConfigError("fp8_switches", str(e).removeprefix("fp8_switches: ")) from None
         choice("attention", ATTENTION_TYPES)
         choice("ffn", FFNS)
         if not isinstance(self.mtp, bool):
@@ -257,9 +277,9 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
     model = DeepSeekV3(mcfg)
     if cfg.precision == "bf16":
         model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
-    elif cfg.precision in RECIPES:
+    elif cfg.fp8_recipe is not None:
         from core.fp8 import convert_to_fp8
-        convert_to_fp8(model, cfg.precision)
+        convert_to_fp8(model, cfg.fp8_recipe)
     return model
 
 
@@ -411,7 +431,7 @@ class TrainRun:
         decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
         no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.precision in RECIPES and get_recipe(cfg.precision).optimizer_moments == "bf16":
+        if cfg.fp8_recipe is not None and cfg.fp8_recipe.optimizer_moments == "bf16":
             from core.optim import AdamW  # BF16 moments, fp32 master weights (V3 report §3.3.3)
             self.optimizer = AdamW(groups, lr=cfg.lr, betas=cfg.betas, moment_dtype=torch.bfloat16)
         else:
@@ -674,6 +694,8 @@ def _arg_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, type=float, **kw)
         elif f.name == "kv_heads":
             ap.add_argument(flag, type=int, **kw)
+        elif f.name == "fp8_switches":
+            ap.add_argument(flag, nargs="*", metavar="SWITCH", **kw)
         else:
             ap.add_argument(flag, type=type(f.default), **kw)
     return ap

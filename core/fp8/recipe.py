@@ -8,14 +8,14 @@ The training code (core/fp8/training.py) quantizes each tensor with exactly the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.fp8.formats import _check_overflow, get_format
 from core.fp8.scaling import AmaxHistory, _check_gran
 
 __all__ = [
     "SITES", "WGRAD_TILINGS", "ACCUMULATIONS", "MOMENT_DTYPES", "FP8Recipe", "RECIPES", "RECIPE_ALIASES",
-    "get_recipe", "QuantSpec", "operand_specs", "swiglu_cache_spec", "recipe_table", "recipe_notes",
+    "get_recipe", "SWITCHES", "with_switches", "switches_of", "QuantSpec", "operand_specs", "swiglu_cache_spec", "recipe_table", "recipe_notes",
     "granularity_label",
 ]
 
@@ -182,6 +182,53 @@ def get_recipe(recipe: str | FP8Recipe) -> FP8Recipe:
     if recipe not in RECIPES:
         raise ValueError(f"recipe: unknown recipe {recipe!r}; expected one of {sorted(RECIPES)}")
     return RECIPES[recipe]
+
+
+#: The report's switches by name (V3 report §3.3.2-3.3.4): name -> (what it does, fields when on, fields when off).
+SWITCHES: dict[str, tuple[str, dict, dict]] = {
+    "wgrad_128x1": ("Wgrad on x and dY re-tiled 1x128 -> 128x1", {"wgrad_tiling": "128x1"}, {"wgrad_tiling": "1x128"}),
+    "e5m6_attn_out": ("E5M6 for the input of the Linear after attention", {"attn_out_fmt": "e5m6"},
+                      {"attn_out_fmt": None}),
+    "pow2_attn_out": ("power-of-2 scales for that input", {"attn_out_pow2": True}, {"attn_out_pow2": False}),
+    "pow2_dispatch": ("power-of-2 scales for the FP8 dispatch and the gradient before the down-projection",
+                      {"dispatch_pow2": True}, {"dispatch_pow2": False}),
+    "swiglu_recompute": ("MoE SwiGLU input cached in FP8, output recomputed in backward", {"swiglu_recompute": True},
+                         {"swiglu_recompute": False}),
+    "bf16_combine": ("BF16 combine (expert outputs, input gradients)", {"combine_bf16": True}, {"combine_bf16": False}),
+    "bf16_moments": ("BF16 AdamW moments, FP32 master weights", {"optimizer_moments": "bf16"},
+                     {"optimizer_moments": "fp32"}),
+    "acc14": ("14-bit accumulator promoted every N_C = 128 (Fprop)", {"accumulation": "limited"},
+              {"accumulation": "fp32"}),
+}
+
+
+def switches_of(recipe: str | FP8Recipe) -> tuple[str, ...]:
+    """The SWITCHES that are on in ``recipe`` (in SWITCHES order)."""
+    r = get_recipe(recipe)
+    return tuple(k for k, (_, on, _) in SWITCHES.items() if all(getattr(r, f) == v for f, v in on.items()))
+
+
+def with_switches(recipe: str | FP8Recipe, switches) -> FP8Recipe:
+    """``recipe`` with exactly ``switches`` on (the others off); formats, granularities and scaling are kept.
+    Named "<recipe>+<switch>+..." or "<recipe>-<switch>..." by the shorter description of the change."""
+    r = get_recipe(recipe)
+    switches = tuple(switches)
+    bad = [s for s in switches if s not in SWITCHES]
+    if bad:
+        raise ValueError(f"fp8_switches: unknown switch {bad[0]!r}; expected some of {list(SWITCHES)}")
+    fields = {}
+    for k, (_, on, off) in SWITCHES.items():
+        fields.update(on if k in switches else off)
+    have = switches_of(r)
+    added = [k for k in SWITCHES if k in switches and k not in have]
+    dropped = [k for k in SWITCHES if k in have and k not in switches]
+    if not added and not dropped:
+        return r
+    name = r.name + "".join(f"+{k}" for k in added) + "".join(f"-{k}" for k in dropped)
+    try:
+        return replace(r, name=name, **fields)
+    except ValueError as e:
+        raise ValueError(f"fp8_switches: {e}") from None
 
 
 @dataclass(frozen=True)

@@ -48,15 +48,20 @@ class FP8Stats:
         self._entries: dict[str, dict] = {}
 
     def record(self, name: str, role: str, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-               fmt: str, granularity: str, block_size: int = 128, overflow: int | None = None) -> None:
+               fmt: str, granularity: str, block_size: int = 128, overflow: int | None = None,
+               x_hat: torch.Tensor | None = None) -> None:
         """Add one quantization of ``x`` (-> ``q`` with ``scale``). ``overflow``: the overflow count if the
-        caller knows it (0 for current scaling, by construction); computed from x and scale otherwise."""
+        caller knows it (0 for current scaling, by construction); computed from x and scale otherwise.
+        ``x_hat``: the dequantized tensor, to accumulate the error energy (the entry's ``sqnr_db``)."""
         if not self.enabled:
             return
         with torch.no_grad():
             xd = x.detach()
             amax = float(xd.abs().amax())
-            ovf = overflow_count(xd, scale, fmt, granularity, block_size) if overflow is None else int(overflow)
+            gran = "tile" if granularity == "tile_t" else granularity  # tile_t entries hold the transposed x
+            ovf = overflow_count(xd, scale, fmt, gran, block_size) if overflow is None else int(overflow)
+            sig = float(xd.double().square().sum())
+            err = float((x_hat.detach().double() - xd.double()).square().sum()) if x_hat is not None else None
             flushed = int(((q == 0) & (xd != 0)).sum())
             s_min, s_max = float(scale.min()), float(scale.max())
             pow2 = bool((torch.frexp(scale.float())[0].abs() == 0.5).all())
@@ -65,7 +70,8 @@ class FP8Stats:
         if e is None:
             e = self._entries[key] = {"calls": 0, "numel": 0, "amax": 0.0, "last_amax": 0.0, "overflow_count": 0,
                                       "flushed_to_zero_count": 0, "scale_min": math.inf, "scale_max": 0.0,
-                                      "fmt": fmt, "granularity": granularity, "scale_pow2": True}
+                                      "fmt": fmt, "granularity": granularity, "scale_pow2": True,
+                                      "signal_energy": 0.0, "error_energy": None}
         e["calls"] += 1
         e["numel"] += xd.numel()
         e["amax"] = max(e["amax"], amax)
@@ -75,9 +81,17 @@ class FP8Stats:
         e["scale_min"] = min(e["scale_min"], s_min)
         e["scale_max"] = max(e["scale_max"], s_max)
         e["scale_pow2"] = e["scale_pow2"] and pow2
+        e["signal_energy"] += sig
+        if err is not None:
+            e["error_energy"] = (e["error_energy"] or 0.0) + err
 
     def snapshot(self) -> dict:
+        """Totals, and per tensor its entry plus ``sqnr_db`` = 10·log10(Σx² / Σ(x̂-x)²) (None when no error was
+        recorded; inf for an exact quantization)."""
         tensors = {k: dict(v) for k, v in self._entries.items()}
+        for v in tensors.values():
+            sig, err = v["signal_energy"], v["error_energy"]
+            v["sqnr_db"] = None if err is None else (math.inf if err == 0 else 10 * math.log10(max(sig, 1e-300) / err))
         numel = sum(v["numel"] for v in tensors.values())
         flushed = sum(v["flushed_to_zero_count"] for v in tensors.values())
         return {
@@ -208,10 +222,10 @@ def quantize_spec(x: torch.Tensor, spec: QuantSpec, overflow: str = "saturate", 
     src = x.transpose(-2, -1) if t else x
     s = None if current else scaler.scale_for(src)
     q, s = quantize(src, spec.fmt, g, spec.block_size, overflow, spec.scale_fmt, s)
+    x_hat = dequantize(q, s, g, spec.block_size).to(x.dtype)
     if stats is not None:  # current scaling cannot overflow (s >= amax/max), so skip that count
         stats.record(name, role, src, q, s, spec.fmt, spec.granularity, spec.block_size,
-                     overflow=0 if current else None)
-    x_hat = dequantize(q, s, g, spec.block_size).to(x.dtype)
+                     overflow=0 if current else None, x_hat=x_hat)
     return (x_hat.transpose(-2, -1) if t else x_hat), q, s
 
 
