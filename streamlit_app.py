@@ -11,12 +11,13 @@ st.set_page_config(page_title="Eva — DeepSeek-V3 Explorer", page_icon=":materi
                                         "a pure-PyTorch re-implementation of DeepSeek-V3."})
 
 from app import shell, sidebar, state  # noqa: E402  (after set_page_config)
-from app import lessons, training  # noqa: E402
+from app import lessons  # noqa: E402
+from app.lab import views as lab_views  # noqa: E402
 
 pg = shell.navigation()
 state.note_slot()
 sidebar.render()
-training.sidebar_status(pg)  # a running training run: progress + heartbeat on the other pages
+lab_views.sidebar_status(pg)  # a running training run: progress + heartbeat on the other pages
 lessons.sidebar_back(pg)      # opened from a lesson step: a link back to it
 try:
     with shell.entered():

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from app.pages import PAGES
-from app.units import tokens
+from core.published import (H800_FP8_ACCUM_BITS, V2_ACTIVATED_PARAMS, V2_TOTAL_PARAMS, V3_ACTIVATED_PARAMS,
+                            V3_CONTEXT_TOKENS, V3_FP8_LOSS_REL_ERROR, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
+from core.units import tokens
 
 # ====================================================================== data model
 PAGE_TITLES = {p.path: p.title for p in PAGES}
@@ -55,8 +57,9 @@ def _bool(v) -> str:
 
 def _formatters() -> dict[str, Callable[[Any], str]]:
     """How each bound knob's value is written in the URL (the widget's option label)."""
-    from app.compute import FMT_LABELS, STRATEGY_LABELS
-    from app.training import KNOBS
+    from app.compute.fp8 import FMT_LABELS
+    from app.compute.moe import STRATEGY_LABELS
+    from app.lab.knobs import KNOBS
 
     f: dict[str, Callable[[Any], str]] = {
         "lesson": _bool, "mla_log": _bool,
@@ -106,7 +109,7 @@ FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache pr
          "*every* sequence being served.",
          "pages/mla.py", {**L, "mla_ctx": 131072, "mla_batch": 1, "mla_log": False},
          "On a linear scale every line is straight: memory is proportional to the context. Read the MHA line at "
-         "128K tokens: that is the cache of ONE sequence.",
+         f"{tokens(V3_CONTEXT_TOKENS)} tokens: that is the cache of ONE sequence.",
          (r"\text{KV bytes} = 2\, n_h\, d_h \cdot L \cdot T \cdot B \cdot \text{bytes/element}",),
          ("kv",)),
     Step("The memory wall: what fits on the GPUs",
@@ -239,9 +242,10 @@ FP8 = Section("FP8", "FP8 training",
          "1×128 tile line stays high while per-tensor falls.",
          (r"s_g = \frac{\max_{i \in g}|x_i|}{448}\ \text{for every group } g \text{ of } 1\times128",),
          ("fp8hist", "sweep")),
-    Step("Promote the accumulator every 128 products",
-         "An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with about 14 bits, so the error grows with "
-         "$K$. V3 copies partial sums to FP32 registers every $N_C = 128$ products, where the scales are applied "
+    Step(f"Promote the accumulator every {V3_PROMOTION_INTERVAL} products",
+         f"An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with about {H800_FP8_ACCUM_BITS} bits, so the "
+         f"error grows with $K$. V3 copies partial sums to FP32 registers every $N_C = {V3_PROMOTION_INTERVAL}$ "
+         "products, where the scales are applied "
          "too.",
          "pages/fp8.py", {**L, "fp8_nc": 128, "fp8_accbits": 13},
          "In **GEMM accumulation**: without promotion the error grows with K; with promotion every 128 it stays "
@@ -272,7 +276,8 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          ("lab",)),
     Step("FP8 versus FP32",
          "Run the same model with the DeepSeek FP8 recipe (E4M3, 1×128 activation tiles, 128×128 weight blocks, "
-         "FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within 0.25% of "
+         f"FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within "
+         f"{V3_FP8_LOSS_REL_ERROR:.2%} of "
          "its BF16 baseline. The FP8 GEMMs are emulated on the CPU, so this run takes about twice as long.",
          "pages/training.py", {**L, "tr_prec": "deepseek"},
          "The overlay's title gives the final-loss delta. Compare it with the gap between two FP32 runs that differ "
@@ -288,10 +293,12 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          ("lab",)),
 ))
 
-SCALE = Section("Scale and deployment", "Scale and deployment: 671B parameters, 37B per token",
+SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOTAL_PARAMS)} parameters, "
+                f"{billions(V3_ACTIVATED_PARAMS)} per token",
                 "From the mini model back to the real one: where the parameters are and what serving needs.", (
-    Step("671B total, 37B activated",
-         "DeepSeek-V3 has 671B parameters, but each token runs through only about 37B: the embedding, attention, "
+    Step(f"{billions(V3_TOTAL_PARAMS)} total, {billions(V3_ACTIVATED_PARAMS)} activated",
+         f"DeepSeek-V3 has {billions(V3_TOTAL_PARAMS)} parameters, but each token runs through only about "
+         f"{billions(V3_ACTIVATED_PARAMS)}: the embedding, attention, "
          "the dense layers, the shared expert and its 8 routed experts per layer. Compute follows the activated "
          "count; memory follows the total.",
          "pages/overview.py", {**L, "model": "deepseek-v3"},
@@ -301,7 +308,8 @@ SCALE = Section("Scale and deployment", "Scale and deployment: 671B parameters, 
          ("params",)),
     Step("Serving memory: weights in FP8, cache in MLA",
          "The released checkpoint stores matrices in FP8 (1 byte plus a scale per 128×128 block): about half of "
-         "BF16. The KV cache of a whole 128K-token sequence is small next to the weights thanks to MLA.",
+         f"BF16. The KV cache of a whole {tokens(V3_CONTEXT_TOKENS)}-token sequence is small next to the weights thanks "
+         "to MLA.",
          "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ctx": 131072, "ov_kvdt": "bf16"},
          "In **Memory and compute**: FP8 weights ≈ 50% of BF16; the MLA cache bar is tiny next to the MHA one.",
          (r"M_{\text{FP8}} \approx N_{\text{lin}} + 2 N_{\text{other}} + 4\lceil N_{\text{lin}}/128^2\rceil\ "
@@ -316,7 +324,7 @@ SCALE = Section("Scale and deployment", "Scale and deployment: 671B parameters, 
          (),
          ("kv",)),
     Step("DeepSeek-V2 for comparison",
-         "DeepSeek-V2 (236B total, 21B activated) used the same MLA but 160 routed experts with top-6, softmax "
+         f"DeepSeek-V2 ({billions(V2_TOTAL_PARAMS)} total, {billions(V2_ACTIVATED_PARAMS)} activated) used the same MLA but 160 routed experts with top-6, softmax "
          "scoring and an auxiliary balance loss. Switch the model and compare.",
          "pages/overview.py", {**L, "model": "deepseek-v2"},
          "Total and activated parameters both shrink; the share of weights a token activates is similar.",
@@ -344,7 +352,7 @@ KNOB_LABELS = {
 
 def knob_label(key: str) -> str:
     if key.startswith("tr_"):
-        from app.training import KNOBS
+        from app.lab.knobs import KNOBS
         return KNOBS[key].label
     return KNOB_LABELS.get(key, key)
 
@@ -409,13 +417,14 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
     """[(figure, data, name)] for the step's preview charts: the target dashboard's key chart computed with the
     step's knobs (the page's other knobs at their defaults). Uses the same cached computations as the pages."""
     from app import charts, compute
-    from app import charts_training as ct
+    from app.lab import charts as ct
+    from app.lab import records as rec
 
     kn = step.knobs
     model = kn.get("model", "deepseek-v3")
     seed = kn.get("seed", seed)
     cfg_json = _model_json(model)
-    cfg = compute.cfg_of(cfg_json)
+    cfg = compute.common.cfg_of(cfg_json)
     out = []
     for kind in step.preview:
         if kind == "kv":
@@ -428,56 +437,56 @@ def previews(step: Step, seed: int = 0) -> list[tuple]:
             arch["num_key_value_heads"] = arch["num_attention_heads"]
             groups = kn.get("mla_groups", 8 if h0 % 8 == 0 and h0 > 8 else max(1, h0 // 2))
             ctx, batch = kn.get("mla_ctx", 131072), kn.get("mla_batch", 1)
-            arch_json = compute.mla_arch(cfg_json, **arch)
-            kv = compute.kv_vs_context(arch_json, ctx, batch, kn.get("mla_dtype", "bf16"), groups)
-            out.append((charts.kv_vs_context(kv, ctx, batch, groups, kn.get("mla_log", True)), kv, "kv cache"))
+            arch_json = compute.mla.mla_arch(cfg_json, **arch)
+            kv = compute.mla.kv_vs_context(arch_json, ctx, batch, kn.get("mla_dtype", "bf16"), groups)
+            out.append((charts.mla.kv_vs_context(kv, ctx, batch, groups, kn.get("mla_log", True)), kv, "kv cache"))
         elif kind == "attention":
-            small = compute.scaled_down(cfg_json)
-            amap = compute.attention_map(small, seed)
+            small = compute.mla.scaled_down(cfg_json)
+            amap = compute.mla.attention_map(small, seed)
             rel = kn.get("mla_heatview", "× uniform") == "× uniform"
-            out.append((charts.attention_heatmap(amap["probs"][0], 0, amap["ids"], rel), amap["table"],
+            out.append((charts.mla.attention_heatmap(amap["probs"][0], 0, amap["ids"], rel), amap["table"],
                         "attention heatmap"))
         elif kind == "maxvio":
             e = kn.get("moe_experts", max(cfg.n_routed_experts, 4))
             groups = kn.get("moe_groups", cfg.n_group if cfg.n_group in (1, 2, 4, 8, 16) else 1)
-            sim = compute.moe_simulation(e, kn.get("moe_topk", min(max(cfg.num_experts_per_tok, 1), 16)), groups,
-                                         kn.get("moe_topkg", min(cfg.topk_group, 16)),
-                                         kn.get("moe_scoring", cfg.scoring_func), kn.get("moe_gamma", 1e-2),
-                                         kn.get("moe_alpha", 1e-2), kn.get("moe_steps", 30), kn.get("moe_skew", 1.0),
-                                         seed)
-            out.append((charts.maxvio_over_steps(sim["max_vio"]), sim["max_vio"], "maxvio per step"))
+            sim = compute.moe.moe_simulation(e, kn.get("moe_topk", min(max(cfg.num_experts_per_tok, 1), 16)),
+                                             groups, kn.get("moe_topkg", min(cfg.topk_group, 16)),
+                                             kn.get("moe_scoring", cfg.scoring_func), kn.get("moe_gamma", 1e-2),
+                                             kn.get("moe_alpha", 1e-2), kn.get("moe_steps", 30),
+                                             kn.get("moe_skew", 1.0), seed)
+            out.append((charts.moe.maxvio_over_steps(sim["max_vio"]), sim["max_vio"], "maxvio per step"))
         elif kind in ("fp8hist", "sweep"):
             fmt, gran = kn.get("fp8_fmt", "e4m3"), kn.get("fp8_gran", "tensor")
             och, osz = kn.get("fp8_och", 4), kn.get("fp8_osz", 10000.0)
             if kind == "fp8hist":
-                q = compute.fp8_quantize(fmt, gran, kn.get("fp8_over", "saturate"), kn.get("fp8_data", "outliers"),
-                                         och, osz, seed)
-                out.append((charts.fp8_histogram(q["hist"], q["grid"], q["metrics"], fmt, compute.GRAN_LABELS[gran]),
-                            q["hist"], "fp8 histogram"))
+                q = compute.fp8.fp8_quantize(fmt, gran, kn.get("fp8_over", "saturate"),
+                                             kn.get("fp8_data", "outliers"), och, osz, seed)
+                out.append((charts.fp8.fp8_histogram(q["hist"], q["grid"], q["metrics"], fmt,
+                                                     compute.fp8.GRAN_LABELS[gran]), q["hist"], "fp8 histogram"))
             else:
                 f = "e4m3" if fmt == "bf16" else fmt
-                sw = compute.fp8_granularity_sweep(f, och, seed)
-                out.append((charts.granularity_sweep(sw, osz, f, och), sw, "granularity vs outliers"))
+                sw = compute.fp8.fp8_granularity_sweep(f, och, seed)
+                out.append((charts.fp8.granularity_sweep(sw, osz, f, och), sw, "granularity vs outliers"))
         elif kind == "gemm":
             nc, bits = kn.get("fp8_nc", 128), kn.get("fp8_accbits", 13)
-            g = compute.fp8_gemm_curves(bits, nc, kn.get("fp8_fmt", "e4m3"), seed)
-            out.append((charts.gemm_error(g, nc, bits), g, "gemm error vs k"))
+            g = compute.fp8.fp8_gemm_curves(bits, nc, kn.get("fp8_fmt", "e4m3"), seed)
+            out.append((charts.fp8.gemm_error(g, nc, bits), g, "gemm error vs k"))
         elif kind in ("params", "memory"):
-            d = compute.overview(cfg_json, kn.get("ov_ctx", 131072), kn.get("ov_kvdt", "bf16"))
+            d = compute.overview.overview(cfg_json, kn.get("ov_ctx", 131072), kn.get("ov_kvdt", "bf16"))
             if kind == "params":
-                out.append((charts.params_breakdown(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
-                            "parameter breakdown"))
+                out.append((charts.overview.params_breakdown(d["params"], d["counts"]),
+                            d["params"].drop(columns=["formula"]), "parameter breakdown"))
             else:
-                out.append((charts.memory_bars(d["memory"]), d["memory"], "memory"))
+                out.append((charts.overview.memory_bars(d["memory"]), d["memory"], "memory"))
         elif kind == "lab":
-            from app import training
+            from app.lab import knobs as lab_knobs
             from core.train import lr_at
             knobs = {k: v for k, v in kn.items() if k.startswith("tr_")}
-            mcfg, tcfg = training.lab_config(knobs, seed)
-            d = compute.overview(_json(mcfg), tcfg.seq_len, "fp32")
+            mcfg, tcfg = lab_knobs.lab_config(knobs, seed)
+            d = compute.overview.overview(_json(mcfg), tcfg.seq_len, "fp32")
             out.append((ct.lab_params(d["params"], d["counts"]), d["params"].drop(columns=["formula"]),
                         "lab model parameters"))
-            lrs = ct.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])
+            lrs = rec.lr_table([lr_at(i, tcfg) for i in range(tcfg.steps)])
             out.append((ct.lr_schedule(lrs, tcfg.warmup), lrs, "learning rate schedule"))
     return out
 

@@ -6,7 +6,7 @@ chart (issue 7, "Reliability for a hosted classroom"):
 * **at most `HEAVY_CONCURRENCY` at a time per server process** (`heavy`). A cache miss allocates its temporaries
   while it runs (measured: +40–75 MB for a first visit of the MLA or MoE page), so a class missing the cache at
   once stacked one transient per session: `bench/load_test.py --client apptest --sessions 10 --seconds 60` peaked at
-  730–860 MiB on a ~430 MiB baseline. Torch runs one intra-op thread per script run (`app.compute.torch_setup`), so
+  730–860 MiB on a ~430 MiB baseline. Torch runs one intra-op thread per script run (`app.compute.common.torch_setup`), so
   on the 2-core host a third concurrent computation never finished sooner; it only raised the peak (measured with
   the gate: the same or more page visits in the same 60 s, p50 latency lower).
 * **trim after each** (`trim`). glibc keeps freed memory in its heaps, and after the first large free it raises its

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import streamlit as st
 
 from app import state
-from core.calc import human_count, param_counts
+from core.calc import param_counts
+from core.units import human_count
 from core.config import PRESETS, ConfigError, ModelConfig
 
 UPLOADED = "uploaded"

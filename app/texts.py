@@ -1,6 +1,16 @@
 """Page texts: explanations (Markdown with $...$ math), display equations and knob labels."""
 from __future__ import annotations
 
+from core.calc import param_counts
+from core.config import PRESETS
+from core.published import (FP8_ACCUM_ERROR, FP8_ACCUM_ERROR_K, H800_FP8_ACCUM_BITS, V3_ACTIVATED_PARAMS,
+                            V3_ACTIVATED_PARAMS_README, V3_CHECKPOINT_PARAMS, V3_CONTEXT_TOKENS, V3_PROMOTION_INTERVAL,
+                            V3_TOTAL_PARAMS, billions)
+from core.units import human_count, tokens
+
+# Eva's activated count of DeepSeek-V3 (core.calc convention), quoted beside the published ones.
+_V3_ACTIVATED_OURS = param_counts(PRESETS["deepseek-v3"])["activated"]
+
 # ====================================================================== Overview
 OVERVIEW_TITLE = "Overview — how big is DeepSeek-V3, really?"
 OVERVIEW_SUB = "Parameters, FLOPs and memory of the whole model, computed from its config"
@@ -12,13 +22,16 @@ network. The first $k$ blocks (`first_k_dense_replace`, 3 for V3) use a dense Sw
 $K_r$ per token. Each expert is a small SwiGLU ($3\,d\,d_e$ weights). So almost all weights sit in routed
 experts, yet a token touches only $K_r/N_r$ of them (8 of 256 for V3).
 
+""" + f"""
 **Activated parameters** are every weight one token's forward pass multiplies: embedding and head, all attention,
 dense FFNs, shared experts, router, norms and the $K_r$ chosen experts per MoE layer. The MTP module (one extra
-block used for multi-token prediction during training) is not counted; the published "685B" checkpoint adds it
-(with its own copies of embedding and head) to the 671B main model. DeepSeek does not publish its exact activated
-convention; ours gives 37.5B against the paper's "37B" (README_WEIGHTS says 36.7B).
+block used for multi-token prediction during training) is not counted; the published
+"{billions(V3_CHECKPOINT_PARAMS)}" checkpoint adds it (with its own copies of embedding and head) to the
+{billions(V3_TOTAL_PARAMS)} main model. DeepSeek does not publish its exact activated convention; ours gives
+{human_count(_V3_ACTIVATED_OURS)} against the paper's "{billions(V3_ACTIVATED_PARAMS)}" (README_WEIGHTS says
+{billions(V3_ACTIVATED_PARAMS_README)}).
 
-**FLOPs per token.** Each weight is used once per token in a multiply-add (2 FLOPs), and attention adds
+""" + r"""**FLOPs per token.** Each weight is used once per token in a multiply-add (2 FLOPs), and attention adds
 $QK^\top$ and $PV$ over the context. Training costs about three forward passes (the backward pass is twice the
 forward).
 
@@ -58,7 +71,7 @@ OVERRIDE_KEYS = {f: "ov_" + f for f, _, _ in OVERRIDE_FIELDS}
 OVERRIDE_LABELS = {f: lbl for f, lbl, _ in OVERRIDE_FIELDS}
 
 # ====================================================================== MLA & KV cache
-MLA_TITLE = "MLA & KV cache — why DeepSeek-V3 can afford 128K tokens"
+MLA_TITLE = f"MLA & KV cache — why DeepSeek-V3 can afford {tokens(V3_CONTEXT_TOKENS)} tokens"
 MLA_SUB = "Multi-head Latent Attention caches a small latent per token instead of every head's keys and values"
 
 MLA_EXPLAIN = r"""
@@ -119,9 +132,11 @@ online). *Delayed* scaling (TransformerEngine) reuses the max of the last $H$ st
 pass; when values grow faster than the history, the scale is too small and values **overflow**: they are clamped
 to the max (*saturate*) or become NaN/inf — both damage training.
 
-**Accumulation.** An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with only ~14 bits, so for $K=4096$ the
-error reaches ~2%. DeepSeek-V3 copies the partial sum into an FP32 register every $N_C = 128$ products
-("promotion"), where the per-group scales are also applied.
+""" + f"""
+**Accumulation.** An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with only ~{H800_FP8_ACCUM_BITS} bits,
+so for $K={FP8_ACCUM_ERROR_K}$ the error reaches ~{FP8_ACCUM_ERROR:.0%}. DeepSeek-V3 copies the partial sum into an
+FP32 register every $N_C = {V3_PROMOTION_INTERVAL}$ products ("promotion"), where the per-group scales are also
+applied.
 """
 
 FP8_EQUATIONS = [
@@ -131,7 +146,7 @@ FP8_EQUATIONS = [
     r"q_i = \operatorname{RNE}\!\big(\operatorname{clamp}(x_i / s_g)\big),\qquad \hat{x}_i = q_i\, s_g",
     r"\text{SQNR} = 10\log_{10}\frac{\sum_i x_i^2}{\sum_i (x_i - \hat x_i)^2}\ \text{dB}",
     r"C_{mn} = \sum_{k_b} s^A_{m,k_b}\, s^B_{n,k_b} \sum_{k \in k_b} q^A_{mk}\, q^B_{nk}"
-    r"\quad(\text{FP32 sum over blocks } k_b \text{ of } N_C = 128)",
+    r"\quad(\text{FP32 sum over blocks } k_b \text{ of } N_C = " + f"{V3_PROMOTION_INTERVAL})",
 ]
 
 # ====================================================================== MoE routing

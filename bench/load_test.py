@@ -619,8 +619,8 @@ def apptest_load(args) -> dict:
     res["tree_peak"] = dict(sampler.tree_peak)
     if train:  # stop the lab's run if it is still going (its owner is gone)
         try:
-            from app import training as tl
-            mgr = tl.manager()
+            from app.lab import session as lab_session
+            mgr = lab_session.manager()
             if mgr.busy() is not None:
                 mgr.cancel(mgr.busy())
         except Exception:

@@ -28,8 +28,6 @@ keys 0 .. start_pos+t (a correct causal mask also for chunked prefill at start_p
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,7 +39,7 @@ from .rope import RotaryEmbedding, apply_rotary_interleaved, softmax_scale
 
 __all__ = [
     "MLA", "GroupedQueryAttention", "causal_attention", "MLACache", "NaiveKVCache", "KVCache", "build_attention", "make_cache",
-    "cache_bytes_formula", "attention_probs", "kv_activations", "rank_truncation_curve", "kv_rank_truncation_error",
+    "cache_bytes_formula",
 ]
 
 # q_a_layernorm / kv_a_layernorm use eps 1e-6 in both references (transformers' DeepseekV3RMSNorm default and the
@@ -219,8 +217,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
     q, k: [B, H, T, Dq], v: [B, H, T, Dv] -> [B, H, T, Dv]. softmax(q k^T * scale + causal -inf mask) v as one
     `baddbmm` (scores plus the additive mask), a softmax in q's dtype (fp32 accumulation inside) and one `bmm`.
-    On CPU this beats `F.scaled_dot_product_attention`, whose only kernel for Dv != Dq is the math path:
-    ~15% faster in fp32 and ~2.5x in bf16 (the math path upcasts bf16 to fp32) for fwd+bwd at T=128.
+    Not `F.scaled_dot_product_attention`: on CPU its only kernel for Dv != Dq (MLA: 192 vs 128) is the math path,
+    which upcasts bf16 to fp32 (timings in docs/performance.md).
     """
     b, h, t, d = q.shape
     mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
@@ -500,90 +498,3 @@ def cache_bytes_formula(cfg, kind: str, seq_len: int, batch: int = 1, bytes_per_
         calc_kind, heads = "gqa", cfg.kv_heads
     total = kv_cache_bytes(cfg, calc_kind, int(seq_len), int(batch), int(bytes_per_element), num_kv_heads=heads)
     return total // cfg.num_hidden_layers
-
-
-# ----------------------------------------------------------------------------------------------------- app helpers
-@torch.no_grad()
-def attention_probs(module: nn.Module, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """Causal attention probabilities [B, H, T, T] (fp32) of `module` (MLA or baseline) on x [B, T, hidden];
-    for the app's heatmap (keep T short: this materializes the T x T map)."""
-    _, p = module(x, start_pos=start_pos, return_attn=True)
-    return p.float()
-
-
-@torch.no_grad()
-def kv_activations(module: nn.Module, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-    """What a per-head K/V cache would store, one row per token: [B*T, D].
-
-    MLA: [K (H x (Dn+R)) | V (H x Dv)] decompressed (D = H*(qk_head_dim+v_head_dim), rank <= C + R by
-    construction); baseline: [K | V] of the n_g kv heads (D = 2*n_g*d_h).
-    """
-    b, t, _ = x.shape
-    if isinstance(module, MLA):
-        freqs = module.rotary(start_pos, t, device=x.device)
-        c_kv, k_pe = module._latents(x, freqs)
-        k, v = module._expand(c_kv, k_pe)
-    elif isinstance(module, GroupedQueryAttention):
-        _, k, v = module._qkv(x, start_pos)
-    else:
-        raise TypeError(f"expected MLA or GroupedQueryAttention, got {type(module).__name__}")
-    return torch.cat([k.reshape(b * t, -1), v.reshape(b * t, -1)], dim=-1)
-
-
-def rank_truncation_curve(m: torch.Tensor, ranks=None) -> tuple[list[int], list[float], torch.Tensor]:
-    """Relative Frobenius error of the best rank-r approximation of m [N, D] (Eckart-Young via SVD):
-    err(r) = sqrt(sum_{i>r} s_i^2 / sum_i s_i^2). Returns (ranks, errors, singular values)."""
-    if m.dim() != 2:
-        raise ValueError(f"expected a 2-D matrix [tokens, features], got shape {tuple(m.shape)}")
-    s = torch.linalg.svdvals(m.double())
-    energy = s.pow(2)
-    total = float(energy.sum())
-    tail = torch.flip(torch.cumsum(torch.flip(energy, [0]), 0), [0])  # tail[i] = sum_{j>=i} s_j^2
-    full = min(m.shape)
-    if ranks is None:
-        ranks = sorted({0, *[min(full, 2 ** i) for i in range(int(math.log2(max(full, 1))) + 1)], full})
-    errs = []
-    for r in ranks:
-        r = int(r)
-        if r < 0:
-            raise ValueError(f"ranks must be >= 0, got {r}")
-        rem = float(tail[r]) if r < full else 0.0
-        errs.append(math.sqrt(max(rem, 0.0) / total) if total > 0 else 0.0)
-    return [int(r) for r in ranks], errs, s.float()
-
-
-@torch.no_grad()
-def kv_rank_truncation_error(source, ranks=None, *, x: torch.Tensor | None = None, batch: int = 2,
-                             seq_len: int = 128, seed: int = 0, bytes_per_element: int = 2) -> dict[str, list]:
-    """How rank-r truncation of the cached K/V trades error for memory (MLA dashboard).
-
-    source: an MLA / GroupedQueryAttention module (its K/V activations on `x`, or on a seeded N(0, 1) input
-    [batch, seq_len, hidden]) or a 2-D tensor [tokens, features] (e.g. latents c_kv, or kv_b_proj.weight.T).
-    The SVD basis is fitted to the same activations (an oracle bound: a deployable low-rank cache would fix the
-    basis offline), so a rank-r cache stores r coefficients per token per layer.
-
-    Returns equal-length lists (DataFrame-ready): rank, rel_error (relative Frobenius error of the rank-r
-    approximation), bytes_per_token (r * bytes_per_element, per layer), full_bytes_per_token (D * bytes_per_element).
-    For MLA, the error reaches ~0 at rank kv_lora_rank + qk_rope_head_dim: its cache IS a rank-(C + R) cache.
-    """
-    if isinstance(source, torch.Tensor):
-        m = source
-    else:
-        if x is None:
-            g = torch.Generator().manual_seed(seed)
-            p = next(source.parameters())
-            x = torch.randn(batch, seq_len, source.hidden_size, generator=g).to(device=p.device, dtype=p.dtype)
-        m = kv_activations(source, x)
-        if ranks is None and isinstance(source, MLA):
-            # include the rank at which MLA's decompressed K/V become exact
-            full = min(m.shape)
-            ranks = sorted({0, full, source.kv_lora_rank + source.qk_rope_head_dim,
-                            *[min(full, 2 ** i) for i in range(int(math.log2(max(full, 1))) + 1)]})
-    rs, errs, _ = rank_truncation_curve(m.float(), ranks)
-    d = m.shape[-1]
-    return {
-        "rank": rs,
-        "rel_error": errs,
-        "bytes_per_token": [r * bytes_per_element for r in rs],
-        "full_bytes_per_token": [d * bytes_per_element] * len(rs),
-    }

@@ -20,14 +20,6 @@ from core.config import ConfigError, ModelConfig
 
 KV_KINDS = ("mha", "gqa", "mqa", "mla", "mla_naive")
 
-# The published figures, shown beside ours in the app and checked in tests.
-PAPER_FIGURES = {
-    "deepseek-v3": {"total": 671e9, "activated": 37e9, "checkpoint_total": 685e9, "mtp": 11.5e9,
-                    "kv_elements_per_token": 35_136},
-    "deepseek-v2": {"total": 236e9, "activated": 21e9, "kv_elements_per_token": 34_560},
-    "deepseek-v2-lite": {"total": 15.7e9, "activated": 2.4e9, "kv_elements_per_token": 15_552},
-}
-
 
 # ---------------------------------------------------------------------- per-module counts
 def attention_params(cfg: ModelConfig) -> int:
@@ -259,19 +251,3 @@ def max_context(cfg: ModelConfig, kind: str, memory_bytes: float, batch: int = 1
     if free <= 0 or per_token <= 0:
         return 0
     return int(free // per_token)
-
-
-def human_count(n: float) -> str:
-    """1_234_567_890 -> '1.23B'."""
-    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f}{unit}"
-    return f"{n:.0f}"
-
-
-def human_bytes(n: float) -> str:
-    """Binary units: 1536 -> '1.50 KiB'."""
-    for unit, div in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:.0f} B"

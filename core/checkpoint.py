@@ -8,8 +8,8 @@ A checkpoint folder holds `config.json` and one or more `*.safetensors` files (o
   `model.layers.{i}.mlp.experts.down_proj` [E, H, I]
 
 FP8 checkpoints (`quantization_config.quant_method == "fp8"`): every E4M3 `X.weight` comes with
-`X.weight_scale_inv` (fp32, one per 128×128 block, README_WEIGHTS.md) and is dequantized on load
-(W = W_fp8 · scale per block, as inference/fp8_cast_bf16.py).
+`X.weight_scale_inv` (fp32, one per 128×128 block, as the official DeepSeek-V3 README_WEIGHTS describes) and is
+dequantized on load (W = W_fp8 · scale per block, as the official `inference/fp8_cast_bf16.py`).
 
 The MTP module is stored as `model.layers.{L + k}` (L = num_hidden_layers) with `enorm`, `hnorm`, `eh_proj`,
 `shared_head.norm`, `shared_head.head`, `embed_tokens` and an ordinary decoder block; here it is `mtp.{k}`.

@@ -20,6 +20,8 @@ import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.published import PUBLISHED_CONFIGS
+
 MAX_INT = 2**31 - 1
 MAX_LAYERS = 10_000
 
@@ -63,47 +65,55 @@ class ModelConfig:
     `num_hidden_layers - first_k_dense_replace`.
     """
 
+    # Grouped like the official inference/model.py `ModelArgs`; the name after "#" is its field where it differs.
+    # ---- model-wide
     vocab_size: int = 129280
-    hidden_size: int = 7168
-    intermediate_size: int = 18432
-    moe_intermediate_size: int = 2048
-    num_hidden_layers: int = 61
-    num_attention_heads: int = 128
-    num_key_value_heads: int = 128
-    n_shared_experts: int = 1
-    n_routed_experts: int = 256
-    routed_scaling_factor: float = 2.5
+    hidden_size: int = 7168                       # dim
+    intermediate_size: int = 18432                # inter_dim (dense FFN of the first layers)
+    num_hidden_layers: int = 61                   # n_layers
+    max_position_embeddings: int = 163840         # (max_seq_len is a serving limit there, default 16384)
+    rms_norm_eps: float = 1e-6                    # (fixed 1e-6 in RMSNorm)
+    hidden_act: str = "silu"                      # (SiLU hard-coded)
+    initializer_range: float = 0.02               # (no training code there)
+    tie_word_embeddings: bool = False             # (never tied there)
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    # ---- MLA (V3 report §2.1.1)
+    num_attention_heads: int = 128                # n_heads
+    num_key_value_heads: int = 128                # (none; MLA ignores it, GQA baselines use it)
+    q_lora_rank: int | None = 1536                # q_lora_rank (0 there <-> None here: no query compression)
     kv_lora_rank: int = 512
-    q_lora_rank: int | None = 1536
+    qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    qk_nope_head_dim: int = 128
-    n_group: int = 8
-    topk_group: int = 4
-    num_experts_per_tok: int = 8
-    first_k_dense_replace: int = 3
-    norm_topk_prob: bool = True
-    scoring_func: str = "sigmoid"
-    topk_method: str = "noaux_tc"
-    hidden_act: str = "silu"
-    max_position_embeddings: int = 163840
-    initializer_range: float = 0.02
-    rms_norm_eps: float = 1e-6
+    attention_bias: bool = False                  # (no biases there)
+    # Eva extension (not a transformers field): attention variant for baselines.
+    attention_type: str = "mla"
+    # ---- MoE (V3 report §2.1.2)
+    first_k_dense_replace: int = 3                # n_dense_layers
+    moe_layer_freq: int = 1                       # (every layer after the dense ones)
+    moe_intermediate_size: int = 2048             # moe_inter_dim
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    num_experts_per_tok: int = 8                  # n_activated_experts
+    n_group: int = 8                              # n_expert_groups
+    topk_group: int = 4                           # n_limited_groups
+    routed_scaling_factor: float = 2.5            # route_scale
+    scoring_func: str = "sigmoid"                 # score_func
+    topk_method: str = "noaux_tc"                 # (the gate has a bias iff dim == 7168, i.e. V3)
+    norm_topk_prob: bool = True                   # (renormalizes iff score_func == "sigmoid")
+    aux_loss_alpha: float = 0.001                 # (training only; V3 report §4.2 says alpha = 0.0001)
+    seq_aux: bool = True                          # (training only)
+    # ---- RoPE / YaRN (V3 report §4.3)
     rope_theta: float = 10000.0
+    # YaRN keys -> official: factor -> rope_factor, original_max_position_embeddings -> original_seq_len,
+    # beta_fast, beta_slow, mscale (same names); mscale_all_dim has no counterpart there.
     rope_scaling: dict | None = field(default_factory=lambda: {
         "type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
         "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
-    rope_interleave: bool = True
-    attention_bias: bool = False
-    num_nextn_predict_layers: int = 1
-    tie_word_embeddings: bool = False
-    aux_loss_alpha: float = 0.001
-    seq_aux: bool = True
-    moe_layer_freq: int = 1
-    bos_token_id: int | None = 0
-    eos_token_id: int | None = 1
-    # Eva extension (not a transformers field): attention variant for baselines.
-    attention_type: str = "mla"
+    rope_interleave: bool = True                  # (always interleaved pairs there)
+    # ---- MTP (V3 report §2.2)
+    num_nextn_predict_layers: int = 1             # (none: the official inference code drops the MTP module)
     # Keys of a loaded config.json that this dataclass does not model (kept verbatim for to_hf()).
     extra: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -340,65 +350,6 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return self.to_hf()
 
-
-def _published_v3() -> dict:
-    """config.json of deepseek-ai/DeepSeek-V3 (model fields; `auto_map` omitted)."""
-    return {
-        "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "aux_loss_alpha": 0.001, "bos_token_id": 0, "eos_token_id": 1, "ep_size": 1, "first_k_dense_replace": 3,
-        "hidden_act": "silu", "hidden_size": 7168, "initializer_range": 0.02, "intermediate_size": 18432,
-        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v3",
-        "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
-        "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
-        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1, "pretraining_tp": 1,
-        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                "weight_block_size": [128, 128]},
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
-                         "original_max_position_embeddings": 4096, "type": "yarn"},
-        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "seq_aux": True,
-        "tie_word_embeddings": False, "topk_group": 4, "topk_method": "noaux_tc", "torch_dtype": "bfloat16",
-        "transformers_version": "4.33.1", "use_cache": True, "v_head_dim": 128, "vocab_size": 129280,
-    }
-
-
-def _published_v2() -> dict:
-    """config.json of deepseek-ai/DeepSeek-V2 (236B; model fields)."""
-    return {
-        "architectures": ["DeepseekV2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "aux_loss_alpha": 0.001, "bos_token_id": 100000, "eos_token_id": 100001, "first_k_dense_replace": 1,
-        "hidden_act": "silu", "hidden_size": 5120, "initializer_range": 0.02, "intermediate_size": 12288,
-        "kv_lora_rank": 512, "max_position_embeddings": 163840, "model_type": "deepseek_v2",
-        "moe_intermediate_size": 1536, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 160,
-        "n_shared_experts": 2, "norm_topk_prob": False, "num_attention_heads": 128, "num_experts_per_tok": 6,
-        "num_hidden_layers": 60, "num_key_value_heads": 128, "pretraining_tp": 1, "q_lora_rank": 1536,
-        "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
-        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
-                         "original_max_position_embeddings": 4096, "type": "yarn"},
-        "rope_theta": 10000, "routed_scaling_factor": 16.0, "scoring_func": "softmax", "seq_aux": True,
-        "tie_word_embeddings": False, "topk_group": 3, "topk_method": "group_limited_greedy",
-        "torch_dtype": "bfloat16", "transformers_version": "4.39.3", "use_cache": True, "v_head_dim": 128,
-        "vocab_size": 102400,
-    }
-
-
-def _published_v2_lite() -> dict:
-    """config.json of deepseek-ai/DeepSeek-V2-Lite (16B; model fields)."""
-    d = _published_v2()
-    d.update({"hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-              "num_hidden_layers": 27, "num_attention_heads": 16, "num_key_value_heads": 16, "n_group": 1,
-              "topk_group": 1, "n_routed_experts": 64, "q_lora_rank": None, "routed_scaling_factor": 1.0,
-              "topk_method": "greedy", "transformers_version": "4.33.1"})
-    return d
-
-
-# The published config.json documents, for round-trip tests and the app's "paper" column.
-PUBLISHED_CONFIGS: dict[str, dict] = {
-    "deepseek-v3": _published_v3(),
-    "deepseek-v2": _published_v2(),
-    "deepseek-v2-lite": _published_v2_lite(),
-}
 
 # `mini`: a CPU-trainable scale model keeping V3's structure (MLA with query and KV compression, decoupled
 # RoPE, a dense first layer, 1 shared + 16 routed experts, sigmoid group-limited noaux_tc routing, one MTP

@@ -5,7 +5,7 @@
   out for validation. Loss on it is in nats per byte.
 * ``synthetic``: a token stream of short examples from four domains with clearly different statistics,
   every token labelled with its domain, so the expert specialisation of a trained MoE can be measured per
-  domain (`core.train.domain_expert_matrix`):
+  domain (`core.evaluate.domain_expert_matrix`):
 
   ==============  ==========================  ==============================================
   domain          example                     statistics

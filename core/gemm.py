@@ -1,25 +1,21 @@
 """fp32 GEMMs on CPU: which library multiplies, and the `Linear` / grouped-expert products built on it.
 
-Why this module exists: torch's CPU fp32 `mm`/`addmm`/`_grouped_mm` call MKL's sgemm, and MKL runs its AVX2
-kernels on non-Intel CPUs. On an AMD Zen 5 (full-width AVX-512) that is half the machine: a 2048^3 fp32 matmul
-reaches ~205 GFLOP/s through MKL and ~440 through oneDNN (which torch also ships, and already uses for bf16).
-At this project's mini shapes (K, N = 128..768) oneDNN is 1.6-2.3x faster in fp32; restricted to AVX2
-(`ONEDNN_MAX_CPU_ISA=AVX2`) it still matches or beats MKL by 5-15%. Both are IEEE fp32 with fp32
-accumulation (no TF32/BF16 shortcuts): results differ from MKL only by summation order (~1e-7 relative).
+Why this module exists: torch's CPU fp32 `mm`/`addmm`/`_grouped_mm` call MKL's sgemm, and MKL runs only its AVX2
+kernels on non-Intel CPUs, leaving AVX-512 idle; oneDNN (which torch also ships, and already uses for bf16) does
+not (figures: docs/performance.md). Both are IEEE fp32 with fp32 accumulation (no TF32/BF16 shortcuts): results
+differ from MKL only by summation order.
 
 Backend (`fp32_backend()`), chosen once per process from the environment variable `EVA_FP32_GEMM`:
     "auto" (default): oneDNN where it is available (x86-64 torch builds) AND measured faster: at the first fp32
-                      GEMM a ~20 ms calibration times one [1024, 256] x [256, 768] product on each library
-                      (best of 7) and picks oneDNN when it is >= 1.25x MKL. Below that, the engine's extra copies
-                      around oneDNN's kernels (transposed operands, per-segment outputs) eat the gain: with oneDNN
-                      held to AVX2 a training step was ~5% slower than on MKL. The margin keeps the choice stable
-                      from process to process (2.2x on this Zen 5; ~1.1x at AVX2), so runs stay reproducible.
+                      GEMM a calibration times one [1024, 256] x [256, 768] product on each library (best of 7)
+                      and picks oneDNN when it is >= 1.25x MKL. Below that, the engine's extra copies around
+                      oneDNN's kernels (transposed operands, per-segment outputs) eat the gain; the margin keeps
+                      the choice stable from process to process, so runs stay reproducible.
     "onednn":         oneDNN fp32 GEMMs (falls back to "torch" where oneDNN is unavailable)
     "torch":          torch's defaults (MKL on x86-64)
 `set_fp32_backend` switches it at run time (benchmarks, tests; the app's server process picks "torch", see
-`app.compute.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
-1024 kernels (~0.5 MB each, measured); a training run of the mini model creates ~150 (the app's default run) to
-~450 (16 x 128 batches with evaluation and MTP). `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
+`app.compute.common.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
+1024 kernels (sizes per run: docs/performance.md); `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
 use) bounds it.
 
 Only fp32 CPU tensors outside autocast take the oneDNN path; everything else (bf16, CUDA, autocast regions, empty
@@ -150,7 +146,7 @@ def _use_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def segment_granule(dtype: torch.dtype, device: torch.device | str) -> int:
     """Row multiple to pad variable-size GEMM segments (the MoE's per-expert token groups) to.
 
-    oneDNN compiles a kernel for every new GEMM shape (~0.3-0.4 ms, several times the multiply itself at these
+    oneDNN compiles a kernel for every new GEMM shape (several times the cost of the multiply itself at these
     sizes) and expert segment sizes change every step, so unpadded segments would pay it on most expert GEMMs.
     Multiples of 32 rows keep the shapes to a few dozen that oneDNN's primitive cache holds. 32 where the GEMM
     runs on oneDNN on CPU (bf16/fp16 always, fp32 on the oneDNN backend); 1 (no padding) elsewhere (MKL and CUDA
@@ -167,8 +163,7 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
     """oneDNN x @ w^T (+ b); x [..., K], w [N, K] -> [..., N].
 
     w must be dense, row- or column-major: oneDNN runs any other strides (e.g. the transpose of a column slice)
-    on its reference kernel, ~1000x slower (measured 250 ms for a [128, 512] x [512, 192] product), so those
-    are copied first. x may have any strides (the op makes it contiguous)."""
+    on its unoptimised reference kernel (orders of magnitude slower), so those are copied first. x may have any strides (the op makes it contiguous)."""
     return torch.ops.mkldnn._linear_pointwise(x, _dense(w), b, "none", [], "")
 
 
@@ -261,6 +256,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) 
 
 class Linear(nn.Linear):
     """`nn.Linear` (same parameters, init and state_dict) whose forward uses `linear` above."""
+
+    def init_weights(self, std: float) -> None:
+        """weight ~ N(0, std), bias = 0 (transformers' DeepseekV3PreTrainedModel `_init_weights`)."""
+        nn.init.normal_(self.weight, 0.0, std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)

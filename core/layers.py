@@ -1,4 +1,4 @@
-"""Small building blocks shared by attention, MoE and the model: RMSNorm and the SwiGLU MLP."""
+"""Small building blocks shared by attention, MoE and the model: RMSNorm, the token embedding and the SwiGLU MLP."""
 from __future__ import annotations
 
 import torch
@@ -9,9 +9,9 @@ from .gemm import Linear
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm with fp32 statistics and a hand-written backward, for training. On CPU it is ~3x faster fwd+bwd
-    than autograd through `F.rms_norm` in fp32 (whose CPU backward is a chain of ~10 elementwise ops; the fused
-    `_fused_rms_norm_backward` has no CPU kernel) and ~1.6x faster than autograd through the upcast ops in bf16.
+    """RMSNorm with fp32 statistics and a hand-written backward, for training: autograd through `F.rms_norm` runs
+    a chain of elementwise ops on CPU (the fused `_fused_rms_norm_backward` has no CPU kernel); speed-ups in
+    docs/performance.md.
 
     Forward (transformers' semantics): x_hat = x * rstd in fp32, rstd = (mean(x^2) + eps)^-1/2, rounded to x's
     dtype; y = weight * x_hat.
@@ -47,10 +47,21 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def init_weights(self, std: float | None = None) -> None:
+        """weight = 1 (`std` unused: the norm's scale starts at identity, as in transformers)."""
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # inference: one fused kernel
         return _RMSNormFunction.apply(x, self.weight, self.eps)
+
+
+class Embedding(nn.Embedding):
+    """`nn.Embedding` (same parameters and state_dict) with the model's init: weight [V, H] ~ N(0, std)."""
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, 0.0, std)
 
 
 def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -59,8 +70,8 @@ def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
 
 
 class _SwiGLU(torch.autograd.Function):
-    """h = silu(gate) * up (* weight), with a hand-written backward that reuses its buffers (~25% faster fwd+bwd
-    on CPU than autograd through the three ops, bit-identical: the same products in the same order)."""
+    """h = silu(gate) * up (* weight), with a hand-written backward that reuses its buffers instead of autograd's
+    per-op temporaries; bit-identical to autograd (the same products in the same order)."""
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Module and parameter names follow transformers' `DeepseekV3ForCausalLM` (`model.embed_tokens`,
 `model.layers.{i}.self_attn.q_a_proj`, `model.layers.{i}.mlp.experts.gate_up_proj`, `lm_head`, ...), so a
 transformers state dict maps onto ours 1:1 except for the MTP module (stored as `model.layers.{L}` in the
-published checkpoint, `mtp.{k}` here) and per-expert tensors; `core.checkpoint` does that mapping.
+published checkpoint, `mtp.{k}` here) and per-expert tensors; `core.checkpoint` does that mapping and loads
+(`load_hf`) or saves (`save_hf`) a model. The dependency runs one way: the checkpoint module imports this one.
 
 Shapes: B batch, T tokens, H hidden_size, V vocab_size.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from core.attention import build_attention, make_cache
 from core.config import ModelConfig
 from core.gemm import Linear
-from core.layers import MLP, RMSNorm
+from core.layers import MLP, Embedding, RMSNorm
 from core.moe import MoE
 
 
@@ -83,7 +84,7 @@ class DeepSeekV3(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = nn.ModuleDict(dict(
-            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            embed_tokens=Embedding(cfg.vocab_size, cfg.hidden_size),
             layers=nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]),
             norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps),
         ))
@@ -92,20 +93,26 @@ class DeepSeekV3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.mtp = nn.ModuleList([MTPModule(cfg, cfg.num_hidden_layers + k)
                                   for k in range(cfg.num_nextn_predict_layers)])
-        self.apply(self._init_weights)
+        self.init_weights()
 
-    def _init_weights(self, m: nn.Module) -> None:
-        # transformers' DeepseekV3PreTrainedModel: normal(0, initializer_range) for Linear/Embedding/router.
+    def init_weights(self) -> None:
+        """Re-draw every parameter as transformers' DeepseekV3PreTrainedModel does: N(0, initializer_range) for
+        embeddings, linear layers, the router and the experts; zero biases; RMSNorm weights one.
+
+        Each module that owns parameters initialises them in its own `init_weights(std)`; this one pass visits
+        submodules children-first in registration order (`nn.Module.apply`), which fixes the random draw order
+        and so the weights a seed gives."""
         std = self.config.initializer_range
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, std)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        elif hasattr(m, "gate_up_proj") and hasattr(m, "down_proj") and not isinstance(m, MLP):
-            nn.init.normal_(m.gate_up_proj, 0.0, std)
-            nn.init.normal_(m.down_proj, 0.0, std)
-        elif m.__class__.__name__ == "Router":
-            nn.init.normal_(m.weight, 0.0, std)
+
+        def init(m: nn.Module) -> None:
+            if m is self:
+                return
+            if hasattr(m, "init_weights"):
+                m.init_weights(std)
+            elif next(m.parameters(recurse=False), None) is not None:  # a new module must not keep torch's init
+                raise TypeError(f"{type(m).__name__} owns parameters but defines no init_weights(std)")
+
+        self.apply(init)
 
     # ------------------------------------------------------------------ forward
     def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0, caches=None) -> torch.Tensor:
@@ -170,12 +177,6 @@ class DeepSeekV3(nn.Module):
         n += sum(b.numel() for name, b in self.named_buffers()
                  if name.endswith("e_score_correction_bias") and (include_mtp or not name.startswith("mtp.")))
         return n
-
-    @classmethod
-    def from_pretrained(cls, path) -> "DeepSeekV3":
-        """Load a Hugging Face-format folder (config.json + *.safetensors); see `core.checkpoint.load_hf`."""
-        from core.checkpoint import load_hf
-        return load_hf(path)
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -9,8 +9,8 @@ What is here (names follow transformers' `DeepseekV3MoE`, so state dicts load 1:
 - `MoE` (`mlp`): routed + shared experts (V3 eq. 12); records `last_routing` for losses, metrics and plots.
 - Balancing: `update_bias` (aux-loss-free rule, LFB paper Alg. 1), `sequence_balance_loss` (V3 eqs. 17-20),
   `switch_aux_loss`, `router_z_loss`.
-- `load_metrics` (MaxVio, CV, normalized entropy, dead experts, dropped fraction, relative load) and
-  `simulate_bias_controller` for the MoE page.
+- `load_metrics` (MaxVio, CV, normalized entropy, dead experts, dropped fraction, relative load).
+  The MoE page's bias-controller simulation lives in `core/moe_sim.py`.
 
 Shapes: T = tokens (batch x sequence, flattened), H = hidden_size, E = n_routed_experts, K = num_experts_per_tok,
 I = moe_intermediate_size, G = n_group.
@@ -19,20 +19,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from core.config import ModelConfig, get_preset
+from core.config import ModelConfig
 from core.gemm import grouped_linear, linear, segment_granule
 from core.layers import MLP, swiglu
 
 __all__ = [
     "RouterOutput", "MoERouting", "Router", "Experts", "MoE", "EXPERT_IMPLS",
     "update_bias", "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "expert_loads",
-    "load_metrics", "BiasSimResult", "simulate_bias_controller", "SIM_STRATEGIES",
+    "load_metrics",
 ]
 
 EXPERT_IMPLS = ("grouped_mm", "loop")
@@ -122,9 +120,9 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
         else:
             self.register_buffer("e_score_correction_bias", None)
-        self.reset_parameters(config.initializer_range)
+        self.init_weights(config.initializer_range)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """weight ~ N(0, std) (transformers `_init_weights`), bias = 0."""
         with torch.no_grad():
             self.weight.normal_(0.0, std)
@@ -223,7 +221,7 @@ class Experts(nn.Module):
                    oneDNN backend, else `torch._grouped_mm` with int32 offsets = cumsum(bincount)). Falls back to
                    "loop" when the shapes/dtype are not supported (rows must be 16-byte aligned).
       "loop":      the same sorted layout, one `core.gemm.linear` per expert with >= 1 token (official/HF style).
-    Never a per-token gather of weights + bmm (100x slower on CPU, reference §2.6).
+    Never a per-token gather of weights + bmm (it copies K expert matrices per token; docs/performance.md).
     The routing weight multiplies the SwiGLU output before the (linear) down projection: same result as
     weighting the expert output, but on I instead of H columns.
 
@@ -247,9 +245,9 @@ class Experts(nn.Module):
         self.fp8 = None
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
-        self.reset_parameters(config.initializer_range)
+        self.init_weights(config.initializer_range)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def init_weights(self, std: float = 0.02) -> None:
         """Both weights ~ N(0, std) (transformers `_init_weights`)."""
         with torch.no_grad():
             self.gate_up_proj.normal_(0.0, std)
@@ -432,7 +430,7 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------------- metrics
 def load_metrics(loads, top_k: int | None = None, capacity_factor: float | None = None) -> dict:
-    """Load-balance metrics of per-expert counts c_i (reference fp8-and-moe.md §2.5).
+    """Load-balance metrics of per-expert counts c_i (MaxVio: LFB paper eq. 4; relative load: V3 report Fig. 9).
 
     loads: [E] counts (tensor, array or list; sum = T*K). Returns a dict:
       max_vio            max_i c_i / c̄ - 1 with c̄ = sum c / E (LFB eq. 4); 0 = balanced, E-1 = one expert.
@@ -469,148 +467,3 @@ def load_metrics(loads, top_k: int | None = None, capacity_factor: float | None 
         out["capacity"] = cap
         out["dropped_fraction"] = float((c - cap).clamp(min=0).sum()) / total
     return out
-
-
-# ----------------------------------------------------------------------------------------- bias controller sim
-SIM_STRATEGIES = ("none", "aux_loss", "aux_free", "both")
-
-
-@dataclass
-class BiasSimResult:
-    """One strategy of `simulate_bias_controller` (S steps, E experts).
-
-    loads [S, E] int64 counts per step; biases [S, E] the bias used to route step s (before its update);
-    max_vio [S] MaxVio_batch per step; aux_loss [S] sequence-wise balance loss (eq. 17) per step.
-    """
-
-    strategy: str
-    loads: torch.Tensor
-    biases: torch.Tensor
-    max_vio: torch.Tensor
-    aux_loss: torch.Tensor
-
-
-def _sim_token_stream(gen, steps, tokens, hidden, n_domains, skew, zipf, stream):
-    """Token batches from a skewed mixture of 'domains': x = skew * m(t) + c_d + noise, d ~ Zipf(zipf).
-
-    A shared mean direction m (strength `skew`) favours the same few experts for every token and a Zipf domain
-    mix overloads the experts preferred by the common domains, so routing starts imbalanced.
-    stream: "fixed" (one batch reused every step), "resample" (i.i.d. batches), "drift" (i.i.d. batches whose
-    mean direction rotates from m0 to an orthogonal m1 over the run and whose domain popularity reverses).
-    """
-    centers = torch.randn(n_domains, hidden, generator=gen)
-    m0 = F.normalize(torch.randn(hidden, generator=gen), dim=0) * math.sqrt(hidden)
-    m1 = torch.randn(hidden, generator=gen)
-    m1 = m1 - (m1 @ m0) / (m0 @ m0) * m0
-    m1 = F.normalize(m1, dim=0) * math.sqrt(hidden)
-    pop = 1.0 / torch.arange(1, n_domains + 1, dtype=torch.float32) ** zipf
-
-    def batch(step):
-        frac = step / max(1, steps - 1) if stream == "drift" else 0.0
-        m = math.cos(frac * math.pi / 2) * m0 + math.sin(frac * math.pi / 2) * m1
-        probs = (1 - frac) * pop + frac * pop.flip(0)
-        d = torch.multinomial(probs, tokens, replacement=True, generator=gen)
-        return skew * m + centers[d] + torch.randn(tokens, hidden, generator=gen)
-
-    if stream == "fixed":
-        x = batch(0)
-        return [x] * steps
-    return [batch(s) for s in range(steps)]
-
-
-def simulate_bias_controller(
-    strategies: str | Iterable[str] = SIM_STRATEGIES,
-    *,
-    n_experts: int = 16,
-    top_k: int = 4,
-    n_group: int = 1,
-    topk_group: int = 1,
-    scoring_func: str = "sigmoid",
-    hidden_size: int = 32,
-    tokens: int = 512,
-    seq_len: int | None = None,
-    steps: int = 200,
-    gamma: float = 1e-2,
-    alpha: float = 1e-2,
-    lr: float = 1.0,
-    skew: float = 1.0,
-    zipf: float = 1.0,
-    n_domains: int = 8,
-    stream: str = "resample",
-    init_std: float | None = None,
-    seed: int = 0,
-) -> dict[str, BiasSimResult]:
-    """Step a V3 router over `steps` token batches under each balancing strategy; for the MoE page's MaxVio plot.
-
-    Strategies (same data, same initial router weight for all, derived from `seed`):
-      "none"      bias frozen at 0, weight frozen.
-      "aux_loss"  after routing step s, one SGD step (learning rate `lr`) on the router weight only, on
-                  alpha * sequence_balance_loss (V3 eqs. 17-20; sequences of `seq_len` tokens, default the batch).
-      "aux_free"  after routing step s, `update_bias(router, loads_s, gamma)` (LFB Alg. 1, V3 §2.1.2).
-      "both"      both updates.
-    No language-model loss is simulated, so the plot shows balance only, not the quality cost of the aux loss
-    gradient (V3 §4.5, LFB Fig. 2). Note gamma * steps bounds how far a bias can move: the paper's 1e-3 works over
-    thousands of steps; the default 1e-2 shows convergence within ~100 steps on this toy.
-
-    Tokens come from `_sim_token_stream` (skewed mixture of domains; `stream` "fixed" | "resample" | "drift").
-    Router weight ~ N(0, init_std) with init_std default 1/sqrt(hidden_size) so logits are O(1).
-    Returns {strategy: BiasSimResult}. Deterministic for a given seed; ~0.1 s per strategy at E=64, T=512.
-    """
-    if isinstance(strategies, str):
-        strategies = [strategies]
-    strategies = list(strategies)
-    for s in strategies:
-        if s not in SIM_STRATEGIES:
-            raise ValueError(f"unknown strategy {s!r}; choose from {SIM_STRATEGIES}")
-    if stream not in ("fixed", "resample", "drift"):
-        raise ValueError(f"stream must be 'fixed', 'resample' or 'drift', got {stream!r}")
-    seq_len = tokens if seq_len is None else seq_len
-    if seq_len <= 0 or tokens % seq_len:
-        raise ValueError(f"seq_len ({seq_len}) must divide tokens ({tokens})")
-    cfg = get_preset("tiny").replace(
-        hidden_size=hidden_size, n_routed_experts=n_experts, num_experts_per_tok=top_k, n_group=n_group,
-        topk_group=topk_group, scoring_func=scoring_func, topk_method="noaux_tc",
-        norm_topk_prob=scoring_func == "sigmoid", routed_scaling_factor=1.0)
-    # Tiny ops: one intra-op thread avoids OpenMP barrier stalls when other work shares the cores (10x faster
-    # on a loaded 2-core box). The setting is per calling thread and restored afterwards.
-    prev_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        std = init_std if init_std is not None else 1.0 / math.sqrt(hidden_size)
-        w0 = torch.randn(n_experts, hidden_size, generator=gen) * std
-        batches = _sim_token_stream(gen, steps, tokens, hidden_size, n_domains, skew, zipf, stream)
-        return _run_sim(strategies, cfg, w0, batches, steps, n_experts, top_k, seq_len, gamma, alpha, lr)
-    finally:
-        torch.set_num_threads(prev_threads)
-
-
-def _run_sim(strategies, cfg, w0, batches, steps, n_experts, top_k, seq_len, gamma, alpha, lr):
-    results: dict[str, BiasSimResult] = {}
-    for strategy in strategies:
-        router = Router(cfg)
-        with torch.no_grad():
-            router.weight.copy_(w0)
-        use_aux = strategy in ("aux_loss", "both")
-        use_bias = strategy in ("aux_free", "both")
-        loads = torch.zeros(steps, n_experts, dtype=torch.int64)
-        biases = torch.zeros(steps, n_experts)
-        aux = torch.zeros(steps)
-        for step, x in enumerate(batches):
-            biases[step] = router.e_score_correction_bias
-            with torch.set_grad_enabled(use_aux):
-                r = router(x)
-                c = expert_loads(r.indices, n_experts)
-                loss = sequence_balance_loss(r.scores, r.indices, n_experts, top_k, seq_len)
-            loads[step] = c
-            aux[step] = loss.detach()
-            if use_aux:
-                (g,) = torch.autograd.grad(alpha * loss, router.weight)
-                with torch.no_grad():
-                    router.weight.sub_(lr * g)
-            if use_bias:
-                update_bias(router, c, gamma)
-        lf = loads.double()
-        max_vio = (lf.max(dim=1).values / lf.mean(dim=1) - 1.0).float()
-        results[strategy] = BiasSimResult(strategy, loads, biases, max_vio, aux)
-    return results

@@ -29,16 +29,13 @@ Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the
 `seed`; every op used is deterministic on CPU, so the same settings give bit-identical losses (same machine
 and thread count).
 
-CLI: `python -m core.train --preset mini --steps 300 --seed 0 --json run.json --save ckpt/` (see `main`);
-the JSON file is a JSON *list* with one record per logged step (every `log_every` steps and the last).
+Evaluation and sampling helpers live in `core.evaluate`; the CLI (`python -m core.train --preset mini --steps 300
+--json run.json`) in `core.cli`.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
 import sys
 import threading
 import time
@@ -46,18 +43,18 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 
+from core.checkpoint import save_hf
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
+from core.evaluate import domain_expert_matrix, evaluate, sample_text
 from core.fp8 import RECIPE_ALIASES, RECIPES, FP8Recipe, get_recipe, with_switches
-from core.model import DeepSeekV3, generate
+from core.model import DeepSeekV3
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
 
 __all__ = [
-    "TrainConfig", "TrainConfigError", "TrainingDiverged", "TrainRun", "train", "build_model", "lr_at",
-    "evaluate", "domain_expert_matrix", "sample_text", "warm_up", "APP_DEFAULT", "BALANCING", "PRECISIONS", "FFNS",
-    "RECORD_FIELDS", "main",
+    "TrainConfig", "TrainConfigError", "TrainingDiverged", "TrainRun", "train", "build_model", "resolve_model_config",
+    "lr_at", "warm_up", "APP_DEFAULT", "BALANCING", "PRECISIONS", "FFNS", "RECORD_FIELDS",
 ]
 
 BALANCING = ("none", "aux_loss", "aux_free", "both")
@@ -237,10 +234,8 @@ class TrainConfig:
 
 
 #: The training lab's default run: the `mini` model (MLA, MoE, MTP, fp32) on the synthetic domains, 150 steps of
-#: 8 x 64 tokens, with a bias speed large enough for the aux-loss-free controller to act within a short run.
-#: Measured on the 2-core dev box: first record 0.18 s after `warm_up()` (1.2 s in a fresh process without it),
-#: whole run 15 s on 2 threads / 24 s on 1 thread. A step is ~10 GFLOP, so it is GEMM-bound (~80% of the
-#: matmul peak), not overhead-bound.
+#: 8 x 64 tokens, with a bias speed large enough for the aux-loss-free controller to act within a short run
+#: (its timings: docs/performance.md).
 APP_DEFAULT = TrainConfig(steps=150, batch_size=8, seq_len=64, lr=3e-3, warmup=15, dataset="synthetic",
                           balancing="aux_free", gamma=1e-2, eval_every=25, eval_batches=2)
 
@@ -321,73 +316,6 @@ class _MasterWeights:
     def master_to_model(self) -> None:
         if self.low:
             torch._foreach_copy_(self.low, self.master)
-
-
-# ---------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: DeepSeekV3, data: TokenDataset, batch_size: int = 16, seq_len: int = 128,
-             num_batches: int | None = 4, split: str = "val") -> float:
-    """Mean next-token cross-entropy (nats per token = per byte) over fixed evaluation windows.
-
-    `num_batches=None` covers every non-overlapping window of the split (the full validation loss).
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for x, y, _ in data.eval_batches(batch_size, seq_len, num_batches, split):
-        logits = model(x)
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
-                                       reduction="sum"))
-        count += y.numel()
-    model.train(was_training)
-    return total / count
-
-
-@torch.no_grad()
-def domain_expert_matrix(model: DeepSeekV3, data: TokenDataset, batch_size: int = 16, seq_len: int = 128,
-                         num_batches: int | None = 8, split: str = "val") -> dict:
-    """Which experts each domain's tokens are routed to, per MoE layer of the main model.
-
-    Runs fixed windows of a labelled dataset (`core.data.synthetic_dataset`) and counts, for every
-    (domain d, expert e), the token slots of domain-d tokens assigned to expert e. Returns
-      {"domains": [names], "layers": [layer indices], "counts": [L, D, E] int64,
-       "fractions": [L, D, E] float (each row sums to 1: where a domain's slots go),
-       "relative": [L, D, E] float (fraction * E: 1 = the uniform share, V3 Fig. 9 "relative expert load")}.
-    """
-    if not data.labelled:
-        raise ValueError(f"data: dataset {data.name!r} has no domain labels; use the synthetic dataset")
-    moes = model.moe_layers()
-    layer_ids = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, MoE)]
-    n_dom = len(data.domain_names)
-    n_exp = model.config.n_routed_experts
-    counts = torch.zeros(len(moes), n_dom, n_exp, dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    for x, _, doms in data.eval_batches(batch_size, seq_len, num_batches, split):
-        model(x)
-        d = doms.reshape(-1, 1)
-        for li, moe in enumerate(moes):
-            idx = moe.last_routing.indices  # [B*T, K]
-            flat = (d * n_exp + idx).reshape(-1)
-            counts[li] += torch.bincount(flat, minlength=n_dom * n_exp).view(n_dom, n_exp)
-    model.train(was_training)
-    frac = counts.double() / counts.sum(-1, keepdim=True).clamp(min=1)
-    return {"domains": list(data.domain_names), "layers": layer_ids, "counts": counts,
-            "fractions": frac.float(), "relative": (frac * n_exp).float()}
-
-
-def sample_text(model: DeepSeekV3, prompt: str = "", n: int = 200, temperature: float = 0.8, seed: int = 0,
-                top_k: int | None = None) -> dict:
-    """Generate `n` bytes after `prompt` (default "\\n") with `core.model.generate` (KV-cached, MTP drafts
-    measured). Returns {"prompt", "completion", "text", "tokens", "mtp_drafts", "mtp_accepted",
-    "mtp_acceptance" (None without MTP)}."""
-    ids = TOKENIZER.encode(prompt or "\n")
-    p = torch.tensor([ids], dtype=torch.long)
-    res = generate(model, p, n, temperature=temperature, top_k=top_k, seed=seed)
-    completion = TOKENIZER.decode(res.tokens[0])
-    return {"prompt": prompt, "completion": completion, "text": prompt + completion, "tokens": res.tokens[0],
-            "mtp_drafts": res.mtp_drafts, "mtp_accepted": res.mtp_accepted,
-            "mtp_acceptance": res.acceptance if res.mtp_drafts else None}
 
 
 # ---------------------------------------------------------------------------------------------- the run
@@ -599,13 +527,13 @@ class TrainRun:
 
     def save(self, path) -> None:
         """Save the model with `core.checkpoint.save_hf` (config.json + model.safetensors)."""
-        from core.checkpoint import save_hf
         save_hf(self.model, path)
 
 
 def warm_up() -> None:
-    """Pay torch's one-time cost of the first optimizer in a process (it imports torch._dynamo: ~0.8 s) now,
-    so that a run started later yields its first record quickly (a server calls this at start-up)."""
+    """Pay torch's one-time cost of the first optimizer in a process (it imports torch._dynamo) and load the
+    default dataset now, so that a run started later yields its first record quickly (a server calls this at
+    start-up; figures in docs/performance.md)."""
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
     get_dataset(APP_DEFAULT.dataset, APP_DEFAULT.seed)
 
@@ -620,133 +548,7 @@ def train(model_cfg: ModelConfig | str, train_cfg: TrainConfig | None = None,
     return TrainRun(model_cfg, train_cfg, stop)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def json_safe(obj):
-    """A strict-JSON copy of records: non-finite floats become None, tensors/arrays become lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):
-        return json_safe(obj.tolist())
-    return obj
+if __name__ == "__main__":  # `python -m core.train ...`: the CLI lives in core.cli (imported here only)
+    from core.cli import main
 
-
-def write_records(path, records: list[dict]) -> None:
-    """Write records as one JSON list (strict JSON: non-finite numbers become null), atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(json_safe(records), f, allow_nan=False)
-    os.replace(tmp, path)
-
-
-class _Progress:
-    """A one-line text progress bar on stderr (redrawn in place on a terminal, every ~10 % otherwise)."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream = total, stream
-        self.tty = stream.isatty()
-        self.last_pct = -1
-
-    def update(self, rec: dict) -> None:
-        step = rec["step"]
-        frac = step / self.total
-        pct = int(frac * 10)
-        if not self.tty and pct == self.last_pct and step != self.total:
-            return
-        self.last_pct = pct
-        bar = "#" * int(frac * 20) + "-" * (20 - int(frac * 20))
-        parts = [f"step {step}/{self.total} [{bar}] loss {rec['loss']:.4f}"]
-        if rec.get("val_loss") is not None:
-            parts.append(f"val {rec['val_loss']:.4f}")
-        if rec.get("max_vio") is not None:
-            parts.append(f"maxvio {rec['max_vio']:.2f}")
-        parts.append(f"{rec['tokens_per_s']:,.0f} tok/s  {rec['elapsed_s']:.1f}s")
-        line = "  ".join(parts)
-        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _arg_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m core.train", description=__doc__.split("\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="mini", help="model preset from core.config.PRESETS")
-    ap.add_argument("--json", help="write the step records to this file (a JSON list)")
-    ap.add_argument("--save", help="save the trained model here with save_hf (config.json + safetensors)")
-    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    ap.add_argument("--sample", type=int, default=0, help="print this many sampled bytes after training")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kw = {"default": f.default, "help": f.metadata.get("help", "")}
-        if f.name == "betas":
-            ap.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kw)
-        elif f.name == "mtp":
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif f.name in ("alpha", "max_time_s"):
-            ap.add_argument(flag, type=float, **kw)
-        elif f.name == "kv_heads":
-            ap.add_argument(flag, type=int, **kw)
-        elif f.name == "fp8_switches":
-            ap.add_argument(flag, nargs="*", metavar="SWITCH", **kw)
-        else:
-            ap.add_argument(flag, type=type(f.default), **kw)
-    return ap
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = _arg_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-        run = train(args.preset, cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    progress = None if args.quiet else _Progress(cfg.steps)
-    logged: list[dict] = []
-    code = 0
-    try:
-        for rec in run:
-            if rec["step"] % cfg.log_every == 0 or rec["step"] == cfg.steps:
-                logged.append(rec)
-            if progress:
-                progress.update(rec)
-    except TrainingDiverged as e:
-        logged.append(e.record)
-        print(f"\nerror: {e}", file=sys.stderr)
-        code = 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        code = 130
-    finally:
-        if progress:
-            progress.close()
-        if args.json:
-            write_records(args.json, logged)
-    if args.save and code != 1:
-        run.save(args.save)
-        print(f"saved checkpoint to {args.save}", file=sys.stderr)
-    if args.sample and code == 0:
-        s = run.sample_text("", args.sample, seed=cfg.seed)
-        print(s["text"])
-        if s["mtp_acceptance"] is not None:
-            print(f"MTP draft acceptance: {s['mtp_acceptance']:.1%} ({s['mtp_accepted']}/{s['mtp_drafts']})",
-                  file=sys.stderr)
-    if run.records and code == 0:
-        last = run.records[-1]
-        print(json.dumps(json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],
-                                     "status": run.status, "elapsed_s": round(run.elapsed(), 2)})))
-    return code
-
-
-if __name__ == "__main__":
     sys.exit(main())

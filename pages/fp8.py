@@ -2,7 +2,10 @@
 every number computed by `core.fp8` on a seeded test tensor."""
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
+from app import shell, sidebar, state, texts, ui
+from app.charts import fp8 as charts
+from app.compute import fp8 as compute
+from core.published import H800_FP8_ACCUM_BITS, V3_PROMOTION_INTERVAL
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -27,9 +30,11 @@ with sb.expander("Data", expanded=True, icon=":material/scatter_plot:"):
 with sb.expander("Delayed scaling & GEMM", expanded=False, icon=":material/history:"):
     hist_len = state.select_slider("amax history length (steps)", "fp8_hist", [1, 2, 4, 8, 16, 32, 64, 128], 16)
     algo = state.radio("amax from the history", "fp8_algo", ["max", "most_recent"], "max")
-    acc_bits = state.slider("Accumulator mantissa bits", "fp8_accbits", 8, 23, 13,
-                            help="H800 FP8 tensor cores keep about 14 bits (13 explicit + the implicit one).")
-    n_c = state.select_slider("Promote to FP32 every N_C products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024], 128)
+    acc_bits = state.slider("Accumulator mantissa bits", "fp8_accbits", 8, 23, H800_FP8_ACCUM_BITS - 1,
+                            help=f"H800 FP8 tensor cores keep about {H800_FP8_ACCUM_BITS} bits "
+                                 f"({H800_FP8_ACCUM_BITS - 1} explicit + the implicit one).")
+    n_c = state.select_slider("Promote to FP32 every N_C products", "fp8_nc", [16, 32, 64, 128, 256, 512, 1024],
+                              V3_PROMOTION_INTERVAL)
 
 ui.page_header(texts.FP8_TITLE, texts.FP8_SUB, sh)
 ui.explanation("How FP8 quantization works", texts.FP8_EXPLAIN, texts.FP8_EQUATIONS, lesson=sh.lesson)
@@ -69,7 +74,7 @@ with ui.cards():
                            detail="distinct positive values the stored tensor uses; "
                                   f"{m['subnormal_range']:,} values in the subnormal range")
 
-ui.chart(ui.fig("fp8_histogram", q["hist"], q["grid"], m, fmt, G[gran]), q["hist"], "fp8 histogram",
+ui.chart(ui.fig(charts.fp8_histogram, q["hist"], q["grid"], m, fmt, G[gran]), q["hist"], "fp8 histogram",
          key="fp8_hist", lesson=sh.lesson,
          notice="Every bar left of the 'smallest subnormal' line is lost (rounded to 0); bars between the two "
                 "dotted lines on the left have fewer mantissa bits. Per-tensor scaling with outliers shifts the "
@@ -85,14 +90,14 @@ with st.container(horizontal=True, gap="medium", vertical_alignment="center"):
                 f"{'0' if b['is_subnormal'] or b['is_zero'] else '1'}.{b['mantissa']}_2 = {b['value']:.6g}$"
                 if not (b["is_nan"] or b["is_inf"]) else f"**{b['value']}**")
 with st.container(width=680):
-    ui.chart(ui.fig("bit_layout", b, fmt, *spec_bits), b_table, "bit layout", key="fp8_bits",
+    ui.chart(ui.fig(charts.bit_layout, b, fmt, *spec_bits), b_table, "bit layout", key="fp8_bits",
              lesson=sh.lesson, notice="Change one digit of the number and watch which bits move: the exponent "
                                       "picks the power of two, the few mantissa bits pick the step inside it.")
 
 st.subheader("Scaling granularity under outliers")
 sweep_fmt = "e4m3" if fmt == "bf16" else fmt
 sweep = compute.fp8_granularity_sweep(sweep_fmt, out_ch, sh.seed)
-ui.chart(ui.fig("granularity_sweep", sweep, out_scale, sweep_fmt, out_ch), sweep,
+ui.chart(ui.fig(charts.granularity_sweep, sweep, out_scale, sweep_fmt, out_ch), sweep,
          "granularity vs outliers", key="fp8_sweep", lesson=sh.lesson,
          notice="All granularities agree on well-behaved data. Push the outliers up: the per-tensor line "
                 "falls first, the 1×128 tile and MX lines last — the reason DeepSeek-V3 uses fine-grained "
@@ -100,14 +105,14 @@ ui.chart(ui.fig("granularity_sweep", sweep, out_scale, sweep_fmt, out_ch), sweep
 
 st.subheader("Current vs delayed scaling")
 dl = compute.fp8_delayed_scaling(fmt, gran, overflow, kind, out_ch, out_scale, hist_len, algo, sh.seed)
-ui.chart(ui.fig("delayed_scaling", dl, hist_len, algo), dl, "delayed scaling", key="fp8_delayed",
+ui.chart(ui.fig(charts.delayed_scaling, dl, hist_len, algo), dl, "delayed scaling", key="fp8_delayed",
          lesson=sh.lesson,
          notice="Current scaling's SQNR stays flat. The delayed scaler computes this step's scale from past "
                 "amax values, so while the magnitude rises (and at the spike) values land beyond the max.")
 
 st.subheader("GEMM accumulation: why promote every 128")
 g = compute.fp8_gemm_curves(acc_bits, n_c, fmt, sh.seed)
-ui.chart(ui.fig("gemm_error", g, n_c, acc_bits), g, "gemm error vs k", key="fp8_gemm", lesson=sh.lesson,
+ui.chart(ui.fig(charts.gemm_error, g, n_c, acc_bits), g, "gemm error vs k", key="fp8_gemm", lesson=sh.lesson,
          notice="Without promotion the accumulator's rounding error grows linearly with K; with promotion it "
                 "is bounded by the error of N_C products, independent of K.")
 if fmt != "bf16":

@@ -4,10 +4,13 @@ import json
 
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
-from app.units import tokens
-from core.calc import human_bytes
+from app import shell, sidebar, state, texts, ui
+from app.charts import mla as charts
+from app.compute import mla as compute
+from app.compute.common import BYTES_PER_ELEMENT
 from core.config import ConfigError
+from core.published import PAPER_FIGURES, PUBLISHED_CONFIGS
+from core.units import human_bytes, tokens
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -64,9 +67,12 @@ except ConfigError as e:
 kv = compute.kv_vs_context(arch_json, context, batch, dtype, groups)
 per = kv[kv["context_tokens"] == context].set_index("kind")
 e_mla, e_mha = per.loc["MLA", "elements_per_token"], per.loc["MHA", "elements_per_token"]
-bpe = compute.BYTES_PER_ELEMENT[dtype]
-paper = {"deepseek-v3": "35,136 elements (576 × 61)", "deepseek-v2": "34,560 elements (576 × 60)",
-         "deepseek-v2-lite": "15,552 elements (576 × 27)"}.get(sh.model) if arch_json == sh.cfg_json else None
+bpe = BYTES_PER_ELEMENT[dtype]
+paper = None
+if sh.model in PAPER_FIGURES and arch_json == sh.cfg_json:
+    pub = PUBLISHED_CONFIGS[sh.model]
+    paper = (f"{PAPER_FIGURES[sh.model]['kv_elements_per_token']:,} elements "
+             f"({pub['kv_lora_rank'] + pub['qk_rope_head_dim']} × {pub['num_hidden_layers']})")
 
 with ui.cards():
     ui.number_with_formula("MLA cache per token", human_bytes(e_mla * bpe), r"(d_c + d_h^R)\,L\cdot\text{bytes}",
@@ -88,7 +94,7 @@ with ui.cards():
                            paper="2.25 groups (V2 report, d_c = 4d_h, d_h^R = d_h/2)",
                            detail="MLA's memory cost expressed in GQA groups")
 
-ui.chart(ui.fig("kv_vs_context", kv, context, batch, groups, log), kv, "kv cache vs context", key="mla_kv",
+ui.chart(ui.fig(charts.kv_vs_context, kv, context, batch, groups, log), kv, "kv cache vs context", key="mla_kv",
          lesson=sh.lesson,
          notice="All lines are straight: every cache grows linearly with the context. The vertical gap on the log "
                 "scale is the constant reduction factor — move d_c or the number of heads and watch only the MLA "
@@ -110,7 +116,7 @@ with ui.cards():
     ui.number_with_formula("Longest MLA context", tokens(best["MLA"]),
                            r"T_{\max} = \left\lfloor \frac{M_{\text{free}}}{e\,L\,B\cdot\text{bytes}} \right\rfloor",
                            detail=f"batch {batch}, {dtype.upper()} cache; MHA: {tokens(best['MHA'])}")
-ui.chart(ui.fig("max_context_bars", mc["table"], mc["max_position_embeddings"], mem_label), mc["table"],
+ui.chart(ui.fig(charts.max_context_bars, mc["table"], mc["max_position_embeddings"], mem_label), mc["table"],
          "max context", key="mla_maxctx", lesson=sh.lesson,
          notice="The bar lengths are the free memory divided by the bytes per token: MLA's bar is longer by "
                 "exactly the reduction factor.")
@@ -144,11 +150,11 @@ with ui.cards():
                                   f"{'equal ✓' if naive_row['match'] else 'DIFFERENT ✗'}; "
                                   f"{naive_row['measured_bytes'] / mla_row['measured_bytes']:.1f}× the absorbed cache")
 
-ui.chart(ui.fig("measured_bytes", b), b, "measured cache bytes", key="mla_bytes", lesson=sh.lesson,
+ui.chart(ui.fig(charts.measured_bytes, b), b, "measured cache bytes", key="mla_bytes", lesson=sh.lesson,
          notice="Bars are sums of the cache tensors' nbytes after a real prefill + decode; the black ticks are the "
                 "paper's formula. They coincide.")
 lat = compute.measured_latency(small_json, sh.seed)
-ui.chart(ui.fig("decode_latency", lat), lat, "decode latency", key="mla_lat", lesson=sh.lesson,
+ui.chart(ui.fig(charts.decode_latency, lat), lat, "decode latency", key="mla_lat", lesson=sh.lesson,
          notice="Per-token decode time grows with the context for both paths; the absorbed path reads far fewer "
                 "bytes per step but does more multiply-adds per cached token.")
 
@@ -160,11 +166,11 @@ with st.container(horizontal=True, gap="medium"):
     view = state.radio("Colour", "mla_heatview", ["× uniform", "probability"], "× uniform", width="content")
 h = min(head, n_heads - 1)
 with st.container(width=680):
-    ui.chart(ui.fig("attention_heatmap", amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
+    ui.chart(ui.fig(charts.attention_heatmap, amap["probs"][h], h, amap["ids"], view == "× uniform"), amap["table"],
              "attention heatmap", key="mla_heat", lesson=sh.lesson,
              notice="The upper triangle is empty: causal masking. Rows sum to 1 (each is a softmax).")
 rt = compute.rank_truncation(small_json, sh.seed)
 exact = small["kv_lora_rank"] + small["qk_rope_head_dim"]
-ui.chart(ui.fig("rank_truncation", rt, exact), rt, "rank truncation", key="mla_rank", lesson=sh.lesson,
+ui.chart(ui.fig(charts.rank_truncation, rt, exact), rt, "rank truncation", key="mla_rank", lesson=sh.lesson,
          notice="MLA's curve drops to zero at d_c + d_h^R: its cache already is the optimal low-rank code. "
                 "MHA's error decays slowly — there is no free compression left in it.")

@@ -1,10 +1,15 @@
 """MoE routing: a real `core.moe.Router` on a multi-domain token stream (routing heatmaps, expert load, balance
-metrics, group-limited routing) and `core.moe.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
+metrics, group-limited routing) and `core.moe_sim.simulate_bias_controller` (no balancing vs aux loss vs aux-loss-free
 bias vs both)."""
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
+from app import shell, sidebar, state, texts, ui
+from app.charts import moe as charts
+from app.compute import moe as compute
 from core.config import ConfigError
+from core.published import V3_BIAS_UPDATE_SPEED
+
+FULL = dict(height=420, width_chars=85)  # the step heatmaps at full page width
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
@@ -33,8 +38,9 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
     strategy = state.radio("Strategy shown in detail", "moe_strategy", list(compute.STRATEGY_LABELS), "aux_free",
                            fmt=compute.STRATEGY_LABELS.get, horizontal=False)
     gamma = state.select_slider("Bias update speed γ", "moe_gamma", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
-                                1e-2, fmt=lambda v: f"{v:g}", help="V3 used 0.001 over thousands of steps; 0.01 "
-                                                                   "shows convergence within ~100 steps here.")
+                                1e-2, fmt=lambda v: f"{v:g}",
+                                help=f"V3 used {V3_BIAS_UPDATE_SPEED:g} over thousands of steps; 0.01 shows "
+                                     "convergence within ~100 steps here.")
     alpha = state.select_slider("Aux loss weight α", "moe_alpha", [1e-4, 1e-3, 1e-2, 1e-1, 1.0], 1e-2,
                                 fmt=lambda v: f"{v:g}")
     steps = state.select_slider("Steps (batches)", "moe_steps", [15, 30, 60, 120, 240], 30)
@@ -67,18 +73,18 @@ def bias_controller_section(experts, top_k, groups, topk_groups, scoring, gamma,
     """The simulation runs in a parallel fragment: it overlaps with the routing section above."""
     st.header("The bias controller over time", divider="gray")
     sim = compute.moe_simulation(experts, top_k, groups, topk_groups, scoring, gamma, alpha, steps, skew, seed)
-    ui.chart(ui.fig("maxvio_over_steps", sim["max_vio"]), sim["max_vio"], "maxvio per step", key="moe_maxvio",
+    ui.chart(ui.fig(charts.maxvio_over_steps, sim["max_vio"]), sim["max_vio"], "maxvio per step", key="moe_maxvio",
              lesson=lesson,
              notice="Grey never improves. The orange aux loss moves slowly (its gradient is weighted by α and fights "
                     "nothing else here); the blue bias controller converges in about 1/γ steps.")
     ps = sim["per_strategy"][strategy]
     table = compute.sim_table(ps)
     label = compute.STRATEGY_LABELS[strategy]
-    ui.chart(ui.fig("load_over_steps", ps["relative_load"], label), table, "load over steps",
+    ui.chart(ui.fig(charts.expert_load_heatmap, ps["relative_load"], label=label, **FULL), table, "load over steps",
              key="moe_loadsteps", lesson=lesson,
              notice="Pick another strategy in the sidebar ('Strategy shown in detail') to compare the load patterns.")
-    ui.chart(ui.fig("bias_over_steps", ps["biases"], label), table, "bias over steps", key="moe_biassteps",
-             lesson=lesson)
+    ui.chart(ui.fig(charts.bias_heatmap, ps["biases"], label=label, **FULL), table, "bias over steps",
+             key="moe_biassteps", lesson=lesson)
 
 
 
@@ -109,26 +115,26 @@ with routing_area:
                f"the second line of each card: after {steps} aux-loss-free bias updates. V3 itself keeps every token "
                "(no capacity limit, no dropping); the dropped share is what a capacity-limited router would lose.")
 
-    ui.chart(ui.fig("domain_heatmaps", r["domain_before"], r["domain_after"], mb, ma, steps, gamma, r["has_bias"]),
+    ui.chart(ui.fig(charts.domain_heatmaps, r["domain_before"], r["domain_after"], mb, ma, steps, gamma, r["has_bias"]),
              r["domain_table"],
              "routing heatmap by domain", key="moe_domains", lesson=sh.lesson,
              notice="Rows are token domains, columns experts. Bright = more than a fair share. The fresh router sends "
                     "everything to a few experts; after the bias updates the load is spread, yet each domain still has "
                     "its own bright experts.")
-    ui.chart(ui.fig("expert_load_bars", r["loads_before"], r["loads_after"], mb, ma, cf, r["has_bias"]),
+    ui.chart(ui.fig(charts.expert_load_bars, r["loads_before"], r["loads_after"], mb, ma, cf, r["has_bias"]),
              r["load_table"],
              "expert load", key="moe_load", lesson=sh.lesson,
              notice="Bars above the red capacity line would overflow a capacity-limited router.")
 
     st.subheader("Group-limited routing, token by token")
     tt = compute.scaled_token_table(r["token_table"], scale)
-    ui.chart(ui.fig("token_expert_map", tt, top_k, topk_groups, groups, r["group_limited"], scale),
+    ui.chart(ui.fig(charts.token_expert_map, tt, top_k, topk_groups, groups, r["group_limited"], scale),
              tt, "token expert map", key="moe_tokens", lesson=sh.lesson,
              notice="Read one row: a character of the stream, the experts it was sent to (bright) and the groups it "
                     "was not allowed to use (blank).")
     if r["group_table"] is not None:
         with st.container(width=680):
-            ui.chart(ui.fig("group_usage", r["group_table"]["share_of_tokens"].tolist(), topk_groups),
+            ui.chart(ui.fig(charts.group_usage, r["group_table"]["share_of_tokens"].tolist(), topk_groups),
                      r["group_table"], "group usage", key="moe_groups_use", lesson=sh.lesson)
     else:
         st.info("This configuration has a single expert group (or greedy routing): no node limit applies. "

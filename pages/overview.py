@@ -1,9 +1,12 @@
 """Overview / scale calculator: parameters (total vs activated), FLOPs per token, weight memory, KV cache."""
 import streamlit as st
 
-from app import compute, shell, sidebar, state, texts, ui
-from app.units import flops, tokens
-from core.calc import PAPER_FIGURES, human_bytes, human_count
+from app import shell, sidebar, state, texts, ui
+from app.charts import overview as charts
+from app.compute import overview as compute
+from app.compute.common import apply_overrides
+from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS
+from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 
 shell.require()  # run inside the entry point (see app/shell.py)
@@ -28,7 +31,7 @@ with sb.expander("Custom architecture", icon=":material/tune:"):
 
 ui.page_header(texts.OVERVIEW_TITLE, texts.OVERVIEW_SUB, sh)
 try:
-    cfg_json = compute.apply_overrides(sh.cfg_json, overrides)
+    cfg_json = apply_overrides(sh.cfg_json, overrides)
 except ConfigError as e:
     ui.config_error(e, texts.OVERRIDE_LABELS, where="Custom architecture — ")
     st.stop()
@@ -74,7 +77,7 @@ with ui.cards():
 
 st.subheader("Parameter breakdown")
 params = d["params"]
-ui.chart(ui.fig("params_breakdown", params, c), params.drop(columns=["formula"]), "parameter breakdown",
+ui.chart(ui.fig(charts.params_breakdown, params, c), params.drop(columns=["formula"]), "parameter breakdown",
          key="ov_params", lesson=sh.lesson,
          notice="Compare the purple routed-expert segment in the two bars: it dominates the total but shrinks to "
                 "K_r/N_r of itself in the activated bar. That is the whole point of a fine-grained MoE.")
@@ -89,10 +92,11 @@ with st.expander("Table with formulas", expanded=True):
                "is not part of the main model's total.")
 
 st.subheader("Memory and compute")
-ui.chart(ui.fig("memory_bars", d["memory"]), d["memory"], "memory", key="ov_mem", lesson=sh.lesson,
-         notice="FP8 halves the weight memory (the scales add under 1%); the MLA cache of a whole 128K-token "
+ui.chart(ui.fig(charts.memory_bars, d["memory"]), d["memory"], "memory", key="ov_mem", lesson=sh.lesson,
+         notice="FP8 halves the weight memory (the scales add under 1%); the MLA cache of a whole "
+                f"{tokens(V3_CONTEXT_TOKENS)}-token "
                 "sequence is small next to the weights, while an MHA cache of the same model would be comparable.")
-ui.chart(ui.fig("flops_vs_context", d["flops"], context), d["flops"], "flops per token", key="ov_flops",
+ui.chart(ui.fig(charts.flops_vs_context, d["flops"], context), d["flops"], "flops per token", key="ov_flops",
          lesson=sh.lesson,
          notice="The matmul FLOPs are flat: they depend only on the activated parameters. The attention part "
                 "grows linearly with the context and takes over for long sequences.")

@@ -1,33 +1,35 @@
 """Training lab: train a mini DeepSeek-V3 live (one run at a time per server), watch loss / MaxVio / expert load /
-router biases grow, then compare the runs of this session. The run manager lives in app/training.py."""
+router biases grow, then compare the runs of this session. The lab's logic lives in app/lab/."""
 import streamlit as st
 
 from app import shell, sidebar, texts, ui
-from app import training as tl
+from app.lab import knobs, session, views
+from app.lab import manager as runs
 
 shell.require()  # run inside the entry point (see app/shell.py)
 
 sh = sidebar.shared()
-knobs = tl.knob_panel()
-st.sidebar.caption(f"This server: at most {tl.MAX_STEPS} steps, {tl.MAX_TOKENS:,} tokens and {tl.MAX_SECONDS:.0f} s "
-                   f"per run, one run at a time; a run stops when its browser tab has been gone for "
-                   f"{tl.STALE_AFTER_S:.0f} s. The lab always trains the `mini` model; the seed is the sidebar's.")
+knob_values = views.knob_panel()
+st.sidebar.caption(f"This server: at most {knobs.MAX_STEPS} steps, {knobs.MAX_TOKENS:,} tokens and "
+                   f"{knobs.MAX_SECONDS:.0f} s per run, one run at a time; a run stops when its browser tab has been "
+                   f"gone for {runs.STALE_AFTER_S:.0f} s. The lab always trains the `mini` model; the seed is the "
+                   "sidebar's.")
 
 st.title(texts.TRAIN_TITLE)
 st.caption(f"{texts.TRAIN_SUB}  ·  model: **mini** with the knobs in the sidebar  ·  seed {sh.seed}")
 # (the explanation comes after the runs: Start and the live curves stay at the top, also in lesson mode)
 
-tl.collect()
-mgr = tl.manager()
+session.collect()
+mgr = session.manager()
 try:
-    mcfg, cfg = tl.lab_config(knobs, sh.seed)
+    mcfg, cfg = knobs.lab_config(knob_values, sh.seed)
     cfg_error = None
-except tl.LabConfigError as e:
+except knobs.LabConfigError as e:
     mcfg = cfg = None
     cfg_error = e
-tl.prewarm()
+session.prewarm()
 
-run = tl.current()
+run = session.current()
 own_active = run is not None and run.active
 other = mgr.busy()
 other = other if other is not None and other is not run else None
@@ -35,48 +37,48 @@ other = other if other is not None and other is not run else None
 # ---------------------------------------------------------------- controls
 with st.container(horizontal=True, vertical_alignment="center", gap="small"):
     st.button("Start training", type="primary", icon=":material/play_arrow:", key="tr_start",
-              disabled=cfg_error is not None or own_active, on_click=tl.on_start)
+              disabled=cfg_error is not None or own_active, on_click=session.on_start)
     if cfg is not None:
         tok = cfg.steps * cfg.batch_size * cfg.seq_len
-        est = tl.estimate_seconds(cfg, mgr)
+        est = knobs.estimate_seconds(cfg, mgr)
         st.caption(f"{cfg.steps} steps × {cfg.batch_size} × {cfg.seq_len} tokens = {tok:,} tokens · "
                    f"seed {sh.seed} · ≈ {est:.0f} s on one core"
-                   + (f" — longer than the {tl.MAX_SECONDS:.0f} s cap: it will stop early" if est > tl.MAX_SECONDS
-                      else "")
+                   + (f" — longer than the {knobs.MAX_SECONDS:.0f} s cap: it will stop early"
+                      if est > knobs.MAX_SECONDS else "")
                    + ("" if mgr.worker_ready() or own_active else
                       " · the training process is still loading PyTorch (first use of this server)"))
 if cfg_error is not None:
     ui.knob_error(cfg_error.knob, cfg_error.rule)
-if cfg_error is None and tl.opened_from_link() and run is None and not tl.history():
-    changed = tl.knob_summary(knobs) + ([f"Seed = **{sh.seed}**"] if sh.seed else [])
+if cfg_error is None and session.opened_from_link() and run is None and not session.history():
+    changed = knobs.knob_summary(knob_values) + ([f"Seed = **{sh.seed}**"] if sh.seed else [])
     st.info(f"**This link set the lab's knobs:** {', '.join(changed) if changed else 'the defaults'} (see the "
             "sidebar). A link carries knobs, not results: press **Start training** to train this run here — on "
             "this server the same knobs and seed draw the same curves as for whoever sent it.", icon=":material/link:")
 
 if other is not None and not own_active:
     p = other.progress()
-    refused = tl.outcome() == "busy"
+    refused = session.outcome() == "busy"
     st.warning(("**Your run was not started: the server is busy.** " if refused else "**The server is busy.** ")
-               + f"Another user is training ({p['step']}/{p['total']} steps, ~{tl.fmt_s(p['left'])} left). "
+               + f"Another user is training ({p['step']}/{p['total']} steps, ~{views.fmt_s(p['left'])} left). "
                "To keep this shared server responsive for everyone it trains one run at a time. Watch that run "
                "live below, or queue yours: it starts by itself as soon as the server is free.",
                icon=":material/hourglass_top:")
     with st.container(horizontal=True, vertical_alignment="center"):
         st.button("Queue my run", icon=":material/queue:", key="tr_queue", disabled=cfg_error is not None,
-                  on_click=tl.on_start, kwargs={"queue": True})
+                  on_click=session.on_start, kwargs={"queue": True})
         watch = st.toggle("Watch it live", value=True, key="tr_watch")
-    if tl.outcome() == "full":
-        st.error(f"The queue is full ({tl.MAX_QUEUE} runs); try again in a minute.", icon=":material/block:")
+    if session.outcome() == "full":
+        st.error(f"The queue is full ({runs.MAX_QUEUE} runs); try again in a minute.", icon=":material/block:")
 else:
     watch = False
 
-layer = tl.layer_choice(run) if own_active or (other is not None and watch) else None  # above the live charts
+layer = views.layer_choice(run) if own_active or (other is not None and watch) else None  # above the live charts
 
 # ---------------------------------------------------------------- live view (own run)
 if own_active:
-    tl.wait_first_record(run)
+    session.wait_first_record(run)
 
-    @st.fragment(run_every=tl.POLL_S)
+    @st.fragment(run_every=views.POLL_S)
     def live(run=run):
         run.touch()
         if run.status == "queued":
@@ -84,41 +86,41 @@ if own_active:
             busy = mgr.busy()
             left = busy.progress()["left"] if busy is not None else None
             st.info(f"**Your run {run.label} is #{pos} in the queue.** It starts by itself when the server is free"
-                    + (f" (the current run has ~{tl.fmt_s(left)} left)." if left is not None else ".")
+                    + (f" (the current run has ~{views.fmt_s(left)} left)." if left is not None else ".")
                     + " Keep this tab open.", icon=":material/queue:")
-            st.button("Leave the queue", key="tr_leave", on_click=tl.on_leave_queue)
+            st.button("Leave the queue", key="tr_leave", on_click=session.on_leave_queue)
         else:
             if not run.records and not mgr.worker_ready():
                 st.caption("Loading PyTorch in the training process (only the first run after the server starts "
                            "waits for this)…")
-            frac, text = tl.progress_text(run)
+            frac, text = views.progress_text(run)
             with st.container(horizontal=True, vertical_alignment="center"):
-                st.progress(frac, text=f"**{run.label}** — {tl.STATUS_TEXT.get(run.status, run.status)} · {text}")
+                st.progress(frac, text=f"**{run.label}** — {runs.STATUS_TEXT.get(run.status, run.status)} · {text}")
                 st.button("Stop", icon=":material/stop:", key="tr_stop", disabled=run.status == "finishing",
-                          on_click=tl.on_stop)
-            tl.live_charts(run, layer, "live", sh.lesson)
+                          on_click=session.on_stop)
+            views.live_charts(run, layer, "live", sh.lesson)
         if not run.active:
             st.rerun(scope="app")
 
     live()
 elif other is not None and watch:
-    @st.fragment(run_every=tl.WATCH_POLL_S)
+    @st.fragment(run_every=views.WATCH_POLL_S)
     def watching(run=other):
-        frac, text = tl.progress_text(run)
+        frac, text = views.progress_text(run)
         st.progress(frac, text=f"Watching another user's run (read-only) — {text}")
-        tl.live_charts(run, layer, "watch", False)
+        views.live_charts(run, layer, "watch", False)
         if not run.active:
             st.rerun(scope="app")
 
     watching()
 
 # ---------------------------------------------------------------- after: results, history, overlay
-hist = tl.history()
+hist = session.history()
 if hist and not own_active:
-    tl.results_section(hist, layer, sh.lesson)
+    views.results_section(hist, layer, sh.lesson)
 
 ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS, lesson=sh.lesson)
 
 # ---------------------------------------------------------------- before: what will train
 if cfg is not None and not own_active:
-    tl.preview_section(mcfg, cfg, expanded=not hist and run is None and other is None, lesson=sh.lesson)
+    views.preview_section(mcfg, cfg, expanded=not hist and run is None and other is None, lesson=sh.lesson)

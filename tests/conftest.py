@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(autouse=True, scope="module")
 def _restore_torch_setup():
-    """The app sets torch up for its server (app/compute.py torch_setup: one intra-op thread per script run, torch's
+    """The app sets torch up for its server (app/compute/common.py torch_setup: one intra-op thread per script run, torch's
     own fp32 GEMMs) and AppTest runs the app in this process. Give every test module the thread count and the
     core.gemm backend it started with back, and let the next app module set the server up again, whatever the
     tests before it did."""
@@ -19,6 +19,6 @@ def _restore_torch_setup():
     yield
     torch.set_num_threads(n)
     gemm._backend = backend
-    compute = sys.modules.get("app.compute")
-    if compute is not None:
-        compute._TORCH_READY = False
+    common = sys.modules.get("app.compute.common")
+    if common is not None:
+        common._TORCH_READY = False

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from core.calc import human_count, param_counts
-from core.config import PRESETS, PUBLISHED_CONFIGS
+from core.calc import param_counts
+from core.config import PRESETS
+from core.published import PUBLISHED_CONFIGS
+from core.units import human_count
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 

@@ -12,14 +12,16 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from app import charts_training as ct
-from app import training as tl
+from app.lab import charts as ct
+from app.lab import records as rec
+from app.lab import knobs, session, views
+from app.lab import manager as runs
 
 
 @pytest.fixture(autouse=True)
 def idle_server():
     """Every test starts and ends with no run on the (process-wide) run manager."""
-    mgr = tl.manager()
+    mgr = session.manager()
     _drain(mgr)
     yield mgr
     _drain(mgr)
@@ -107,7 +109,7 @@ def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
     assert any(m.label == "MTP draft acceptance" for m in at.metric)
     labels = [b.proto.label for b in at.get("download_button")]
     assert any("every record" in lbl and "25 rows" in lbl for lbl in labels)
-    csv = tl.records_csv(run).decode()
+    csv = views.records_csv(run).decode()
     assert csv.count("\n") == 26 and "load_moe0_e0" in csv and "bias_moe2_e15" in csv and "val_loss" in csv
     assert any("#1 steps=25" in o for o in at.multiselect(key=f"tr_overlay_{run.id}").value)
 
@@ -135,7 +137,7 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     assert at.selectbox(key=f"tr_pick_{run2.id}").value.startswith("#2 MHA"), "the picker shows the newest run"
     assert any(c.value.startswith("47+8=") for c in at.code)
     shown = next(m.value for m in at.metric if m.label == "Train loss (moving avg)")
-    assert shown == f"{ct.final_losses(run2.records)['train']:.3f}", "the cards describe the picked (newest) run"
+    assert shown == f"{rec.final_losses(run2.records)['train']:.3f}", "the cards describe the picked (newest) run"
     overlay = next(s for s in specs(at) if "nats/byte" in s["layout"]["title"]["text"])
     names = {t["name"] for t in overlay["data"] if t.get("name")}
     assert any(n.startswith("#1") for n in names) and any(n.startswith("#2 MHA") for n in names), names
@@ -234,7 +236,7 @@ def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
 
 
 def test_run_stops_when_its_session_goes_away(idle_server, monkeypatch):
-    monkeypatch.setattr(tl, "STALE_AFTER_S", 1.0)
+    monkeypatch.setattr(runs, "STALE_AFTER_S", 1.0)
     at = lab(LONG)
     at.button(key="tr_start").click().run()
     run = run_of(at)
@@ -285,12 +287,13 @@ def test_url_sets_every_lab_knob():
             "tr_gamma": at.select_slider(key="tr_gamma").value, "tr_data": at.radio(key="tr_data").value}
     assert vals == {"tr_attn": "gqa", "tr_topk": 2, "tr_prec": "deepseek", "tr_mtp": False, "tr_gamma": 0.003,
                     "tr_data": "pydoc"}
-    mcfg, cfg = tl.lab_config({k: at.session_state[k] for k in tl.KNOBS}, 3)
+    mcfg, cfg = knobs.lab_config({k: at.session_state[k] for k in knobs.KNOBS}, 3)
     assert (cfg.attention, cfg.precision, cfg.mtp, cfg.balancing, cfg.seed) == ("gqa", "deepseek", False, "both", 3)
     assert mcfg.n_routed_experts == 8 and mcfg.num_experts_per_tok == 2
     assert at.text_input(key="tr_prompt").value == "def f("
-    assert tl.sample_prompt({k: at.session_state[k] for k in tl.KNOBS}) == "def f("
-    assert tl.sample_prompt({"tr_data": "pydoc"}) == "The " and tl.sample_prompt({}) == "47+8=", "dataset defaults"
+    assert knobs.sample_prompt({k: at.session_state[k] for k in knobs.KNOBS}) == "def f("
+    assert knobs.sample_prompt({"tr_data": "pydoc"}) == "The " and knobs.sample_prompt({}) == "47+8=", \
+        "dataset defaults"
 
 
 def _records(steps=6, layers=3, experts=16, seed=0):
@@ -311,14 +314,14 @@ def _records(steps=6, layers=3, experts=16, seed=0):
 
 def test_chart_builders_on_records():
     recs = _records()
-    df = ct.records_frame(recs)
+    df = rec.records_frame(recs)
     assert len(df) == 6 and {"loss", "val_loss", "max_vio_moe0", "load_moe0_e15", "bias_moe2_e0"} <= set(df)
-    rel = ct.relative_loads(recs)
+    rel = rec.relative_loads(recs)
     assert rel.shape == (6, 16) and abs(rel.mean() - 1) < 1e-6
     assert ct.loss_curve(df, 6).data and ct.maxvio_curve(df, 6).data
     assert ct.loss_curve(df.iloc[:0], 6).layout.title.text.startswith("Waiting for the first step")
     assert ct.expert_load_heatmap(rel, list(df["step"]), 6, "mean").data
-    assert ct.bias_heatmap(ct.router_biases(recs), list(df["step"]), 6, "mean").data
+    assert ct.bias_heatmap(rec.router_biases(recs), list(df["step"]), 6, "mean").data
     fig = ct.overlay_runs([("A", recs), ("B", _records(4, seed=1))])
     assert "B ends" in fig.layout.title.text and "A" in fig.layout.title.text
     dense = [{**r, "max_vio": None, "expert_loads": None, "max_vio_layers": None, "router_bias": None} for r in recs]
@@ -326,20 +329,20 @@ def test_chart_builders_on_records():
     assert [t.name for t in mv.data] == ["A", "B"] and mv.layout.title.text.startswith("B ends at MaxVio")
     assert mv.data[1].line.color == ct.palette.RUNS[2], "a run keeps its colour of the loss overlay"
     assert ct.overlay_maxvio([("D", dense)]) is None, "dense runs only: no MaxVio chart"
-    assert list(ct.maxvio_table([("A", recs), ("D", dense)])["run"].unique()) == ["A"]
+    assert list(rec.maxvio_table([("A", recs), ("D", dense)])["run"].unique()) == ["A"]
     assert ct.domain_expert_heatmap([[1, 0], [0, 1]], ["x", "y"], "layer").layout.title.text.startswith("Experts")
-    f = ct.final_losses(recs)
+    f = rec.final_losses(recs)
     assert f["val"] == pytest.approx(5.2 - 1.8) and f["train"] < 5.0
 
 
 def test_run_labels_and_estimates():
-    assert tl.run_label({}, 1) == "#1 default"
-    assert tl.run_label({"tr_prec": "deepseek", "tr_attn": "mha"}, 2) == "#2 MHA, FP8 deepseek"
-    assert tl.run_label({"tr_ffn": "dense", "tr_experts": 4}, 3) == "#3 dense", "MoE knobs do not apply to dense"
-    _, small = tl.lab_config({"tr_steps": 25}, 0)
-    _, default = tl.lab_config({}, 0)
-    _, fp8 = tl.lab_config({"tr_prec": "deepseek"}, 0)
-    assert tl.estimate_seconds(small) < tl.estimate_seconds(default) < tl.estimate_seconds(fp8)
+    assert knobs.run_label({}, 1) == "#1 default"
+    assert knobs.run_label({"tr_prec": "deepseek", "tr_attn": "mha"}, 2) == "#2 MHA, FP8 deepseek"
+    assert knobs.run_label({"tr_ffn": "dense", "tr_experts": 4}, 3) == "#3 dense", "MoE knobs do not apply to dense"
+    _, small = knobs.lab_config({"tr_steps": 25}, 0)
+    _, default = knobs.lab_config({}, 0)
+    _, fp8 = knobs.lab_config({"tr_prec": "deepseek"}, 0)
+    assert knobs.estimate_seconds(small) < knobs.estimate_seconds(default) < knobs.estimate_seconds(fp8)
 
 
 def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
@@ -347,7 +350,7 @@ def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
     the server) and the next Start launches a fresh worker that trains the run to the end."""
     import time as _time
 
-    from app.training import LabRun, RunManager
+    from app.lab.manager import LabRun, RunManager
     from core.config import PRESETS
     from core.train import TrainConfig
 
@@ -370,3 +373,19 @@ def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
         assert run.status == "done" and len(run.records) == 3, (run.status, run.message)
     finally:
         mgr.close()
+
+
+def test_lab_defaults_are_cores_default_run():
+    """The knobs' defaults are read from core (APP_DEFAULT, the `mini` preset): the untouched lab trains exactly
+    core's default lab run, and every default is an option its widget offers."""
+    from core.config import PRESETS
+    from core.train import APP_DEFAULT
+
+    mcfg, cfg = knobs.lab_config({}, 0)
+    assert cfg.replace(max_time_s=None) == APP_DEFAULT
+    assert cfg.max_time_s == knobs.MAX_SECONDS
+    assert (mcfg.n_routed_experts, mcfg.num_experts_per_tok) == (PRESETS["mini"].n_routed_experts,
+                                                                 PRESETS["mini"].num_experts_per_tok)
+    for kn in knobs.KNOBS.values():
+        assert not kn.options or kn.default in kn.options, kn.key
+    assert knobs.run_label({}, 1) == "#1 default"

@@ -25,13 +25,12 @@ from core.attention import (
     KVCache,
     MLACache,
     NaiveKVCache,
-    attention_probs,
     build_attention,
     cache_bytes_formula,
-    kv_rank_truncation_error,
     make_cache,
 )
 from core.config import PRESETS
+from core.probes import attention_probs, kv_rank_truncation_error
 from core.rope import (
     RotaryEmbedding,
     apply_rotary_interleaved,

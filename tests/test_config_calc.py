@@ -4,9 +4,10 @@ import math
 
 import pytest
 
-from core.calc import (PAPER_FIGURES, flops_per_token, kv_cache_bytes, kv_elements_per_token, max_context,
-                       param_counts, param_table, weight_bytes)
-from core.config import PRESETS, PUBLISHED_CONFIGS, ConfigError, ModelConfig, get_preset
+from core.calc import (flops_per_token, kv_cache_bytes, kv_elements_per_token, max_context, param_counts, param_table,
+                       weight_bytes)
+from core.config import PRESETS, ConfigError, ModelConfig, get_preset
+from core.published import PAPER_FIGURES, PUBLISHED_CONFIGS
 
 
 # ---------------------------------------------------------------- published figures

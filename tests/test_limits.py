@@ -32,7 +32,7 @@ APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
 
 from apptest_helpers import open_page as _open_page  # noqa: E402
-from core.config import PUBLISHED_CONFIGS  # noqa: E402
+from core.published import PUBLISHED_CONFIGS  # noqa: E402
 
 V3 = PUBLISHED_CONFIGS["deepseek-v3"]
 M = 2**31 - 1
@@ -102,7 +102,7 @@ def _measured_params(cfg_json: str) -> int:
 
     from app import compute
     from core.attention import MLA, GroupedQueryAttention
-    small = compute.cfg_of(compute.scaled_down(cfg_json))
+    small = compute.common.cfg_of(compute.mla.scaled_down(cfg_json))
     with torch.device("meta"):
         n = sum(p.numel() for p in MLA(small).parameters())
         n += sum(p.numel() for p in GroupedQueryAttention(small.replace(attention_type="mha")).parameters())
@@ -112,9 +112,9 @@ def _measured_params(cfg_json: str) -> int:
 def test_measured_mla_module_is_capped_for_any_config():
     from app import compute
     from core.config import ModelConfig
-    largest = compute.mla_arch(json.dumps(V3), kv_lora_rank=4096, qk_rope_head_dim=256, num_attention_heads=256,
-                               v_head_dim=256, qk_nope_head_dim=256, q_lora_rank=3072, num_hidden_layers=128,
-                               num_key_value_heads=256)
+    largest = compute.mla.mla_arch(json.dumps(V3), kv_lora_rank=4096, qk_rope_head_dim=256, num_attention_heads=256,
+                                   v_head_dim=256, qk_nope_head_dim=256, q_lora_rank=3072, num_hidden_layers=128,
+                                   num_key_value_heads=256)
     sizes = {"largest knobs": _measured_params(largest)}
     for name, d in ABSURD.items():
         sizes[name] = _measured_params(json.dumps(ModelConfig.from_hf(d).to_hf()))
@@ -163,53 +163,50 @@ def test_largest_knobs_of_every_page_render():
 def _lab():
     if "pages/training.py" not in pages():
         pytest.skip("the training lab page is not in the navigation yet")
-    try:
-        from app import training as tl
-    except ImportError as e:  # pragma: no cover
-        pytest.skip(f"app.training not importable: {e}")
-    return tl
+    from app.lab import knobs, session
+    return knobs, session
 
 
 def test_training_caps_hold_for_every_knob_combination():
-    tl = _lab()
-    steps_opts = tl.KNOBS["tr_steps"].options
-    assert max(steps_opts) <= tl.MAX_STEPS, "a Steps option above the server's cap"
-    assert tl.MAX_SECONDS <= 600 and tl.MAX_TOKENS <= 5_000_000 and tl.MAX_STEPS <= 5_000
+    knobs, session = _lab()
+    steps_opts = knobs.KNOBS["tr_steps"].options
+    assert max(steps_opts) <= knobs.MAX_STEPS, "a Steps option above the server's cap"
+    assert knobs.MAX_SECONDS <= 600 and knobs.MAX_TOKENS <= 5_000_000 and knobs.MAX_STEPS <= 5_000
     ok = refused = 0
     for steps in steps_opts:
-        for batch in tl.KNOBS["tr_batch"].options:
-            for seq in tl.KNOBS["tr_seq"].options:
+        for batch in knobs.KNOBS["tr_batch"].options:
+            for seq in knobs.KNOBS["tr_seq"].options:
                 try:
-                    _, cfg = tl.lab_config({"tr_steps": steps, "tr_batch": batch, "tr_seq": seq}, seed=0)
-                except tl.LabConfigError as e:
+                    _, cfg = knobs.lab_config({"tr_steps": steps, "tr_batch": batch, "tr_seq": seq}, seed=0)
+                except knobs.LabConfigError as e:
                     assert e.knob and e.rule, e
                     refused += 1
                     continue
                 ok += 1
-                assert cfg.steps <= tl.MAX_STEPS
-                assert cfg.steps * cfg.batch_size * cfg.seq_len <= tl.MAX_TOKENS
-                assert 0 < cfg.max_time_s <= tl.MAX_SECONDS
+                assert cfg.steps <= knobs.MAX_STEPS
+                assert cfg.steps * cfg.batch_size * cfg.seq_len <= knobs.MAX_TOKENS
+                assert 0 < cfg.max_time_s <= knobs.MAX_SECONDS
     assert ok and refused, (ok, refused)
 
 
 def test_training_page_reports_its_caps_and_refuses_over_cap_runs():
-    tl = _lab()
+    knobs, session = _lab()
     at = open_page("pages/training.py")
     clean(at)
     caps = " ".join(c.value for c in at.sidebar.caption)
-    assert str(tl.MAX_STEPS) in caps and f"{tl.MAX_TOKENS:,}" in caps, caps
-    big = {"tr_steps": str(max(tl.KNOBS["tr_steps"].options)), "tr_batch": str(max(tl.KNOBS["tr_batch"].options)),
-           "tr_seq": str(max(tl.KNOBS["tr_seq"].options))}
+    assert str(knobs.MAX_STEPS) in caps and f"{knobs.MAX_TOKENS:,}" in caps, caps
+    big = {"tr_steps": str(max(knobs.KNOBS["tr_steps"].options)), "tr_batch": str(max(knobs.KNOBS["tr_batch"].options)),
+           "tr_seq": str(max(knobs.KNOBS["tr_seq"].options))}
     at = open_page("pages/training.py", big)
     clean(at)
     msg = " ".join(e.value for e in at.error)
-    assert "tokens" in msg and f"{tl.MAX_TOKENS:,}" in msg, msg
+    assert "tokens" in msg and f"{knobs.MAX_TOKENS:,}" in msg, msg
     assert at.button(key="tr_start").proto.disabled, "Start must be disabled while the run is over the cap"
 
 
 def test_one_training_run_at_a_time_per_server():
-    tl = _lab()
-    mgr = tl.manager()
+    knobs, session = _lab()
+    mgr = session.manager()
     if not all(hasattr(mgr, a) for a in ("busy", "cancel")):
         pytest.skip("RunManager API changed (busy/cancel)")
     assert mgr.busy() is None, "a run is already active in this process"
@@ -242,8 +239,8 @@ CACHE_DIRS = ("app", "pages")
 
 
 def _cache_sources():
-    files = [ROOT / "streamlit_app.py"] + [p for d in CACHE_DIRS for p in sorted((ROOT / d).glob("*.py"))]
-    files += sorted((ROOT / "core").glob("*.py"))
+    files = [ROOT / "streamlit_app.py"] + [p for d in CACHE_DIRS for p in sorted((ROOT / d).rglob("*.py"))]
+    files += sorted((ROOT / "core").rglob("*.py"))
     return files
 
 
@@ -294,11 +291,11 @@ def _app_caches():
     import pkgutil
 
     import app
-    for m in pkgutil.iter_modules(app.__path__):
-        mod = importlib.import_module(f"app.{m.name}")
+    for m in pkgutil.walk_packages(app.__path__, "app."):  # packages too (app.compute.mla, app.charts.moe, …)
+        mod = importlib.import_module(m.name)
         for name, obj in vars(mod).items():
             if getattr(obj, "_info", None) is not None:
-                yield f"app.{m.name}.{name}", obj
+                yield f"{m.name}.{name}", obj
 
 
 def _takes_arguments(info) -> bool:
@@ -341,21 +338,21 @@ def _cache_bound_mb(fn, largest_mb: float) -> float:
 def test_worst_case_cache_footprint_fits_the_budget():
     """Σ worst case (max_entries × pickled size of the largest entry, capped by max_size) for the caches whose entries
     grow with the knobs. (st.cache_data keeps each entry pickled; the ~10 small caches are below 0.1 MB per entry.)"""
-    from app import compute, ui
+    from app import charts, compute, ui
     v3 = json.dumps(V3, sort_keys=True)
     raw = lambda f: f._info.func  # noqa: E731
-    key = compute.routing_key(compute.moe_arch(v3, n_routed_experts=512, num_experts_per_tok=16, n_group=16,
-                                               topk_group=16))
-    sim = raw(compute.moe_simulation)(512, 16, 16, 16, "sigmoid", 0.1, 1.0, 240, 2.0, 0)
-    small = compute.scaled_down(compute.mla_arch(v3, num_attention_heads=256, num_key_value_heads=256))
+    moe, mla, fp8 = compute.moe, compute.mla, compute.fp8
+    key = moe.routing_key(moe.moe_arch(v3, n_routed_experts=512, num_experts_per_tok=16, n_group=16, topk_group=16))
+    sim = raw(moe.moe_simulation)(512, 16, 16, 16, "sigmoid", 0.1, 1.0, 240, 2.0, 0)
+    small = mla.scaled_down(mla.mla_arch(v3, num_attention_heads=256, num_key_value_heads=256))
     entries = {
-        "moe_simulation": (compute.moe_simulation, sim),
-        "moe_routing": (compute.moe_routing, raw(compute.moe_routing)(key, 0, 2.0, 0.1, 240)),
-        "attention_map": (compute.attention_map, raw(compute.attention_map)(small, 0)),
-        "fp8_quantize": (compute.fp8_quantize, raw(compute.fp8_quantize)("e4m3", "mx", "saturate", "outliers", 64,
-                                                                          1e6, 0)),
+        "moe_simulation": (moe.moe_simulation, sim),
+        "moe_routing": (moe.moe_routing, raw(moe.moe_routing)(key, 0, 2.0, 0.1, 240)),
+        "attention_map": (mla.attention_map, raw(mla.attention_map)(small, 0)),
+        "fp8_quantize": (fp8.fp8_quantize, raw(fp8.fp8_quantize)("e4m3", "mx", "saturate", "outliers", 64, 1e6, 0)),
         "ui figure (512-expert heatmap)": (ui._cached_figure, raw(ui._cached_figure)(
-            "load_over_steps", sim["per_strategy"]["aux_free"]["relative_load"], "x")),
+            "expert_load_heatmap", charts.moe.expert_load_heatmap, sim["per_strategy"]["aux_free"]["relative_load"],
+            label="x", height=420, width_chars=85)),
     }
     rows, total = [], 0.0
     for name, (fn, value) in entries.items():
@@ -382,7 +379,7 @@ def test_caches_whose_entries_grow_with_the_knobs_have_a_byte_budget():
     """Entries that reach megabytes at the largest knobs (MoE routing 2 MB, bias simulation 4 MB, figures 0.66 MB)
     are capped in bytes, at most 32 MiB each."""
     from app import compute, ui
-    for fn in (compute.moe_routing, compute.moe_simulation, ui._cached_figure):
+    for fn in (compute.moe.moe_routing, compute.moe.moe_simulation, ui._cached_figure):
         b = fn._info.max_size_bytes
         assert b and b <= 32 * 2**20, (fn._info.display_name, b)
 
@@ -400,26 +397,26 @@ def test_heavy_computations_share_a_bounded_gate():
     from app import compute, memory
     assert 1 <= memory.HEAVY_CONCURRENCY <= 2
     heavy = {w: fn for w, fn in _app_caches() if w.startswith("app.compute.") and _torch_work(fn)}
-    assert len(heavy) >= 8 and "app.compute.moe_routing" in heavy, list(heavy)
+    assert len(heavy) >= 8 and "app.compute.moe.moe_routing" in heavy, list(heavy)
     ungated = [w for w, fn in heavy.items() if not getattr(fn._info.func, "heavy", False)]
     assert not ungated, f"cached tensor work outside app.memory.heavy: {ungated}"
-    assert not getattr(compute.overview._info.func, "heavy", False), "closed-form calculators need no gate"
+    assert not getattr(compute.overview.overview._info.func, "heavy", False), "closed-form calculators need no gate"
 
 
 def test_server_keeps_torch_gemms_unless_the_operator_chooses(monkeypatch):
     """oneDNN caches a ~0.5 MB kernel per GEMM shape and the pages' shapes follow the knobs, so the server's
     computations use torch's fp32 GEMMs (no per-shape memory) unless EVA_FP32_GEMM says otherwise."""
-    from app import compute
+    from app.compute import common
     from core import gemm
     monkeypatch.delenv("EVA_FP32_GEMM", raising=False)
-    monkeypatch.setattr(compute, "_TORCH_READY", False)
+    monkeypatch.setattr(common, "_TORCH_READY", False)
     monkeypatch.setattr(gemm, "_backend", None)
-    compute.torch_setup()
+    common.torch_setup()
     assert gemm.fp32_backend() == "torch"
     monkeypatch.setenv("EVA_FP32_GEMM", "onednn")
-    monkeypatch.setattr(compute, "_TORCH_READY", False)
+    monkeypatch.setattr(common, "_TORCH_READY", False)
     monkeypatch.setattr(gemm, "_backend", None)
-    compute.torch_setup()
+    common.torch_setup()
     assert gemm._backend is None  # untouched: core.gemm resolves the operator's choice at the first GEMM
 
 
@@ -491,9 +488,9 @@ def test_memory_percentages_are_right_for_absurd_uploads():
     from core.config import ModelConfig
     for name, d in ABSURD.items():
         cfg_json = json.dumps(ModelConfig.from_hf(d).to_hf(), sort_keys=True)
-        mem = compute.overview._info.func(cfg_json, 2**20, "bf16")["memory"]
+        mem = compute.overview.overview._info.func(cfg_json, 2**20, "bf16")["memory"]
         bf16, fp8, kv, mha = (int(b) for b in mem["bytes"])  # exact Python ints
-        title = charts.memory_bars(mem).layout.title
+        title = charts.overview.memory_bars(mem).layout.title
         assert f"need {100 * fp8 / bf16:.0f}% of BF16" in title.text, (name, title.text)
         if mha and kv != mha:
             assert f"{100 * kv / mha:.1f}% of what MHA" in title.subtitle.text, (name, title.subtitle.text)

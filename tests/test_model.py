@@ -218,3 +218,27 @@ def test_state_dict_names_round_trip():
     sd = m.state_dict()
     assert set(back) == set(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
+
+
+def test_every_module_initialises_its_own_weights_as_transformers():
+    """N(0, initializer_range) for embeddings, linears, router and experts, zero biases, unit norms (transformers'
+    DeepseekV3PreTrainedModel); a module owning parameters without its own init_weights is refused."""
+    cfg = PRESETS["tiny"].replace(attention_type="mha", attention_bias=True, initializer_range=0.05)
+    torch.manual_seed(0)
+    model = DeepSeekV3(cfg)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith(".bias"):
+            assert torch.equal(p, torch.zeros_like(p)), name
+        else:
+            assert abs(p.mean().item()) < 0.01 and abs(p.std().item() - 0.05) < 0.01, name
+
+    class Bare(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+
+    model.model.layers[0].extra = Bare()
+    with pytest.raises(TypeError, match="Bare owns parameters but defines no init_weights"):
+        model.init_weights()

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from core.config import get_preset
-from core.moe import (MoE, Experts, Router, load_metrics, router_z_loss, sequence_balance_loss,
-                      simulate_bias_controller, switch_aux_loss, update_bias)
+from core.moe import (MoE, Experts, Router, load_metrics, router_z_loss, sequence_balance_loss, switch_aux_loss,
+                      update_bias)
+from core.moe_sim import simulate_bias_controller
 
 hf_v3 = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
 from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2Config  # noqa: E402

@@ -35,9 +35,9 @@ from hypothesis import strategies as st
 from core.calc import (COMPONENTS, KV_KINDS, flops_per_token, kv_cache_bytes, kv_elements_per_token, max_context,
                        param_counts, param_table, weight_bytes)
 from core.checkpoint import load_hf, save_hf
-from core.config import (ATTENTION_TYPES, PRESETS, PUBLISHED_CONFIGS, SCORING_FUNCS, TOPK_METHODS, ConfigError,
-                         ModelConfig)
+from core.config import ATTENTION_TYPES, PRESETS, SCORING_FUNCS, TOPK_METHODS, ConfigError, ModelConfig
 from core.model import DeepSeekV3, generate
+from core.published import PUBLISHED_CONFIGS
 
 
 def _settings(n: int, **kw):

@@ -196,7 +196,7 @@ def test_after_run_domain_matrix_and_sampling():
     assert s["text"].startswith("12+") and len(s["tokens"]) == 12
     assert 0.0 <= s["mtp_acceptance"] <= 1.0 and s["mtp_drafts"] > 0
     with pytest.raises(ValueError, match="data"):
-        from core.train import domain_expert_matrix
+        from core.evaluate import domain_expert_matrix
         domain_expert_matrix(run.model, get_dataset("pydoc"))
 
 
@@ -248,6 +248,16 @@ def test_cli_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "core.train", "--preset", "tiny", "--balancing", "magic"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "balancing:" in bad.stderr
+
+
+def test_cli_args_become_model_and_train_configs():
+    from core.cli import build_configs, parse_args
+    mcfg, cfg = build_configs(parse_args(["--preset", "tiny", "--steps", "7", "--no-mtp", "--betas", "0.8", "0.9",
+                                          "--kv-heads", "2", "--attention", "gqa"]))
+    assert mcfg == PRESETS["tiny"]
+    assert cfg == TrainConfig(steps=7, mtp=False, betas=(0.8, 0.9), kv_heads=2, attention="gqa")
+    with pytest.raises(ValueError, match="preset"):
+        build_configs(parse_args(["--preset", "nope"]))
 
 
 # ------------------------------------------------------------------ the training-speed paths in shared modules

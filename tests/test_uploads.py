@@ -23,7 +23,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app.sidebar import MAX_UPLOAD_BYTES, parse_config_upload
-from core.config import PUBLISHED_CONFIGS, PRESETS
+from core.config import PRESETS
+from core.published import PUBLISHED_CONFIGS
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
@@ -182,7 +183,8 @@ def test_bad_uploads_leave_model_and_every_knob_untouched():
 
 
 def test_valid_upload_then_bad_upload_keeps_the_uploaded_model_then_removal_restores_the_preset():
-    from core.calc import human_count, param_counts
+    from core.calc import param_counts
+    from core.units import human_count
     at = AppTest.from_file(APP, default_timeout=120)
     at.query_params.update({"model": "mini", "seed": "3"})
     at.run()

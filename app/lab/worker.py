@@ -1,4 +1,4 @@
-"""The training lab's worker process: `python -m app.training_worker` trains one run at a time, off the server.
+"""The training lab's worker process: `python -m app.lab.worker` trains one run at a time, off the server.
 
 Why a process, not a thread: a training step is thousands of small torch ops, each taking and releasing the GIL.
 In a thread of the Streamlit server it fights every page rerun of every session for the GIL (measured here:
@@ -37,7 +37,7 @@ DEFAULT_PROMPT = {"synthetic": "47+8=", "pydoc": "The "}   # the sample prompt p
 def after_run(tr, cfg, prompt: str | None = None) -> dict:
     """Measurements for the 'after' view: text sampled after `prompt` (validated by the app; empty or None = the
     dataset's default) with MTP drafts, the domain × expert matrix."""
-    from core.train import json_safe
+    from core.cli import json_safe
     out: dict = {}
     prompt = prompt or DEFAULT_PROMPT.get(cfg.dataset, "The ")
     try:
@@ -95,7 +95,8 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
     from app.memory import trim
     from core.config import ModelConfig
     from core.data import get_dataset
-    from core.train import TrainConfig, TrainingDiverged, json_safe, train
+    from core.cli import json_safe
+    from core.train import TrainConfig, TrainingDiverged, train
     try:
         get_dataset("synthetic", 0)  # the default dataset, built once
     except Exception:

@@ -1,5 +1,10 @@
-"""Unit helpers for axes and labels (binary byte units, token counts, FLOPs)."""
+"""Number formatting for labels, metric cards and the CLI: bytes (binary units), counts, tokens, FLOPs.
+
+The one place these strings are made; app/ and pages/ import from here.
+"""
 from __future__ import annotations
+
+__all__ = ["BYTE_UNITS", "byte_unit", "human_bytes", "human_count", "tokens", "flops"]
 
 BYTE_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
@@ -10,6 +15,20 @@ def byte_unit(max_bytes: float) -> tuple[str, float]:
         if abs(max_bytes) >= div:
             return name, float(div)
     return "B", 1.0
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: 1536 -> '1.50 KiB', 100 -> '100 B'."""
+    name, div = byte_unit(n)
+    return f"{n:.0f} B" if name == "B" else f"{n / div:.2f} {name}"
+
+
+def human_count(n: float) -> str:
+    """1_234_567_890 -> '1.23B'."""
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
 
 
 def tokens(n: float) -> str:
@@ -25,11 +44,9 @@ def tokens(n: float) -> str:
 
 
 def flops(x: float) -> str:
+    """1.5e12 -> '1.50 TFLOP' (decimal units, as FLOP counts are quoted)."""
     for name, div in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
         if abs(x) >= div:
             return f"{x / div:.2f} {name}"
     return f"{x:.0f} FLOP"
 
-
-def pct(x: float, digits: int = 1) -> str:
-    return f"{100 * x:.{digits}f}%"

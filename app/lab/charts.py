@@ -1,111 +1,18 @@
-"""Pure chart builders for the training lab (and the masterclass notebook): step records in, plotly Figure out.
-
-No Streamlit, no torch. `records_frame` and friends turn `core.train` step records (see
-`core.train.RECORD_FIELDS`) into tidy tables; the builders follow `app.charts` conventions (title says what to
-notice, subtitle gives the numbers, axes carry units, colours from `app.palette`).
-
-Losses are in nats per token; every dataset here is byte-level, so that is nats per byte (ln 256 = 5.55 is a
-uniform guess over the 256 byte values).
+"""Pure chart builders for the training lab (and the masterclass notebook): step records or the tables of
+app/lab/records.py in, plotly Figure out. No Streamlit, no torch; the builders follow `app.charts` conventions (title
+says what to notice, subtitle gives the numbers, axes carry units, colours from `app.palette`).
 """
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from app import palette
-from app.charts import _hline, _layout, component_bars
-
-UNIFORM_LOSS = math.log(256)  # cross-entropy of a uniform guess over 256 bytes
-_SCALARS = ("step", "loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "val_loss", "lr",
-            "grad_norm", "tokens_per_s", "tokens", "elapsed_s", "max_vio", "error")
-
-
-# ====================================================================== records -> tables
-def records_frame(records: list[dict]) -> pd.DataFrame:
-    """Every record as one flat row: the scalar fields, then per-layer MaxVio, expert loads, router biases and
-    FP8 counters as columns `max_vio_moe{l}`, `load_moe{l}_e{e}`, `bias_moe{l}_e{e}`, `fp8_{name}`.
-
-    `moe{l}` counts the main model's MoE layers from 0 (layer `first_k_dense_replace + l` of the model)."""
-    rows = []
-    for r in records:
-        row = {k: r.get(k) for k in _SCALARS}
-        for li, v in enumerate(r.get("max_vio_layers") or []):
-            row[f"max_vio_moe{li}"] = v
-        for li, loads in enumerate(r.get("expert_loads") or []):
-            for e, c in enumerate(loads):
-                row[f"load_moe{li}_e{e}"] = c
-        for li, bias in enumerate(r.get("router_bias") or []):
-            for e, b in enumerate(bias):
-                row[f"bias_moe{li}_e{e}"] = b
-        for k, v in (r.get("fp8") or {}).items():
-            if isinstance(v, (int, float)):
-                row[f"fp8_{k}"] = v
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=None if rows else list(_SCALARS))
-    for c in ("val_loss", "mtp_loss", "max_vio"):
-        if c in df:
-            df[c] = pd.to_numeric(df[c], errors="coerce")
-    return df
-
-
-def ema(values, alpha: float = 0.1) -> np.ndarray:
-    """Exponential moving average (bias-corrected, so the first value is the first point), NaNs skipped."""
-    out, m, w = [], 0.0, 0.0
-    for v in values:
-        if v is not None and not (isinstance(v, float) and math.isnan(v)):
-            m = (1 - alpha) * m + alpha * float(v)
-            w = (1 - alpha) * w + alpha
-        out.append(m / w if w else float("nan"))
-    return np.array(out)
-
-
-def n_moe_layers(records: list[dict]) -> int:
-    for r in records:
-        if r.get("expert_loads"):
-            return len(r["expert_loads"])
-    return 0
-
-
-def relative_loads(records: list[dict], layer: int | None = None) -> np.ndarray:
-    """[steps, experts] load of each expert as a multiple of the fair share (1 = balanced).
-    `layer` None: the mean over the MoE layers."""
-    mats = []
-    for r in records:
-        loads = r.get("expert_loads")
-        if not loads:
-            continue
-        a = np.asarray(loads, dtype=float)  # [layers, E]
-        rel = a / np.maximum(a.sum(-1, keepdims=True), 1) * a.shape[-1]
-        mats.append(rel.mean(0) if layer is None else rel[layer])
-    return np.array(mats) if mats else np.zeros((0, 0))
-
-
-def router_biases(records: list[dict], layer: int | None = None) -> np.ndarray:
-    """[steps, experts] router bias b_i (aux-loss-free controller state); `layer` None: mean over layers."""
-    mats = []
-    for r in records:
-        b = r.get("router_bias")
-        if not b:
-            continue
-        a = np.asarray(b, dtype=float)
-        mats.append(a.mean(0) if layer is None else a[layer])
-    return np.array(mats) if mats else np.zeros((0, 0))
-
-
-def lr_table(lrs: list[float]) -> pd.DataFrame:
-    return pd.DataFrame({"step": np.arange(1, len(lrs) + 1), "lr": lrs})
-
-
-def final_losses(records: list[dict]) -> dict:
-    """{'train': EMA of the LM loss at the last step, 'val': the last validation loss (or None)}."""
-    lm = [r.get("lm_loss") if r.get("lm_loss") is not None else r.get("loss") for r in records]
-    val = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    tr = ema(lm)
-    return {"train": float(tr[-1]) if len(tr) else None, "val": float(val[-1]) if val else None}
-
+from app.charts.layout import hline, layout
+from app.charts.moe import bias_heatmap, expert_load_heatmap, maxvio_lines  # noqa: F401 (the MoE page's builders)
+from app.charts.overview import component_bars
+from app.lab.records import UNIFORM_LOSS, ema, final_losses, records_frame
 
 # ====================================================================== previews
 def lab_params(params: pd.DataFrame, counts: dict) -> go.Figure:
@@ -118,7 +25,7 @@ def lab_params(params: pd.DataFrame, counts: dict) -> go.Figure:
     else:
         title, sub = f"Dense: every one of the {total / 1e6:.1f}M weights runs for every token", None
     fig.update_xaxes(ticksuffix="M")  # millions of parameters (no axis title: the legend sits right below)
-    return _layout(fig, title, sub, None, None, height=330, width_chars=46)
+    return layout(fig, title, sub, None, None, height=330, width_chars=46)
 
 
 def lr_schedule(df: pd.DataFrame, warmup: int) -> go.Figure:
@@ -130,7 +37,7 @@ def lr_schedule(df: pd.DataFrame, warmup: int) -> go.Figure:
     fig.add_vline(x=warmup, line_dash="dot", line_color=palette.OKABE_ITO["grey"])
     title = f"Warm up for {warmup} steps to {peak:.0e}, then decay along a cosine to 0"
     sub = f"{len(df)} optimizer steps (AdamW, gradient clipping at 1.0); the dotted line ends the warm-up"
-    return _layout(fig, title, sub, "Step", "Learning rate", height=300, legend=False, width_chars=46)
+    return layout(fig, title, sub, "Step", "Learning rate", height=300, legend=False, width_chars=46)
 
 
 # ====================================================================== live charts
@@ -157,7 +64,7 @@ def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> go.Figure
             fig.add_scatter(x=v["step"], y=v["val_loss"], mode="lines+markers", name="validation loss",
                             line=dict(color=palette.LOSS["val"], width=2), marker=dict(size=8),
                             hovertemplate="step %{x}: validation %{y:.3f}<extra></extra>")
-    _hline(fig, UNIFORM_LOSS, f"uniform guess ln 256 = {UNIFORM_LOSS:.2f}", color=palette.OKABE_ITO["grey"])
+    hline(fig, UNIFORM_LOSS, f"uniform guess ln 256 = {UNIFORM_LOSS:.2f}", color=palette.OKABE_ITO["grey"])
     if len(df):
         first, now = float(lm.iloc[0]), float(ema(lm.tolist())[-1])
         step = int(df["step"].iloc[-1])
@@ -172,23 +79,18 @@ def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> go.Figure
     fig.update_xaxes(range=[0, max(total_steps, 1) * 1.02])
     ymax = max(UNIFORM_LOSS + 0.3, float(lm.max()) * 1.03 if len(df) else 0)
     fig.update_yaxes(range=[0, ymax])
-    return _layout(fig, title, sub, "Step", "Loss (nats per byte)", height=400, width_chars=46)
+    return layout(fig, title, sub, "Step", "Loss (nats per byte)", height=400, width_chars=46)
 
 
 def maxvio_curve(df: pd.DataFrame, total_steps: int) -> go.Figure:
     """MaxVio (busiest expert's load over the mean, minus 1) per step: mean over MoE layers and each layer."""
-    fig = go.Figure()
     cols = sorted([c for c in df.columns if c.startswith("max_vio_moe")], key=lambda c: int(c[11:]))
-    for i, c in enumerate(cols):
-        fig.add_scatter(x=df["step"], y=df[c], mode="lines", name=f"MoE layer {i + 1}",
-                        line=dict(width=1, color=palette.RUNS[(i + 2) % len(palette.RUNS)]), opacity=0.5,
-                        hovertemplate=f"layer {i + 1}, " + "step %{x}: MaxVio %{y:.2f}<extra></extra>")
+    lines = [dict(name=f"MoE layer {i + 1}", x=df["step"], y=df[c], width=1, opacity=0.5,
+                  color=palette.RUNS[(i + 2) % len(palette.RUNS)]) for i, c in enumerate(cols)]
     if len(df) and df["max_vio"].notna().any():
-        fig.add_scatter(x=df["step"], y=ema(df["max_vio"].tolist(), 0.15), mode="lines", name="mean (moving avg)",
-                        line=dict(width=3, color=palette.OKABE_ITO["black"]),
-                        hovertemplate="step %{x}: MaxVio %{y:.2f}<extra>mean</extra>")
-        first = float(df["max_vio"].iloc[0])
-        last = float(ema(df["max_vio"].tolist(), 0.15)[-1])
+        smooth = ema(df["max_vio"].tolist(), 0.15)
+        lines.append(dict(name="mean (moving avg)", x=df["step"], y=smooth, width=3, color=palette.OKABE_ITO["black"]))
+        first, last = float(df["max_vio"].iloc[0]), float(smooth[-1])
         title = f"MaxVio goes from {first:.2f} to {last:.2f}: " + (
             "the load evens out" if last < first * 0.7 else "the load stays uneven" if last > first * 0.9
             else "the load evens out a little")
@@ -197,55 +99,7 @@ def maxvio_curve(df: pd.DataFrame, total_steps: int) -> go.Figure:
         title, sub = "No routed experts: nothing to balance", "this run uses a dense FFN"
     else:
         title, sub = "Waiting for the first step: MaxVio draws here", "0 = every expert gets the same load"
-    fig.update_xaxes(range=[0, max(total_steps, 1) * 1.02])
-    fig.update_yaxes(rangemode="tozero")
-    return _layout(fig, title, sub, "Step", "MaxVio", height=360, width_chars=46)
-
-
-def _steps_map(z: np.ndarray, steps: list[int], total_steps: int, title: str, sub: str, zlabel: str,
-               colorscale: str, center: bool, hover: str) -> go.Figure:
-    zt = z.T if z.size else np.zeros((1, 1))
-    if center:
-        zmax = float(np.nanmax(np.abs(zt))) if z.size else 1.0
-        zmin, zmax = -(zmax or 1.0), (zmax or 1.0)
-    else:
-        zmin, zmax = 0.0, max(2.0, float(np.nanquantile(zt, 0.99))) if z.size else 2.0
-    fig = go.Figure(go.Heatmap(z=zt, x=steps if z.size else [0], y=list(range(zt.shape[0])),
-                               colorscale=colorscale, zmin=zmin, zmax=zmax,
-                               colorbar=dict(title=zlabel, thickness=12), hovertemplate=hover))
-    fig.update_xaxes(range=[0.5, max(total_steps, 1) + 0.5])
-    n = zt.shape[0]
-    fig.update_yaxes(tickmode="array", tickvals=list(range(0, n, max(1, n // 8))))
-    return _layout(fig, title, sub, "Step", "Routed expert", height=360, legend=False, width_chars=46)
-
-
-def expert_load_heatmap(rel: np.ndarray, steps: list[int], total_steps: int, layer_label: str) -> go.Figure:
-    """Load of every expert at every step (× fair share), steps left to right."""
-    if rel.size:
-        first, last = float(rel[0].max()), float(rel[-max(1, len(rel) // 10):].max(1).mean())
-        title = f"The busiest expert: {first:.1f}× its fair share at step 1, {last:.1f}× lately"
-        dead = int((rel[-max(1, len(rel) // 10):].mean(0) < 0.05).sum())
-        sub = (f"{layer_label}; each column is one batch, bright rows are overloaded experts"
-               + (f"; {dead} expert(s) idle lately" if dead else ""))
-    else:
-        title, sub = "Waiting for the first step: expert loads draw here", layer_label
-    return _steps_map(rel, steps, total_steps, title, sub, "× fair share", palette.HEATMAP, False,
-                      "step %{x}, expert %{y}: %{z:.2f}× fair share<extra></extra>")
-
-
-def bias_heatmap(bias: np.ndarray, steps: list[int], total_steps: int, layer_label: str) -> go.Figure:
-    """Router bias b_i of every expert at every step (aux-loss-free balancing), steps left to right."""
-    if bias.size and np.abs(bias).max() > 0:
-        spread = float(bias[-1].max() - bias[-1].min())
-        title = f"Biases spread over {spread:.3f}: down for busy experts, up for idle ones"
-        sub = (f"{layer_label}; b_i ← b_i + γ·sign(mean load − load_i) after every step; it changes which experts "
-               "are picked, never the gate weight")
-    elif bias.size:
-        title, sub = "The biases stay 0: this run does not use the aux-loss-free controller", layer_label
-    else:
-        title, sub = "Waiting for the first step: router biases draw here", layer_label
-    return _steps_map(bias, steps, total_steps, title, sub, "bias b", palette.HEATMAP_ALT, True,
-                      "step %{x}, expert %{y}: bias %{z:+.4f}<extra></extra>")
+    return maxvio_lines(lines, title, sub, total_steps=total_steps, width_chars=46)
 
 
 # ====================================================================== after the run
@@ -285,21 +139,11 @@ def overlay_runs(runs: list[tuple[str, list[dict]]], metric: str = "val") -> go.
         sub = "pick two or more runs to compare them"
     else:
         title, sub = "No finished runs yet", "run the lab, change one knob, run again — then compare here"
-    _hline(fig, UNIFORM_LOSS, "uniform guess", color=palette.OKABE_ITO["grey"])
+    hline(fig, UNIFORM_LOSS, "uniform guess", color=palette.OKABE_ITO["grey"])
     fig.update_xaxes(range=[0, max_step * 1.02])
     fig.update_yaxes(rangemode="tozero")
-    return _layout(fig, title, sub, "Step", "Loss (nats per byte)", height=440, width_chars=85)
+    return layout(fig, title, sub, "Step", "Loss (nats per byte)", height=440, width_chars=85)
 
-
-def maxvio_table(runs: list[tuple[str, list[dict]]]) -> pd.DataFrame:
-    """The data behind `overlay_maxvio`: one row per run and step (run, step, max_vio = mean over MoE layers)."""
-    frames = []
-    for label, recs in runs:
-        df = records_frame(recs)
-        if len(df) and df["max_vio"].notna().any():
-            frames.append(df.loc[df["max_vio"].notna(), ["step", "max_vio"]].assign(run=label))
-    cols = ["run", "step", "max_vio"]
-    return pd.concat(frames, ignore_index=True)[cols] if frames else pd.DataFrame(columns=cols)
 
 
 def overlay_maxvio(runs: list[tuple[str, list[dict]]]) -> go.Figure | None:
@@ -332,7 +176,7 @@ def overlay_maxvio(runs: list[tuple[str, list[dict]]]) -> go.Figure | None:
            "(0 = perfectly balanced)")
     fig.update_xaxes(range=[0, max_step * 1.02])
     fig.update_yaxes(rangemode="tozero")
-    return _layout(fig, title, sub, "Step", "MaxVio", height=360, width_chars=85)
+    return layout(fig, title, sub, "Step", "MaxVio", height=360, width_chars=85)
 
 
 def domain_expert_heatmap(relative: np.ndarray, domains: list[str], layer_label: str) -> go.Figure:
@@ -351,4 +195,4 @@ def domain_expert_heatmap(relative: np.ndarray, domains: list[str], layer_label:
     sub = (f"{layer_label}; rows = token domain of the synthetic data, bright = more than a fair share; "
            f"mean correlation between domain rows r = {r:.2f} (1 = same experts for all)")
     fig.update_xaxes(tickmode="array", tickvals=list(range(0, rel.shape[1], max(1, rel.shape[1] // 16))))
-    return _layout(fig, title, sub, "Routed expert", None, height=330, legend=False, width_chars=85)
+    return layout(fig, title, sub, "Routed expert", None, height=330, legend=False, width_chars=85)

@@ -1,0 +1,343 @@
+"""The training lab's server-wide run manager: `LabRun` (one run's knobs, configs, records and results), the run
+statuses, and `RunManager` (at most one active run per server, a short queue, the worker process and the threads
+that read its events and watch heartbeats and the time cap). No widgets and no Streamlit session state; the one
+`st.cache_resource` accessor that makes the manager a per-server singleton is `app.lab.session.manager`.
+
+Hosted-server manners (a classroom shares one small server):
+
+* **one run at a time per server** — a second user who presses Start is refused politely, sees the running run's
+  progress, can watch it live (read-only) or queue their run (it starts by itself when the server is free);
+* **the run trains in a worker process** (app/lab/worker.py, one core, started when the lab page is first opened),
+  so it never competes with the server's page reruns for the GIL; its records stream back into a bounded list
+  that the page polls with `st.fragment(run_every=...)`;
+* **caps** — steps, tokens per run (steps × batch × sequence length), wall time (`TrainConfig.max_time_s`), and a
+  hard kill of the worker if a run overstays the cap by a minute;
+* **runs stop when their session goes away** — the owner's browser polls the run and every poll refreshes the
+  run's heartbeat; the monitor thread stops the run when the heartbeat is older than `STALE_AFTER_S`, or sooner
+  when Streamlit reports the session disconnected.
+
+After training, the worker samples text (with MTP draft acceptance) and measures the domain × expert matrix, so
+the page only draws.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.lab.knobs import MAX_SECONDS, MAX_STEPS, model_seconds, run_label
+
+STALE_AFTER_S = float(os.environ.get("EVA_LAB_STALE_S", 20))            # owner not seen for this long -> stop
+MAX_QUEUE = 5
+
+# ====================================================================== runs and the manager
+ACTIVE = ("queued", "starting", "running", "finishing")
+STATUS_TEXT = {
+    "queued": "queued", "starting": "starting", "running": "running", "finishing": "sampling text and measuring experts",
+    "done": "finished", "stopped": "stopped", "time limit": "stopped at the time cap", "diverged": "diverged",
+    "abandoned": "stopped (its browser tab went away)", "error": "failed",
+}
+
+
+@dataclass(eq=False)
+class LabRun:
+    """One lab run: knobs, configs, the records written by the worker, and what was measured after training."""
+    owner: str                      # the owner's lab session key (session_state uuid)
+    number: int                     # 1, 2, ... within the owner's session
+    knobs: dict
+    model_cfg: Any
+    train_cfg: Any
+    prompt: str = ""                # the sample prompt (see `sample_prompt`)
+    session_id: str | None = None   # Streamlit runtime session id (to notice a closed tab), if known
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    records: list = field(default_factory=list)
+    status: str = "queued"
+    message: str | None = None
+    created: float = field(default_factory=time.time)
+    started: float | None = None
+    finished: float | None = None
+    heartbeat: float = field(default_factory=time.monotonic)
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    after: dict = field(default_factory=dict)   # {"sample": ..., "domains": ...}
+    n_params: dict = field(default_factory=dict)
+    seq: int = 0                                # job number in the worker process
+    abandoned: bool = False                     # stopped because its browser session went away
+
+    @property
+    def label(self) -> str:
+        return run_label(self.knobs, self.number)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_cfg.steps
+
+    def touch(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def snapshot(self) -> list[dict]:
+        return list(self.records)
+
+    def elapsed(self) -> float:
+        if self.started is None:
+            return 0.0
+        return (self.finished or time.time()) - self.started
+
+    def progress(self) -> dict:
+        recs = self.records
+        step = recs[-1]["step"] if recs else 0
+        tps = [r["tokens_per_s"] for r in recs[-10:] if r.get("tokens_per_s")]
+        speed = sum(tps) / len(tps) if tps else None
+        el = self.elapsed()
+        left = None
+        if len(recs) >= 2:  # recent step time (the first step also paid for building the model)
+            a, b = recs[-min(len(recs), 11)], recs[-1]
+            if b.get("elapsed_s") is not None and a.get("elapsed_s") is not None and b["step"] > a["step"]:
+                per_step = (b["elapsed_s"] - a["elapsed_s"]) / (b["step"] - a["step"])
+                left = min(per_step * (self.total_steps - step), max(0.0, MAX_SECONDS - el))
+        return {"step": step, "total": self.total_steps, "tokens_per_s": speed, "elapsed": el, "left": left}
+
+
+def _session_connected(session_id: str | None) -> bool | None:
+    """True/False when Streamlit's runtime can tell whether that browser session is still connected, else None."""
+    if not session_id:
+        return None
+    try:
+        from streamlit.runtime import Runtime
+        if not Runtime.exists():
+            return None
+        return Runtime.instance().is_active_session(session_id)  # documented thread-safe
+    except Exception:  # pragma: no cover - internal API moved
+        return None
+
+
+def _stale(run: LabRun) -> bool:
+    age = time.monotonic() - run.heartbeat
+    if age > STALE_AFTER_S:
+        return True
+    return age > 3.0 and _session_connected(run.session_id) is False
+
+
+class RunManager:
+    """Server-wide: at most one active run, a short queue, and the worker process that trains (see
+    app/lab/worker.py). Thread-safe: one lock around the state; a receiver thread turns the worker's events
+    into `LabRun` state and enforces stop / heartbeat / wall-time caps."""
+
+    HARD_LIMIT_S = 60.0   # a run still going this long after the time cap is killed with its worker process
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.active: LabRun | None = None
+        self.queue: list[LabRun] = []
+        self.completed = 0
+        self.speed_ratio: float | None = None  # measured / predicted run time on this server (for estimates)
+        self._proc = None
+        self._seq = 0
+        self._ready = threading.Event()
+        self._closed = False
+
+    # -- the worker process
+    def ensure_worker(self) -> None:
+        """Start the worker process (and its reader / monitor threads) if it is not running. Called when the lab
+        page is opened, so the process has imported torch by the time someone presses Start."""
+        with self.lock:
+            self._ensure_worker_locked()
+
+    def _ensure_worker_locked(self) -> None:
+        if self._closed or (self._proc is not None and self._proc.poll() is None):
+            return
+        import subprocess
+        import sys
+        from pathlib import Path
+        root = str(Path(__file__).resolve().parents[2])  # the repository root (app/lab/manager.py)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+            [root] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
+        proc = subprocess.Popen([sys.executable, "-m", "app.lab.worker"], cwd=root, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._proc = proc
+        self._ready.clear()
+        threading.Thread(target=self._read, args=(proc,), name="eva-train-reader", daemon=True).start()
+        threading.Thread(target=self._monitor, args=(proc,), name="eva-train-monitor", daemon=True).start()
+
+    def _send(self, **cmd) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            proc.stdin.write(json.dumps(cmd) + "\n")
+            proc.stdin.flush()
+        except (OSError, ValueError):  # the worker died; the monitor reports it
+            pass
+
+    def close(self) -> None:
+        """Stop the worker process (cache eviction / shutdown)."""
+        with self.lock:
+            self._closed = True
+            proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()
+                proc.wait(3)
+            except Exception:
+                pass
+            if proc.poll() is None:
+                proc.kill()
+
+    # -- requests from pages
+    def request(self, run: LabRun, queue: bool = False) -> tuple[str, int]:
+        """Start `run` now if the server is free: ("started", 0); otherwise ("queued", position) when `queue`,
+        ("busy", 0) when not, or ("full", 0) when the queue is full."""
+        with self.lock:
+            self._drop_stale_queue()
+            if self.active is None and not self.queue:
+                self._start(run)
+                return "started", 0
+            if not queue:
+                return "busy", 0
+            if run in self.queue:
+                return "queued", self.queue.index(run) + 1
+            if len(self.queue) >= MAX_QUEUE:
+                return "full", 0
+            run.status = "queued"
+            self.queue.append(run)
+            return "queued", len(self.queue)
+
+    def position(self, run: LabRun) -> int:
+        with self.lock:
+            return self.queue.index(run) + 1 if run in self.queue else 0
+
+    def cancel(self, run: LabRun) -> None:
+        """Stop a running run, or take a queued one out of the queue."""
+        with self.lock:
+            if run in self.queue:
+                self.queue.remove(run)
+                run.status, run.message = "stopped", "Taken out of the queue."
+                run.finished = time.time()
+                return
+            run.stop_event.set()
+            if self.active is run:
+                self._send(cmd="stop", seq=run.seq, after=True)
+
+    def busy(self) -> LabRun | None:
+        return self.active
+
+    def worker_ready(self) -> bool:
+        """Has the worker process finished loading (torch, the default dataset)?"""
+        return self._ready.is_set()
+
+    # -- internals (called with the lock held)
+    def _drop_stale_queue(self) -> None:
+        for r in list(self.queue):
+            if _stale(r):
+                self.queue.remove(r)
+                r.status, r.message = "abandoned", "Left the queue: its browser tab went away."
+                r.finished = time.time()
+
+    def _start(self, run: LabRun) -> None:
+        self._ensure_worker_locked()
+        self._seq += 1
+        run.seq = self._seq
+        self.active = run
+        run.status = "starting"
+        run.started = time.time()
+        run.touch()
+        self._send(cmd="run", seq=run.seq, id=run.id, model=run.model_cfg.to_hf(), train=run.train_cfg.to_dict(),
+                   prompt=run.prompt)
+
+    def _finish(self, run: LabRun, status: str, message: str | None, after: dict | None) -> None:
+        """The run is over: publish its final state and free the server in one step (no window in which the run
+        looks finished but the server is still busy), then start the next queued run whose owner is still here."""
+        with self.lock:
+            if run.finished is not None:  # already reported (e.g. the worker died right after its last event)
+                return
+            if run.abandoned:
+                status = "abandoned"
+                message = (f"Stopped at step {run.records[-1]['step'] if run.records else 0}: nobody was watching "
+                           f"(the browser tab closed or stayed away for {STALE_AFTER_S:.0f} s).")
+            run.after = after or {}
+            run.message = message
+            run.finished = time.time()
+            run.status = status
+            if self.active is run:
+                self.active = None
+            self.completed += 1
+            if status in ("done", "time limit") and len(run.records) >= 10:  # recalibrate the estimates
+                done = run.records[-1]["step"] / run.total_steps
+                v = run.records[-1]["elapsed_s"] / max(model_seconds(run.train_cfg) * done, 1e-9)
+                if math.isfinite(v) and v > 0:
+                    self.speed_ratio = v if self.speed_ratio is None else 0.5 * (self.speed_ratio + v)
+            self._drop_stale_queue()
+            if self.active is None and self.queue:
+                self._start(self.queue.pop(0))
+
+    def _read(self, proc) -> None:
+        """Reader thread: the worker's events (JSON lines) -> run state."""
+        for line in proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            kind = ev.get("ev")
+            if kind == "ready":
+                self._ready.set()
+                continue
+            if kind == "idle":
+                self._retire_idle(proc)
+                continue
+            run = self.active
+            if run is None or ev.get("id") != run.id:
+                continue
+            if kind == "record":
+                if run.status == "starting":
+                    run.status = "running"
+                if len(run.records) < MAX_STEPS + 1:
+                    run.records.append(ev["rec"])
+            elif kind == "finishing":
+                run.status = "finishing"
+            elif kind == "end":
+                self._finish(run, ev.get("status", "error"), ev.get("message"), ev.get("after"))
+
+    def _retire_idle(self, proc) -> None:
+        """The worker has had no job for a while: let it exit (closing its stdin) unless a run or a queue needs it.
+        Frees the worker's memory (~300 MB, torch) on a server nobody trains on; the next Start starts a new one."""
+        with self.lock:
+            if self._proc is not proc or self.active is not None or self.queue:
+                return
+            proc.eva_retired = True
+            self._proc = None
+            self._ready.clear()
+        try:
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+
+    def _monitor(self, proc) -> None:
+        """Monitor thread: Stop, the owner's heartbeat and the hard wall-time cap; reports a dead worker."""
+        while proc.poll() is None:
+            time.sleep(0.2)
+            run = self.active
+            if run is None or run.status not in ("starting", "running"):
+                continue
+            if not run.stop_event.is_set() and _stale(run):
+                run.abandoned = True
+                run.stop_event.set()
+                self._send(cmd="stop", seq=run.seq, after=False)
+            if run.started and time.time() - run.started > MAX_SECONDS + self.HARD_LIMIT_S:
+                proc.kill()  # a run that ignores the caps: kill the worker; the next request starts a new one
+        with self.lock:
+            if self._proc is proc:
+                self._proc = None
+        if getattr(proc, "eva_retired", False):  # exited because it was idle: no run was on it
+            return
+        run = self.active
+        if run is not None and run.active and run.status != "queued":
+            self._finish(run, "error", "The training process stopped unexpectedly (out of memory, or killed after "
+                                       "exceeding the time cap). Try a smaller run.", None)
