@@ -275,11 +275,11 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
          ("lab",)),
     Step("FP8 versus FP32",
-         "Run the same model with the DeepSeek FP8 recipe (E4M3, 1×128 activation tiles, 128×128 weight blocks, "
-         f"FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within "
+         "Run the same model with DeepSeek's FP8 GEMM operands (recipe deepseek-gemm: E4M3, 1×128 activation tiles, "
+         f"128×128 weight blocks, FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within "
          f"{V3_FP8_LOSS_REL_ERROR:.2%} of "
          "its BF16 baseline. The FP8 GEMMs are emulated on the CPU, so this run takes about twice as long.",
-         "pages/training.py", {**L, "tr_prec": "deepseek"},
+         "pages/training.py", {**L, "tr_prec": "deepseek-gemm"},
          "The overlay's title gives the final-loss delta. Compare it with the gap between two FP32 runs that differ "
          "only in the seed: on a tiny model trained for seconds, is the FP8 gap bigger than that noise?",
          (),
