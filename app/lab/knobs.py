@@ -33,7 +33,7 @@ FP8_SWITCHES = ("wgrad_128x1", "e5m6_attn_out", "pow2_attn_out", "pow2_dispatch"
 FP8_SWITCH_OPTIONS = ("",) + tuple(f"-{s}" for s in FP8_SWITCHES) + tuple(f"+{s}" for s in FP8_SWITCHES)
 
 
-def _switch_label(v: str) -> str:
+def switch_label(v: str) -> str:
     return "recipe as named" if not v else (f"without {v[1:]}" if v[0] == "-" else f"with {v[1:]}")
 ATTN_LABELS = {"mla": "MLA", "mha": "MHA", "gqa": "GQA", "mqa": "MQA"}
 FFN_LABELS = {"moe": "MoE", "dense": "dense"}
@@ -106,7 +106,7 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
               "= only its FP8 GEMM operands; the others are TransformerEngine / torchao / MX recipes for contrast. "
               "The FP8 page's recipe table lists every tensor of a layer under each."),
     Knob(key="tr_fp8sw", label="FP8 recipe switch", kind="selectbox", options=FP8_SWITCH_OPTIONS, source=None,
-         labels=_switch_label, short="FP8 ",
+         labels=switch_label, short="FP8 ",
          help="Turn one switch of the V3 report's FP8 recipe off (or on) for the chosen FP8 recipe, to see what it "
               "buys: e.g. 'deepseek-v3' without wgrad_128x1, or 'deepseek-gemm' with bf16_moments. The FP8 page's "
               "table says what each switch does to every tensor."),
