@@ -207,19 +207,8 @@ def recipe_notes(recipe: str, switch: str = "") -> tuple[str, str, list[str]]:
     """(resolved recipe name, its description, its notes: what the emulation still approximates)."""
     from core import fp8
 
-    r = _with_switch(recipe, switch)
+    r = fp8.flip_switch(recipe, switch)
     return r.name, fp8.get_recipe(recipe).description, fp8.recipe_notes(r)
-
-
-def _with_switch(recipe: str, switch: str):
-    from core import fp8
-
-    r = fp8.get_recipe(recipe)
-    if not switch:
-        return r
-    on = set(fp8.switches_of(r))
-    on = on - {switch[1:]} if switch[0] == "-" else on | {switch[1:]}
-    return fp8.with_switches(r, [s for s in fp8.SWITCHES if s in on])
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -228,10 +217,11 @@ def fp8_tensor_errors(recipe: str, switch: str, seed: int) -> pd.DataFrame:
     """SQNR of every quantized tensor of the first MoE layer of the `mini` model under the recipe (one switch
     flipped), in one forward + backward on a batch of 2 x 64 synthetic tokens (core.fp8.probe.tensor_errors); the
     modules of one site are pooled (min SQNR). inf dB: the quantization was exact."""
+    from core.fp8 import flip_switch
     from core.fp8.probe import tensor_errors
 
     torch_setup()
-    rows = tensor_errors(_with_switch(recipe, switch), "mini", batch_size=2, seq_len=64, seed=seed)
+    rows = tensor_errors(flip_switch(recipe, switch), "mini", batch_size=2, seq_len=64, seed=seed)
     df = pd.DataFrame(rows)
     df["where"] = df["site"].map(SITE_LABELS)
     agg = (df.groupby(["where", "gemm", "tensor", "format", "granularity", "pow2_scale"], sort=False)

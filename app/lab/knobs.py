@@ -238,10 +238,11 @@ def lab_config(knobs: dict, seed: int):
             eval_every=max(1, steps // 6), max_time_s=MAX_SECONDS)
         sw = k.get("tr_fp8sw") or ""
         if sw and cfg.fp8_recipe is not None:  # one switch flipped relative to the named recipe
-            from core.fp8 import switches_of
-            on = set(switches_of(cfg.fp8_recipe))
-            on = on - {sw[1:]} if sw[0] == "-" else on | {sw[1:]}
-            cfg = cfg.replace(fp8_switches=tuple(s for s in FP8_SWITCHES if s in on))
+            from core.fp8 import flip_switch, switches_of
+            try:
+                cfg = cfg.replace(fp8_switches=switches_of(flip_switch(cfg.fp8_recipe, sw)))
+            except ValueError as e:
+                raise TrainConfigError("fp8_switches", str(e).removeprefix("fp8_switches: ")) from None
         mcfg = resolve_model_config(base, cfg)
     except ConfigError as e:
         kn = KNOBS.get(_FIELD_KNOB.get(e.field, ""))

@@ -15,7 +15,7 @@ from core.fp8.scaling import AmaxHistory, _check_gran
 
 __all__ = [
     "SITES", "WGRAD_TILINGS", "ACCUMULATIONS", "MOMENT_DTYPES", "FP8Recipe", "RECIPES", "RECIPE_ALIASES",
-    "get_recipe", "SWITCHES", "with_switches", "switches_of", "QuantSpec", "operand_specs", "swiglu_cache_spec", "recipe_table", "recipe_notes",
+    "get_recipe", "SWITCHES", "with_switches", "switches_of", "flip_switch", "QuantSpec", "operand_specs", "swiglu_cache_spec", "recipe_table", "recipe_notes",
     "granularity_label",
 ]
 
@@ -229,6 +229,19 @@ def with_switches(recipe: str | FP8Recipe, switches) -> FP8Recipe:
         return replace(r, name=name, **fields)
     except ValueError as e:
         raise ValueError(f"fp8_switches: {e}") from None
+
+
+def flip_switch(recipe: str | FP8Recipe, change: str) -> FP8Recipe:
+    """``recipe`` with one switch turned off ("-<switch>") or on ("+<switch>"); "" leaves it as named."""
+    r = get_recipe(recipe)
+    if not change:
+        return r
+    if change[0] not in "+-" or change[1:] not in SWITCHES:
+        raise ValueError(f"fp8_switches: expected '', '-<switch>' or '+<switch>' with a switch of {list(SWITCHES)}, "
+                         f"got {change!r}")
+    on = set(switches_of(r))
+    on = on - {change[1:]} if change[0] == "-" else on | {change[1:]}
+    return with_switches(r, [s for s in SWITCHES if s in on])
 
 
 @dataclass(frozen=True)
