@@ -3,6 +3,7 @@ every number computed by `core.fp8` on a seeded test tensor."""
 import streamlit as st
 
 from app import shell, sidebar, state, texts, ui
+from app import gpu_view
 from app.charts import fp8 as charts
 from app.compute import fp8 as compute
 from core.published import H800_FP8_ACCUM_BITS, V3_PROMOTION_INTERVAL
@@ -156,3 +157,5 @@ if state.toggle("Measure the error of every tensor (one training step of the min
              lesson=sh.lesson,
              notice="E4M3 operands sit near 31 dB whatever their granularity; E5M6 (the input of the Linear after "
                     "attention) gains ~18 dB; re-tiling a tensor with power-of-2 scales for Wgrad adds no error.")
+
+gpu_view.fp8_section(sh.lesson)
