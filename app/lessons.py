@@ -319,11 +319,11 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
          ("lab",)),
     Step("FP8 versus FP32",
-         "Run the same model with the DeepSeek FP8 recipe (E4M3 operands, 1×128 activation tiles, 128×128 weight "
-         "blocks, FP32 master weights; the recipe table on the FP8 page lists every tensor) and overlay it with the "
+         "Run the same model with DeepSeek's FP8 GEMM operands (recipe deepseek-gemm: E4M3 operands, 1×128 "
+         "activation tiles, 128×128 weight blocks, FP32 master weights; the recipe table on the FP8 page lists every tensor) and overlay it with the "
          f"FP32 run. The V3 report gives a {fp8_validation_sentence()}. The FP8 GEMMs are emulated on the CPU, so "
          "this run takes longer (the caption under the knobs gives the estimate).",
-         "pages/training.py", {**L, "tr_prec": "deepseek"},
+         "pages/training.py", {**L, "tr_prec": "deepseek-gemm"},
          "The overlay's title gives the final-loss delta. Compare it with the gap between two FP32 runs that differ "
          "only in the seed: on a tiny model trained for seconds, is the FP8 gap bigger than that noise?",
          (),

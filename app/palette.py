@@ -35,7 +35,8 @@ COMPONENTS = {
 }
 
 # Number formats (FP8 lab, Overview memory).
-FORMATS = {"e4m3": _O["blue"], "e5m2": _O["orange"], "bf16": _O["green"], "fp32": _O["grey"], "fp8": _O["blue"]}
+FORMATS = {"e4m3": _O["blue"], "e5m2": _O["orange"], "bf16": _O["green"], "fp32": _O["grey"], "fp8": _O["blue"],
+           "e5m6": _O["purple"]}
 
 # Scaling granularities (FP8 lab).
 GRANULARITY = {"tensor": _O["vermillion"], "row": _O["orange"], "tile": _O["blue"], "block": _O["green"],

@@ -104,6 +104,8 @@ def _arg_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, type=float, **kw)
         elif f.name == "kv_heads":
             ap.add_argument(flag, type=int, **kw)
+        elif f.name == "fp8_switches":
+            ap.add_argument(flag, nargs="*", metavar="SWITCH", **kw)
         elif f.name == "device":
             ap.add_argument(flag, choices=DEVICES, **{**kw, "default": "auto"})  # the CLI takes a GPU when there is one
         else:

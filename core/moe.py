@@ -225,7 +225,9 @@ class Experts(nn.Module):
     The routing weight multiplies the SwiGLU output before the (linear) down projection: same result as
     weighting the expert output, but on I instead of H columns.
 
-    FP8 hook: `self.fp8 = None` (no-op). Set it to an object with callables `quant_act(x)`, `quant_weight(w)`,
+    FP8 hook: `self.fp8 = None` (no-op). A `core.fp8.FP8Ops` (it has `gemm`) runs both expert GEMMs with FP8
+    operands in Fprop/Dgrad/Wgrad, the SwiGLU and the combine per its recipe. Any other object with callables
+    `quant_act(x)`, `quant_weight(w)`,
     `quant_grad(y)` (fake quantization, same shape and dtype out) and every expert GEMM y = x @ w^T becomes
     y = quant_grad(x' @ w'^T) with x' = quant_act(x) on the whole sorted [S, K_in] operand and
     w' = quant_weight(w) on the whole 3-D weight [E, N, K_in]; `quant_grad` is expected to be identity in the
@@ -289,6 +291,12 @@ class Experts(nn.Module):
 
         fp8 = self.fp8
         w_gu, w_d = self.gate_up_proj, self.down_proj
+        if fp8 is not None and hasattr(fp8, "gemm"):  # core.fp8.FP8Ops: the recipe's dispatch/SwiGLU/combine rules
+            sizes = counts.tolist()
+            gu = fp8.gemm(fp8.combine_grad(xs), w_gu, sizes, mm, "expert_up")  # [S, 2I]
+            h, recompute = fp8.swiglu(gu, ws)  # [S, I]
+            out = fp8.combine(fp8.gemm(h, w_d, sizes, mm, "expert_down", x_recompute=recompute))  # [S, H]
+            return out.new_zeros(n_tokens, hidden).index_add(0, tok, out).to(hidden_states.dtype)
         if fp8 is not None:
             xs, w_gu = fp8.quant_act(xs), fp8.quant_weight(w_gu)
         gu = mm(xs, w_gu)  # [S, 2I]

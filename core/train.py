@@ -22,11 +22,12 @@ Precision: "fp32"; "bf16" = bf16 compute with fp32 master weights (the model's p
 forward/backward; AdamW updates fp32 copies that are rounded back after each step; the router, its bias,
 RMSNorm statistics, the expert-output sum and the losses stay fp32; attention probabilities are bf16 with fp32
 accumulation inside the softmax); or an FP8 recipe name from `core.fp8.RECIPES`
-(emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights; per-step overflow counts in the record).
+(emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights, AdamW moments in BF16 when the recipe's
+`optimizer_moments` is "bf16" (`core.optim.AdamW`); per-step overflow counts in the record).
 
 Device: `device` "cpu" (default), "cuda" or "auto" (the CLI's default). The model is initialised on the CPU (same
 weights on every device) and moved; batches, evaluation and sampling follow it. On CUDA a recipe the GPU path
-implements ("deepseek", see `core.cuda.fp8_linear.gpu_recipe_issues`) runs real FP8 GEMMs on bf16 working weights
+implements ("deepseek-gemm", see `core.cuda.fp8_linear.gpu_recipe_issues`) runs real FP8 GEMMs on bf16 working weights
 with fp32 masters (no per-step FP8 statistics: the record's `fp8` is None); other recipes stay emulated.
 
 Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the batches all derive from
@@ -53,7 +54,7 @@ from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.cuda.device import DEVICES, resolve_device
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
 from core.evaluate import domain_expert_matrix, evaluate, sample_text
-from core.fp8 import RECIPES
+from core.fp8 import RECIPE_ALIASES, RECIPES, FP8Recipe, get_recipe, with_switches
 from core.model import DeepSeekV3
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
 
@@ -135,6 +136,8 @@ class TrainConfig:
     mtp: bool = _h("multi-token prediction module on/off", default=True)
     mtp_lambda: float = _h("MTP loss weight lambda", default=0.3)
     precision: str = _h(f"one of {PRECISIONS}", default="fp32")
+    fp8_switches: tuple[str, ...] | None = _h("FP8 recipe switches that are on (core.fp8.SWITCHES; the others off); "
+                                              "None: the recipe as named", default=None)
     attention: str = _h(f"one of {ATTENTION_TYPES}", default="mla")
     kv_heads: int | None = _h("K/V heads for attention=gqa (default heads // 2)", default=None)
     ffn: str = _h(f"one of {FFNS}", default="moe")
@@ -153,6 +156,14 @@ class TrainConfig:
         if self.balancing not in DEFAULT_ALPHA:
             return 0.0
         return DEFAULT_ALPHA[self.balancing] if self.alpha is None else float(self.alpha)
+
+    @property
+    def fp8_recipe(self) -> FP8Recipe | None:
+        """The FP8 recipe this run trains with (the named one with `fp8_switches` applied), None for fp32/bf16."""
+        if self.precision not in RECIPES:
+            return None
+        r = get_recipe(self.precision)
+        return r if self.fp8_switches is None else with_switches(r, self.fp8_switches)
 
     @property
     def uses_bias_update(self) -> bool:
@@ -207,7 +218,18 @@ class TrainConfig:
         self.betas = (float(b[0]), float(b[1]))
         choice("dataset", DATASETS)
         choice("balancing", BALANCING)
+        self.precision = RECIPE_ALIASES.get(self.precision, self.precision)  # old names of renamed recipes
         choice("precision", PRECISIONS)
+        if self.fp8_switches is not None:
+            if isinstance(self.fp8_switches, str) or not all(isinstance(s, str) for s in self.fp8_switches):
+                raise TrainConfigError("fp8_switches", f"must be a list of switch names, got {self.fp8_switches!r}")
+            if self.precision not in RECIPES:
+                raise TrainConfigError("fp8_switches", f"apply to an FP8 recipe, not precision={self.precision!r}")
+            self.fp8_switches = tuple(self.fp8_switches)
+            try:
+                self.fp8_recipe
+            except ValueError as e:
+                raise TrainConfigError("fp8_switches", str(e).removeprefix("fp8_switches: ")) from None
         choice("attention", ATTENTION_TYPES)
         choice("ffn", FFNS)
         choice("device", DEVICES)
@@ -259,10 +281,10 @@ def resolve_model_config(model_cfg: ModelConfig | str, cfg: TrainConfig) -> Mode
 def gpu_fp8(cfg: TrainConfig) -> bool:
     """True when `cfg` trains with real FP8 GEMMs (core.cuda.fp8_linear): CUDA and a recipe the GPU path
     implements (`core.cuda.fp8_linear.gpu_recipe_issues`); other recipes run emulated on any device."""
-    if cfg.precision not in RECIPES or resolve_device(cfg.device).type != "cuda":
+    if cfg.fp8_recipe is None or resolve_device(cfg.device).type != "cuda":
         return False
     from core.cuda.fp8_linear import gpu_recipe_issues
-    return not gpu_recipe_issues(cfg.precision)
+    return not gpu_recipe_issues(cfg.fp8_recipe)
 
 
 def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
@@ -275,10 +297,10 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
         model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
     if gpu_fp8(cfg):
         from core.cuda.fp8_linear import convert_model
-        convert_model(model, cfg.precision)
-    elif cfg.precision in RECIPES:
+        convert_model(model, cfg.fp8_recipe)
+    elif cfg.fp8_recipe is not None:
         from core.fp8 import convert_to_fp8
-        convert_to_fp8(model, cfg.precision)
+        convert_to_fp8(model, cfg.fp8_recipe)
     if model.lm_head.weight.is_cuda:
         from core.cuda.compile import compile_blocks
         compile_blocks(model)  # opt-in (EVA_CUDA_COMPILE_BLOCKS=1): slower than eager on the H200, see there
@@ -365,9 +387,12 @@ class TrainRun:
         opt_params = [self.master.optim_param(p) if self.master else p for p in params]
         decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
         no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=cfg.lr, betas=cfg.betas, fused=True)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if cfg.fp8_recipe is not None and cfg.fp8_recipe.optimizer_moments == "bf16":
+            from core.optim import AdamW  # BF16 moments, fp32 master weights (V3 report §3.3.3)
+            self.optimizer = AdamW(groups, lr=cfg.lr, betas=cfg.betas, moment_dtype=torch.bfloat16)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
         self.opt_params = opt_params
         self.fp8_stats = None
         if cfg.precision in RECIPES:

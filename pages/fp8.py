@@ -126,4 +126,36 @@ if fmt != "bf16":
                                       f"accumulation per block; relative error {100 * gd['rel_error']:.2f}%",
                                width=420)
 
+st.subheader("The training recipe, tensor by tensor")
+st.markdown("Which format, scale granularity and scale rule every tensor of a layer gets in FP8 training, per recipe "
+            "(`core.fp8.recipe_table`: the same definitions the training code quantizes with). *2^k*: every scale "
+            "is an integral power of 2. **deepseek-v3** is the V3 report's recipe in full (§3.3); **deepseek-gemm** "
+            "only its FP8 GEMM operands.")
+table = compute.fp8_recipe_table()
+st.dataframe(table, hide_index=True, key="fp8_recipe_table")
+st.download_button(f"Download the table (CSV, {len(table)} rows)", lambda: table.to_csv(index=False).encode(),
+                   file_name="eva-fp8-recipe-table.csv", mime="text/csv", key="csv_fp8_recipe_table",
+                   on_click="ignore", icon=":material/download:", type="tertiary")
+with st.container(horizontal=True, gap="medium"):
+    recipe = state.selectbox("Recipe", "fp8_recipe", compute.RECIPE_NAMES, "deepseek-v3", fmt=str, width=260,
+                             help="An FP8 training recipe of core.fp8.RECIPES.")
+    switch = state.selectbox("Switch", "fp8_switch", compute.SWITCH_OPTIONS, "", fmt=compute.switch_label, width=300,
+                             help="Turn one switch of the report's recipe off (or on) to see what it changes.")
+try:
+    resolved, description, notes = compute.recipe_notes(recipe, switch)
+except ValueError as e:
+    ui.knob_error("Switch", str(e).removeprefix("fp8_switches: "))
+    st.stop()
+st.markdown(f"**{resolved}** — {description}")
+for line in notes:
+    st.caption(f"Approximation: {line}")
+if state.toggle("Measure the error of every tensor (one training step of the mini model)", "fp8_probe", False,
+                help="One forward + backward of a freshly initialised mini model on 2 × 64 synthetic tokens; takes "
+                     "a few seconds (the FP8 GEMMs are emulated)."):
+    errs = compute.fp8_tensor_errors(recipe, switch, sh.seed)
+    ui.chart(ui.fig(charts.tensor_sqnr, errs, resolved), errs, "fp8 recipe tensor errors", key="fp8_tensor_err",
+             lesson=sh.lesson,
+             notice="E4M3 operands sit near 31 dB whatever their granularity; E5M6 (the input of the Linear after "
+                    "attention) gains ~18 dB; re-tiling a tensor with power-of-2 scales for Wgrad adds no error.")
+
 gpu_view.fp8_section(sh.lesson)

@@ -150,3 +150,29 @@ def test_overview_all_to_all_section_follows_the_node_limit():
         assert cards["Cross-node, one copy per node"] == expected, m
         shown[m] = expected
     assert shown[2] != shown[4]
+
+
+def test_fp8_recipe_table_is_core_and_switches_show_the_tensor_errors():
+    """The FP8 page's recipe table is core.fp8.recipe_table for every recipe, its knobs list core's recipes and
+    switches, and one flipped switch shows its recipe, its notes and (on request) every tensor's SQNR."""
+    from app.compute import fp8 as cfp8
+    from app.lab import knobs
+    from core import fp8
+    assert cfp8.RECIPE_NAMES == tuple(fp8.RECIPES) and knobs.FP8_SWITCHES == tuple(fp8.SWITCHES)
+    at = open_page("pages/fp8.py")
+    assert_clean(at)
+    table = next(d.value for d in at.dataframe if "deepseek-v3" in d.value.columns)
+    assert list(table.columns[4:]) == list(fp8.RECIPES)
+    for name in fp8.RECIPES:
+        assert list(table[name]) == [cfp8._cell(r) for r in fp8.recipe_table(name)]
+    v3 = table.set_index(["where", "GEMM", "tensor"])["deepseek-v3"]
+    assert v3[("Linear after attention (o_proj)", "Fprop", "input x")] == "E5M6 · 1x128 · 2^k"
+    assert v3[("Linear after attention (o_proj)", "Wgrad", "input x")] == "E5M6 · 128x1 · 2^k"
+    assert any("Approximation" in c.value for c in at.caption)
+    at = open_page("pages/fp8.py", {"fp8_recipe": "deepseek-v3", "fp8_switch": "without e5m6_attn_out", "fp8_probe": "true"})
+    assert_clean(at)
+    assert any("deepseek-v3-e5m6_attn_out" in m.value for m in at.markdown)
+    titles = [s["layout"]["title"]["text"] for s in charts(at)]
+    assert any(t.startswith("deepseek-v3-e5m6_attn_out") for t in titles), titles
+    at = open_page("pages/fp8.py", {"fp8_recipe": "tensor-current", "fp8_switch": "with wgrad_128x1"})
+    assert not at.exception and "wgrad_tiling" in " ".join(e.value for e in at.error)

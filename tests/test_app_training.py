@@ -293,7 +293,7 @@ def test_caps_and_impossible_combinations_are_messages(query, knob):
 
 def test_url_sets_every_lab_knob():
     q = {"tr_attn": "GQA", "tr_ffn": "MoE", "tr_experts": "8", "tr_topk": "2", "tr_bal": "both",
-         "tr_gamma": "0.003", "tr_alpha": "0.0001", "tr_prec": "FP8 deepseek", "tr_mtp": "false",
+         "tr_gamma": "0.003", "tr_alpha": "0.0001", "tr_prec": "FP8 deepseek-gemm", "tr_mtp": "false",
          "tr_data": "pydoc", "tr_steps": "50", "tr_lr": "0.001", "tr_batch": "4", "tr_seq": "128", "seed": "3",
          "tr_prompt": "def f("}
     at = lab(q)
@@ -302,10 +302,10 @@ def test_url_sets_every_lab_knob():
     vals = {"tr_attn": at.radio(key="tr_attn").value, "tr_topk": at.select_slider(key="tr_topk").value,
             "tr_prec": at.selectbox(key="tr_prec").value, "tr_mtp": at.toggle(key="tr_mtp").value,
             "tr_gamma": at.select_slider(key="tr_gamma").value, "tr_data": at.radio(key="tr_data").value}
-    assert vals == {"tr_attn": "gqa", "tr_topk": 2, "tr_prec": "deepseek", "tr_mtp": False, "tr_gamma": 0.003,
+    assert vals == {"tr_attn": "gqa", "tr_topk": 2, "tr_prec": "deepseek-gemm", "tr_mtp": False, "tr_gamma": 0.003,
                     "tr_data": "pydoc"}
     mcfg, cfg = knobs.lab_config({k: at.session_state[k] for k in knobs.KNOBS}, 3)
-    assert (cfg.attention, cfg.precision, cfg.mtp, cfg.balancing, cfg.seed) == ("gqa", "deepseek", False, "both", 3)
+    assert (cfg.attention, cfg.precision, cfg.mtp, cfg.balancing, cfg.seed) == ("gqa", "deepseek-gemm", False, "both", 3)
     assert mcfg.n_routed_experts == 8 and mcfg.num_experts_per_tok == 2
     assert at.text_input(key="tr_prompt").value == "def f("
     assert knobs.sample_prompt({k: at.session_state[k] for k in knobs.KNOBS}) == "def f("
@@ -354,12 +354,31 @@ def test_chart_builders_on_records():
 
 def test_run_labels_and_estimates():
     assert knobs.run_label({}, 1) == "#1 default"
-    assert knobs.run_label({"tr_prec": "deepseek", "tr_attn": "mha"}, 2) == "#2 MHA, FP8 deepseek"
+    assert knobs.run_label({"tr_prec": "deepseek-gemm", "tr_attn": "mha"}, 2) == "#2 MHA, FP8 deepseek-gemm"
     assert knobs.run_label({"tr_ffn": "dense", "tr_experts": 4}, 3) == "#3 dense", "MoE knobs do not apply to dense"
     _, small = knobs.lab_config({"tr_steps": 25}, 0)
     _, default = knobs.lab_config({}, 0)
-    _, fp8 = knobs.lab_config({"tr_prec": "deepseek"}, 0)
+    _, fp8 = knobs.lab_config({"tr_prec": "deepseek-gemm"}, 0)
     assert knobs.estimate_seconds(small) < knobs.estimate_seconds(default) < knobs.estimate_seconds(fp8)
+
+
+def test_fp8_recipe_knobs_follow_core():
+    """The lab's precision and switch options are core's; one switch flipped gives that recipe minus (plus) it."""
+    from core import fp8
+    from core.train import PRECISIONS
+    assert tuple(knobs.PRECISION_LABELS) == PRECISIONS and knobs.FP8_SWITCHES == tuple(fp8.SWITCHES)
+    _, full = knobs.lab_config({"tr_prec": "deepseek-v3"}, 0)
+    assert full.fp8_recipe is fp8.RECIPES["deepseek-v3"]
+    _, minus = knobs.lab_config({"tr_prec": "deepseek-v3", "tr_fp8sw": "-wgrad_128x1"}, 0)
+    assert minus.fp8_recipe.wgrad_tiling == "1x128" and minus.fp8_recipe.attn_out_fmt == "e5m6"
+    assert set(fp8.switches_of(minus.fp8_recipe)) == set(fp8.SWITCHES) - {"wgrad_128x1"}
+    _, plus = knobs.lab_config({"tr_prec": "deepseek-gemm", "tr_fp8sw": "+bf16_moments"}, 0)
+    assert fp8.switches_of(plus.fp8_recipe) == ("bf16_moments",)
+    assert knobs.run_label({"tr_prec": "deepseek-v3", "tr_fp8sw": "-acc14"}, 4) == \
+        "#4 FP8 deepseek-v3, FP8 without acc14"
+    assert knobs.run_label({"tr_fp8sw": "-acc14"}, 5) == "#5 default", "switches do not apply to fp32"
+    with pytest.raises(knobs.LabConfigError, match="FP8 recipe switch"):
+        knobs.lab_config({"tr_prec": "tensor-current", "tr_fp8sw": "+wgrad_128x1"}, 0)
 
 
 def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):

@@ -165,3 +165,25 @@ def gemm_error(df: pd.DataFrame, promote_every: int, acc_bits: int) -> go.Figure
                      tickvals=[1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1, 0.2, 0.5])
     return layout(fig, title, sub, "Inner dimension K (log scale)", "Max relative error of C = AB (log)",
                    height=420, width_chars=85)
+
+
+def tensor_sqnr(df: pd.DataFrame, recipe: str) -> go.Figure:
+    """Horizontal bars: SQNR of each quantized tensor of one layer under a recipe (exact quantizations drawn at the
+    axis end and labelled 'exact')."""
+    finite = df["sqnr_db"].replace([np.inf, -np.inf], np.nan)
+    top = float(np.nanmax(finite)) + 10 if finite.notna().any() else 60.0
+    shown = df["sqnr_db"].where(np.isfinite(df["sqnr_db"]), top)
+    labels = [f"{w} · {g} · {t}" for w, g, t in zip(df["where"], df["gemm"], df["tensor"])]
+    text = [("exact" if not np.isfinite(v) else f"{v:.1f} dB") + f" · {f}" + (" · 2^k" if p else "")
+            for v, f, p in zip(df["sqnr_db"], df["format"], df["pow2_scale"])]
+    colors = [palette.FORMATS.get(f.lower(), palette.OKABE_ITO["grey"]) for f in df["format"]]
+    fig = go.Figure(go.Bar(x=shown, y=labels, orientation="h", marker_color=colors, text=text, textposition="auto",
+                           hovertemplate="%{y}: %{text}<extra></extra>"))
+    worst = df.loc[finite.idxmin()] if finite.notna().any() else None
+    title = (f"{recipe}: the least precise tensor is {worst['where']} {worst['gemm']} {worst['tensor']} "
+             f"({worst['sqnr_db']:.1f} dB)") if worst is not None else f"{recipe}: every quantization exact"
+    layout(fig, title, "Each GEMM operand as the recipe quantizes it; Wgrad's re-tiled copies are measured against the "
+           "FP8 tensor they are re-quantized from (their extra error)", "SQNR (dB, higher = more precise)", None,
+           height=max(360, 26 * len(df)), legend=False)
+    fig.update_yaxes(autorange="reversed")
+    return fig

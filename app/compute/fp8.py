@@ -6,6 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from app import memory
+from app.lab.knobs import FP8_SWITCH_OPTIONS, switch_label  # noqa: F401  (the page's switch labels)
 from app.compute.common import torch_setup
 
 FP8_SHAPE = (512, 512)
@@ -165,3 +166,66 @@ def fp8_bit_layout(value: float, fmt: str, overflow: str) -> tuple[dict, pd.Data
     torch_setup()
     b = fp8.bit_layout(value, fmt, overflow)
     return b, pd.DataFrame([b])
+
+
+# ------------------------------------------------------------------ the training recipe, tensor by tensor
+#: core.fp8.RECIPES and the switch options "", "-<switch>", "+<switch>" (static: the page imports no torch to draw
+#: its knobs; tests/test_app_pages.py checks them against core).
+RECIPE_NAMES = ("deepseek-v3", "deepseek-v3-fp32acc", "deepseek-gemm", "tensor-current", "tensor-delayed", "hybrid",
+                "mxfp8", "rowwise")
+SWITCH_OPTIONS = FP8_SWITCH_OPTIONS
+SITE_LABELS = {"linear": "q/kv projections, FFN", "attn_out": "Linear after attention (o_proj)",
+               "expert_up": "routed experts: up (dispatch)", "expert_down": "routed experts: down (combine)",
+               "optimizer": "optimizer"}
+
+
+def _cell(row: dict) -> str:
+    """'E4M3 · 1x128 · 2^k' (format, scale granularity, power-of-2 scales); 'FP32' for an unscaled tensor."""
+    if row["pow2_scale"] is None:
+        return row["format"]
+    return f"{row['format']} · {row['granularity']}" + (" · 2^k" if row["pow2_scale"] else "")
+
+
+@st.cache_data(max_entries=2, show_spinner=False)
+def fp8_recipe_table() -> pd.DataFrame:
+    """One row per tensor of a layer (forward, backward, optimizer), one column per recipe of core.fp8.RECIPES:
+    format · granularity · '2^k' when every scale is an integral power of 2. Built from core.fp8.recipe_table."""
+    from core import fp8
+
+    cols: dict[str, list[str]] = {}
+    index: list[tuple] = []
+    for name in fp8.RECIPES:
+        rows = fp8.recipe_table(name)
+        if not index:
+            index = [(SITE_LABELS[r["site"]], r["pass"], r["gemm"], r["tensor"]) for r in rows]
+        cols[name] = [_cell(r) for r in rows]
+    df = pd.DataFrame(index, columns=["where", "pass", "GEMM", "tensor"])
+    return pd.concat([df, pd.DataFrame(cols)], axis=1)
+
+
+def recipe_notes(recipe: str, switch: str = "") -> tuple[str, str, list[str]]:
+    """(resolved recipe name, its description, its notes: what the emulation still approximates)."""
+    from core import fp8
+
+    r = fp8.flip_switch(recipe, switch)
+    return r.name, fp8.get_recipe(recipe).description, fp8.recipe_notes(r)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+@memory.heavy
+def fp8_tensor_errors(recipe: str, switch: str, seed: int) -> pd.DataFrame:
+    """SQNR of every quantized tensor of the first MoE layer of the `mini` model under the recipe (one switch
+    flipped), in one forward + backward on a batch of 2 x 64 synthetic tokens (core.fp8.probe.tensor_errors); the
+    modules of one site are pooled (min SQNR). inf dB: the quantization was exact."""
+    from core.fp8 import flip_switch
+    from core.fp8.probe import tensor_errors
+
+    torch_setup()
+    rows = tensor_errors(flip_switch(recipe, switch), "mini", batch_size=2, seq_len=64, seed=seed)
+    df = pd.DataFrame(rows)
+    df["where"] = df["site"].map(SITE_LABELS)
+    agg = (df.groupby(["where", "gemm", "tensor", "format", "granularity", "pow2_scale"], sort=False)
+           .agg(sqnr_db=("sqnr_db", "min"), flushed_to_zero_fraction=("flushed_to_zero_fraction", "max"),
+                modules=("module", lambda m: ", ".join(m)))
+           .reset_index())
+    return agg

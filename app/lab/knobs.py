@@ -22,10 +22,20 @@ MODEL = "mini"         # the lab always trains the `mini` preset with the knobs 
 MAX_PROMPT_BYTES = 64  # the sample prompt, in UTF-8 bytes (the model is byte-level: one token per byte)
 
 # ====================================================================== knobs
-PRECISION_LABELS = {
-    "fp32": "FP32", "bf16": "BF16", "deepseek": "FP8 deepseek", "tensor-current": "FP8 tensor-current",
-    "tensor-delayed": "FP8 tensor-delayed", "hybrid": "FP8 hybrid", "mxfp8": "FP8 mxfp8", "rowwise": "FP8 rowwise",
+PRECISION_LABELS = {  # the keys are core.train.PRECISIONS (tests/test_app_training.py checks it)
+    "fp32": "FP32", "bf16": "BF16", "deepseek-v3": "FP8 deepseek-v3", "deepseek-v3-fp32acc": "FP8 deepseek-v3-fp32acc",
+    "deepseek-gemm": "FP8 deepseek-gemm",
+    "tensor-current": "FP8 tensor-current", "tensor-delayed": "FP8 tensor-delayed", "hybrid": "FP8 hybrid",
+    "mxfp8": "FP8 mxfp8", "rowwise": "FP8 rowwise",
 }
+#: core.fp8.SWITCHES by name (static so the app starts without torch; tests/test_app_training.py checks it).
+FP8_SWITCHES = ("wgrad_128x1", "e5m6_attn_out", "pow2_attn_out", "pow2_dispatch", "swiglu_recompute", "bf16_combine",
+                "bf16_moments", "acc14")
+FP8_SWITCH_OPTIONS = ("",) + tuple(f"-{s}" for s in FP8_SWITCHES) + tuple(f"+{s}" for s in FP8_SWITCHES)
+
+
+def switch_label(v: str) -> str:
+    return "recipe as named" if not v else (f"without {v[1:]}" if v[0] == "-" else f"with {v[1:]}")
 ATTN_LABELS = {"mla": "MLA", "mha": "MHA", "gqa": "GQA", "mqa": "MQA"}
 FFN_LABELS = {"moe": "MoE", "dense": "dense"}
 BAL_LABELS = {"none": "none", "aux_loss": "aux loss", "aux_free": "aux-loss-free", "both": "both"}
@@ -94,7 +104,16 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
     Knob(key="tr_prec", label="Precision", kind="selectbox", options=tuple(PRECISION_LABELS), source="precision",
          labels=PRECISION_LABELS,
          help="FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (attention and FFN/expert "
-              "GEMM operands quantized as the recipe says; embedding, head and router stay high precision)."),
+              "GEMM operands quantized as the recipe says; embedding, head and router stay high precision): "
+              "deepseek-v3 = the V3 "
+              "report's recipe in full (§3.3), deepseek-v3-fp32acc = the same with exact accumulation, deepseek-gemm "
+              "= only its FP8 GEMM operands; the others are TransformerEngine / torchao / MX recipes for contrast. "
+              "The FP8 page's recipe table lists every tensor of a layer under each."),
+    Knob(key="tr_fp8sw", label="FP8 recipe switch", kind="selectbox", options=FP8_SWITCH_OPTIONS, source=None,
+         labels=switch_label, short="FP8 ",
+         help="Turn one switch of the V3 report's FP8 recipe off (or on) for the chosen FP8 recipe, to see what it "
+              "buys: e.g. 'deepseek-v3' without wgrad_128x1, or 'deepseek-gemm' with bf16_moments. The FP8 page's "
+              "table says what each switch does to every tensor."),
     Knob(key="tr_mtp", label="Multi-token prediction (MTP)", kind="toggle", source="mtp",
          help="One MTP module that also predicts the token after next (V3 §2.2); its drafts are checked when "
               "sampling."),
@@ -143,6 +162,7 @@ def defaults() -> dict[str, Any]:
 
 
 MOE_ONLY = ("tr_experts", "tr_topk", "tr_bal", "tr_gamma", "tr_alpha")
+FP8_ONLY = ("tr_fp8sw",)
 AFTER_ONLY = ("tr_prompt",)   # knobs of the sampling after training: not part of a run's label
 
 
@@ -158,7 +178,7 @@ class LabConfigError(ValueError):
 _FIELD_KNOB = {"num_experts_per_tok": "tr_topk", "n_group": "tr_experts", "topk_group": "tr_experts",
                "n_routed_experts": "tr_experts", "steps": "tr_steps", "batch_size": "tr_batch",
                "seq_len": "tr_seq", "lr": "tr_lr", "kv_heads": "tr_attn", "balancing": "tr_bal",
-               "precision": "tr_prec", "attention": "tr_attn", "ffn": "tr_ffn", "dataset": "tr_data"}
+               "precision": "tr_prec", "fp8_switches": "tr_fp8sw", "attention": "tr_attn", "ffn": "tr_ffn", "dataset": "tr_data"}
 
 
 def expert_groups(n_experts: int) -> tuple[int, int]:
@@ -220,6 +240,13 @@ def lab_config(knobs: dict, seed: int):
             gamma=float(k["tr_gamma"]), alpha=float(k["tr_alpha"]) if bal in ("aux_loss", "both") else None,
             mtp=bool(k["tr_mtp"]), precision=k["tr_prec"], attention=k["tr_attn"], ffn=k["tr_ffn"],
             eval_every=max(1, steps // 6), max_time_s=MAX_SECONDS)
+        sw = k.get("tr_fp8sw") or ""
+        if sw and cfg.fp8_recipe is not None:  # one switch flipped relative to the named recipe
+            from core.fp8 import flip_switch, switches_of
+            try:
+                cfg = cfg.replace(fp8_switches=switches_of(flip_switch(cfg.fp8_recipe, sw)))
+            except ValueError as e:
+                raise TrainConfigError("fp8_switches", str(e).removeprefix("fp8_switches: ")) from None
         mcfg = resolve_model_config(base, cfg)
     except ConfigError as e:
         kn = KNOBS.get(_FIELD_KNOB.get(e.field, ""))
@@ -233,9 +260,11 @@ def lab_config(knobs: dict, seed: int):
 # Seconds per step and per trained token of the default model on one core, and cost multipliers; only for the
 # "≈ time" hint before a run. Fitted to runs of 2x32, 8x64 and 16x128 tokens per step on a 2-core AMD Zen 5 with
 # fp32 GEMMs on oneDNN (core.gemm; within ~15% across that range): fp32 17 s for the default run, bf16 0.76x,
-# FP8 recipes (emulated) ~3x, no MTP 0.75x. Each finished run recalibrates this server's ratio (speed_ratio).
+# FP8 recipes (emulated) ~3x, no MTP 0.75x. deepseek-v3 ~6x and deepseek-v3-fp32acc ~4.5x the fp32 step (8x64
+# tokens, 1 thread, measured on the shared 2-core box while busy, so only the ratio is meant). Each finished run
+# recalibrates this server's ratio (speed_ratio).
 _S_PER_STEP, _S_PER_TOKEN = 0.045, 0.00015
-_FACTOR = {"bf16": 0.76, "fp32": 1.0}
+_FACTOR = {"bf16": 0.76, "fp32": 1.0, "deepseek-v3": 6.0, "deepseek-v3-fp32acc": 4.5}
 
 
 def _cost_factor(cfg) -> float:
@@ -284,6 +313,8 @@ def run_label(knobs: dict, number: int) -> str:
     bits = []
     for key, kn in KNOBS.items():
         if key in AFTER_ONLY or key in MOE_ONLY and k["tr_ffn"] == "dense":
+            continue
+        if key in FP8_ONLY and k["tr_prec"] in ("fp32", "bf16"):
             continue
         if key == "tr_gamma" and k["tr_bal"] not in ("aux_free", "both"):
             continue

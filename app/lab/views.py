@@ -51,6 +51,7 @@ def knob_panel(container=None) -> dict:
         draw("tr_experts", disabled=dense)
         draw("tr_topk", disabled=dense)
         draw("tr_prec")
+        draw("tr_fp8sw", disabled=vals["tr_prec"] in ("fp32", "bf16"))
         draw("tr_mtp")
     with sb.expander("Load balancing", expanded=True, icon=":material/balance:"):
         draw("tr_bal", disabled=dense, horizontal=False)

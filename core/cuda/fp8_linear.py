@@ -286,11 +286,16 @@ class FP8LinearGPU(nn.Linear):
 #: The recipe switches (core.fp8.FP8Recipe fields) this GPU path implements; any other value runs emulated.
 GPU_SWITCHES = {"act_fmt": ("e4m3",), "weight_fmt": ("e4m3",), "grad_fmt": ("e4m3",), "act_gran": ("tile",),
                 "weight_gran": ("block",), "grad_gran": ("tile",), "scaling": ("current",), "block_size": (128,),
-                "scale_fmt": (None,)}
+                "scale_fmt": (None,),
+                # the V3 recipe's other switches (core.fp8.SWITCHES) are emulated only; BF16 moments are the
+                # optimizer's (core.optim), on any device
+                "wgrad_tiling": ("1x128",), "attn_out_fmt": (None,), "attn_out_pow2": (False,),
+                "dispatch_pow2": (False,), "swiglu_recompute": (False,), "combine_bf16": (False,),
+                "accumulation": ("fp32",)}
 
 
 def gpu_recipe_issues(recipe: str | FP8Recipe) -> list[str]:
-    """Why `recipe` cannot run on the GPU FP8 GEMMs ([] when it can: of core.fp8.RECIPES only "deepseek")."""
+    """Why `recipe` cannot run on the GPU FP8 GEMMs ([] when it can: of core.fp8.RECIPES only "deepseek-gemm")."""
     r = get_recipe(recipe)
     return [f"{f}={getattr(r, f)!r} (GPU path: {ok})" for f, ok in GPU_SWITCHES.items() if getattr(r, f) not in ok]
 

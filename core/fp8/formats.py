@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "FP8Format", "FORMATS", "FP8_FORMATS", "OVERFLOW_MODES",
-    "get_format", "cast_to_fp8", "round_to_format", "decode_code", "bit_layout", "code_table",
+    "FP8Format", "FORMATS", "FP8_FORMATS", "OVERFLOW_MODES", "E5M6",
+    "get_format", "cast_to_fp8", "round_to_format", "round_to_bits", "decode_code", "bit_layout", "code_table",
     "representable_values",
 ]
 
@@ -48,6 +48,16 @@ class FP8Format:
     @property
     def is_fp8(self) -> bool:
         return self.bits == 8
+
+    @property
+    def emulated(self) -> bool:
+        """No torch dtype holds this format (E5M6): values are rounded by ``round_to_bits`` and kept in fp32."""
+        return self.dtype == torch.float32
+
+    @property
+    def scaled(self) -> bool:
+        """Quantized with a per-group scale (the FP8 formats and E5M6), unlike the bf16 contrast format."""
+        return self.is_fp8 or self.emulated
 
     @property
     def eps(self) -> float:
@@ -86,12 +96,18 @@ FORMATS: dict[str, FP8Format] = {
         2.0 ** -133, True, True, "bfloat16 for contrast (16 bits; not an FP8 format)"),
 }
 FP8_FORMATS = ("e4m3", "e5m2")
+#: DeepSeek's E5M6 (V3 report §3.3.3 "Low-Precision Activation": the inputs of the Linear after attention,
+#: with power-of-2 scales). The report gives only the bit split; we assume the IEEE-style layout of E5M2 and
+#: fp16 (bias 15, all-ones exponent for inf/NaN): max (2 - 2^-6)·2^15 = 65024, min normal 2^-14, min
+#: subnormal 2^-20. Not in FORMATS: it is a training-recipe format with no torch dtype (stored as fp32).
+E5M6 = FP8Format("e5m6", torch.float32, 5, 6, 15, (2 - 2.0 ** -6) * 2.0 ** 15, 2.0 ** -14, 2.0 ** -20, True, True,
+                 "DeepSeek E5M6 (12 bits, emulated in fp32; IEEE-style specials assumed)")
 OVERFLOW_MODES = ("saturate", "nan")
 
 _ALIASES = {
     "e4m3": "e4m3", "e4m3fn": "e4m3", "float8_e4m3fn": "e4m3", "fp8_e4m3": "e4m3", "fp8-e4m3": "e4m3",
     "e5m2": "e5m2", "float8_e5m2": "e5m2", "fp8_e5m2": "e5m2", "fp8-e5m2": "e5m2",
-    "bf16": "bf16", "bfloat16": "bf16",
+    "bf16": "bf16", "bfloat16": "bf16", "e5m6": "e5m6",
 }
 
 
@@ -103,8 +119,8 @@ def get_format(fmt: str | FP8Format, *, allow_bf16: bool = True) -> FP8Format:
         key = _ALIASES.get(str(fmt).strip().lower()) if isinstance(fmt, str) else None
         if key is None:
             raise ValueError(f"fmt: unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
-        spec = FORMATS[key]
-    if not allow_bf16 and not spec.is_fp8:
+        spec = E5M6 if key == "e5m6" else FORMATS[key]
+    if not allow_bf16 and not spec.scaled:
         raise ValueError(f"fmt: {spec.name!r} is not an FP8 format here; expected one of {list(FP8_FORMATS)}")
     return spec
 
@@ -140,6 +156,8 @@ def cast_to_fp8(x: torch.Tensor, fmt: str | FP8Format = "e4m3", overflow: str = 
     _check_overflow(overflow)
     if not torch.is_floating_point(x):
         raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
+    if spec.emulated:
+        return round_to_bits(x, spec, overflow)
     if x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         x = x.float()
     y = x.clamp(-spec.max, spec.max)  # clamp keeps NaN as NaN
@@ -162,12 +180,39 @@ def round_to_format(x: torch.Tensor, fmt: str | FP8Format = "e4m3", overflow: st
     _check_overflow(overflow)
     if not torch.is_floating_point(x):
         raise ValueError(f"x: expected a floating-point tensor, got dtype {x.dtype}")
-    if spec.is_fp8:
+    if spec.scaled:
         return cast_to_fp8(x, spec, overflow).float()
     x = x.float()
     if overflow == "saturate":
         x = x.clamp(-spec.max, spec.max)
     return x.to(spec.dtype).float()
+
+
+def round_to_bits(x: torch.Tensor, fmt: str | FP8Format, overflow: str = "saturate") -> torch.Tensor:
+    """Round ``x`` to the grid of a float format given only by its bit split (no torch dtype needed), RNE,
+    as float32: in the binade [2^e, 2^(e+1)) the step is 2^(e - man_bits), below the smallest normal it is
+    the subnormal step. saturate: clamp to ±max first; "nan": values that round above max become ±inf
+    (IEEE-style formats) or NaN. Matches torch's E4M3/E5M2 casts (tested), and is how E5M6 is emulated."""
+    spec = get_format(fmt)
+    _check_overflow(overflow)
+    xf = x.float()
+    y = xf.clamp(-spec.max, spec.max)
+    _, e = torch.frexp(y)  # y = m·2^e with |m| in [0.5, 1): the binade's exponent is e - 1
+    emin = math.frexp(spec.min_normal)[1] - 1
+    step = torch.ldexp(torch.ones_like(y), (e - 1).clamp(min=emin) - spec.man_bits)
+    y = torch.round(y / step) * step  # division by a power of two is exact; torch.round ties to even
+    if overflow == "nan":
+        over = _overflow_mask(xf, spec)
+        special = torch.where(xf > 0, torch.full_like(xf, math.inf), torch.full_like(xf, -math.inf)) \
+            if spec.has_inf else torch.full_like(xf, math.nan)
+        y = torch.where(over, special, y)
+    return y
+
+
+def _not_emulated(spec: FP8Format) -> FP8Format:
+    if spec.emulated:
+        raise ValueError(f"fmt: {spec.name!r} has no torch dtype to decode; expected one of {sorted(FORMATS)}")
+    return spec
 
 
 def _fields(code: int, spec: FP8Format) -> tuple[int, int, int]:
@@ -225,6 +270,8 @@ def code_table(fmt: str | FP8Format) -> list[dict]:
     Counts: E4M3 254 finite / 2 NaN / 0 inf; E5M2 248 / 6 / 2 (OCP OFP8 spec).
     """
     spec = get_format(fmt, allow_bf16=False)
+    if not spec.is_fp8:
+        raise ValueError(f"fmt: {spec.name!r} has no 256-code table; expected one of {list(FP8_FORMATS)}")
     return [_describe_code(c, spec) for c in range(256)]
 
 
@@ -232,7 +279,7 @@ def representable_values(fmt: str | FP8Format) -> torch.Tensor:
     """Sorted distinct finite values of ``fmt`` (float32 1-D tensor; -0 and +0 merged).
 
     E4M3: 253 values, E5M2: 247, BF16: 65279. Decoded by torch from every bit pattern."""
-    spec = get_format(fmt)
+    spec = _not_emulated(get_format(fmt))
     if spec.is_fp8:
         v = torch.arange(256, dtype=torch.uint8).view(spec.dtype).float()
     else:
@@ -249,7 +296,7 @@ def bit_layout(value: float, fmt: str | FP8Format = "e4m3", overflow: str = "sat
     is_nan, is_inf, overflowed (|input| beyond the format's range), abs_error, rel_error
     (|value-input|/|input|; 0 when both are 0, inf when input is 0 but value is not).
     """
-    spec = get_format(fmt)
+    spec = _not_emulated(get_format(fmt))
     x = float(value)
     t = torch.tensor([x], dtype=torch.float64)
     if spec.is_fp8:

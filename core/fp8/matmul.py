@@ -21,7 +21,7 @@ from core.fp8.scaling import _grouped, quantize
 
 __all__ = [
     "fp8_gemm", "fp8_gemm_quantized", "calc_diff", "round_mantissa", "limited_accumulation_gemm",
-    "accumulation_error_curve",
+    "limited_block_gemm", "accumulation_error_curve",
 ]
 
 
@@ -101,6 +101,63 @@ def round_mantissa(x: torch.Tensor, mantissa_bits: int, rounding: str = "rne") -
     return bits.view(torch.float32)
 
 
+def _accumulator_rounding(acc_mantissa_bits: int, rounding: str):
+    """In-place rounding of a float32 running sum to ``acc_mantissa_bits`` explicit mantissa bits, on its
+    integer view (the same rounding as ``round_mantissa``, without allocating)."""
+    if not 0 <= acc_mantissa_bits <= 23 or rounding not in ("rne", "truncate"):
+        round_mantissa(torch.zeros(0), acc_mantissa_bits, rounding)  # raises the ValueError naming the argument
+    drop = 23 - acc_mantissa_bits
+    keep = -(1 << drop)
+    half_m1 = (1 << (drop - 1)) - 1 if drop else 0
+
+    def round_acc_(acc: torch.Tensor) -> torch.Tensor:
+        if drop:
+            bits = acc.view(torch.int32)
+            if rounding == "rne":
+                bits.add_(((bits >> drop) & 1) + half_m1)
+            bits.bitwise_and_(keep)
+        return acc
+    return round_acc_
+
+
+def limited_block_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
+                       block_size: int = 128, acc_mantissa_bits: int = 13, promote_every: int = 128,
+                       chunk: int = 4, rounding: str = "truncate") -> torch.Tensor:
+    """``fp8_gemm_quantized`` on a limited-precision accumulator with promotion (V3 report §3.3.2, Fig. 7b):
+    C = A @ B^T for a_q [M, K] (1 x bs tiles, a_s [M, nK]) and b_q [N, K] (bs x bs blocks, b_s [nN, nK]).
+
+    Within every run of ``promote_every`` (N_C) elements of K the unscaled FP8 products are summed ``chunk`` at a
+    time into a running sum rounded to ``acc_mantissa_bits`` explicit mantissa bits (the tensor core's ~14-bit
+    accumulator, same model as ``limited_accumulation_gemm``); at the end of the run it is promoted: multiplied
+    by the two scales of its K-block and added into fp32 (the CUDA-core step). ``promote_every`` must divide
+    ``block_size`` (the scales are applied at promotion), and be a multiple of ``chunk``. All runs are
+    accumulated at once ([runs, M, N] buffers), so the sequential loop is N_C / chunk steps long, whatever K.
+    Returns float32 [M, N].
+    """
+    if a_q.dim() != 2 or b_q.dim() != 2 or a_q.shape[1] != b_q.shape[1]:
+        raise ValueError(f"a_q/b_q: expected [M,K] and [N,K], got {tuple(a_q.shape)} and {tuple(b_q.shape)}")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk <= 0:
+        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    if promote_every <= 0 or block_size % promote_every or promote_every % chunk:
+        raise ValueError(f"promote_every: expected a divisor of block_size={block_size} that is a multiple of "
+                         f"chunk={chunk}, got {promote_every!r}")
+    round_acc_ = _accumulator_rounding(acc_mantissa_bits, rounding)
+    M, K = a_q.shape
+    N = b_q.shape[0]
+    bs = block_size
+    nK = -(-K // bs)
+    runs, steps = nK * (bs // promote_every), promote_every // chunk
+    A = _grouped(a_q.float(), "tile", bs).reshape(M, runs, steps, chunk).permute(1, 2, 0, 3)  # [R, steps, M, c]
+    B = _grouped(b_q.float(), "tile", bs).reshape(N, runs, steps, chunk).permute(1, 2, 3, 0)  # [R, steps, c, N]
+    acc = torch.zeros(runs, M, N, dtype=torch.float32)
+    for j in range(steps):
+        round_acc_(acc.add_(torch.bmm(A[:, j], B[:, j])))
+    kb = torch.arange(runs) // (bs // promote_every)  # the K-block of each run
+    a_scale = a_s.float().T[kb].unsqueeze(-1)  # [R, M, 1]
+    b_scale = b_s.float().repeat_interleave(bs, dim=0)[:N].T[kb].unsqueeze(1)  # [R, 1, N]
+    return (acc * a_scale * b_scale).sum(0)  # promotion: scaled partial sums added in fp32
+
+
 def limited_accumulation_gemm(a: torch.Tensor, b: torch.Tensor, acc_mantissa_bits: int = 13,
                               promote_every: int | None = None, fmt: str | FP8Format | None = "e4m3",
                               chunk: int = 4, rounding: str = "truncate",
@@ -143,20 +200,11 @@ def limited_accumulation_gemm(a: torch.Tensor, b: torch.Tensor, acc_mantissa_bit
     # All chunk partial products at once: [nC, M, N] (vectorised; only the running sum is sequential).
     P = torch.bmm(A.reshape(M, nC, chunk).transpose(0, 1), B.reshape(N, nC, chunk).permute(1, 2, 0))
     steps_per_promo = None if promote_every is None else promote_every // chunk
-    if not 0 <= acc_mantissa_bits <= 23 or rounding not in ("rne", "truncate"):
-        round_mantissa(P[:0], acc_mantissa_bits, rounding)  # raises the ValueError naming the argument
-    drop = 23 - acc_mantissa_bits
-    keep = -(1 << drop)
-    half_m1 = (1 << (drop - 1)) - 1 if drop else 0
+    round_acc_ = _accumulator_rounding(acc_mantissa_bits, rounding)
     acc = torch.zeros(M, N, dtype=torch.float32)
-    bits = acc.view(torch.int32)  # in-place integer view of the running sum (same rounding as round_mantissa)
     out = torch.zeros(M, N, dtype=torch.float32)
     for i in range(nC):
-        acc.add_(P[i])
-        if drop:
-            if rounding == "rne":
-                bits.add_(((bits >> drop) & 1) + half_m1)
-            bits.bitwise_and_(keep)
+        round_acc_(acc.add_(P[i]))
         if steps_per_promo is not None and (i + 1) % steps_per_promo == 0:
             out += acc  # promotion: add the limited partial sum into the fp32 accumulator and reset it
             acc.zero_()

@@ -139,7 +139,7 @@ def compute_scale(amax: torch.Tensor | float, fmt: str | FP8Format = "e4m3", gra
     if scale_fmt not in (None, "ue8m0"):
         raise ValueError(f"scale_fmt: expected None or 'ue8m0', got {scale_fmt!r}")
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    if not spec.is_fp8:
+    if not spec.scaled:
         return torch.ones_like(amax)
     s = amax.clamp(min=AMAX_FLOOR) / spec.max
     if margin:
@@ -174,7 +174,8 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format = "e4m3", granularity: str = 
         scale: optional precomputed scale of the documented shape (e.g. from ``DelayedScaler``).
 
     Returns:
-        (q, scale): q has x's shape and a float8 dtype (bfloat16 for "bf16"); scale is float32.
+        (q, scale): q has x's shape and a float8 dtype (bfloat16 for "bf16"; float32 holding E5M6 values for
+        "e5m6", which has no torch dtype); scale is float32.
     Source: DeepSeek-V3 inference/kernel.py ``act_quant`` (s = amax/448, amax >= 1e-4, y = x/s).
     """
     spec = get_format(fmt)
@@ -191,7 +192,7 @@ def quantize(x: torch.Tensor, fmt: str | FP8Format = "e4m3", granularity: str = 
             raise ValueError(f"scale: expected shape {want} for x {tuple(x.shape)} and "
                              f"granularity={granularity!r}, got {tuple(scale.shape)}")
     y = _ungroup(_grouped(xf, granularity, bs) / _scale_broadcast(scale, granularity), x.shape, granularity, bs)
-    if not spec.is_fp8:  # bf16 contrast: scale is 1 unless one was passed in
+    if not spec.scaled:  # bf16 contrast: scale is 1 unless one was passed in
         return round_to_format(y, spec, overflow).to(spec.dtype), scale
     return cast_to_fp8(y, spec, overflow), scale
 
