@@ -35,7 +35,9 @@ Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the
 and thread count).
 
 Evaluation and sampling helpers live in `core.evaluate`; the CLI (`python -m core.train --preset mini --steps 300
---json run.json`) in `core.cli`.
+--json run.json`) in `core.cli`; the distributed run (a `TrainRun` subclass) in `core.parallel.trainer`.
+(About 600 lines: `TrainConfig`'s validation, one field per knob with its message, is half of it; the step
+itself stays in one class so the distributed run overrides hooks instead of copying it.)
 """
 from __future__ import annotations
 
