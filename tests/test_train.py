@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apptest_helpers import HANG_S
 from core.checkpoint import load_hf
 from core.config import PRESETS
 from core.data import get_dataset
@@ -234,7 +235,7 @@ def test_cli_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "core.train", "--preset", "tiny", "--steps", "3", "--seed", "1",
            "--batch-size", "4", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
            "--balancing", "both", "--no-mtp", "--json", str(out), "--save", str(ckpt), "--threads", "1"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stderr
     assert "step 3/3" in p.stderr
     recs = json.loads(out.read_text())
@@ -248,7 +249,7 @@ def test_cli_end_to_end(tmp_path):
     assert len(model.mtp) == 0 and json.loads(p.stdout.strip().splitlines()[-1])["steps"] == 3
 
     bad = subprocess.run([sys.executable, "-m", "core.train", "--preset", "tiny", "--balancing", "magic"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert bad.returncode == 2 and "balancing:" in bad.stderr
 
 
