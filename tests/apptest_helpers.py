@@ -24,3 +24,16 @@ def open_page(page: str, query: dict | None = None, timeout: float = HANG_S) -> 
         at.query_params.update(query)
     at.switch_page(page)
     return at.run()
+
+
+WIDGET_KINDS = ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle")
+
+
+def widget(at: AppTest, key: str, kinds: tuple[str, ...] = WIDGET_KINDS):
+    """The knob with `key`, whatever its widget kind."""
+    for kind in kinds:
+        try:
+            return getattr(at, kind)(key=key)
+        except KeyError:
+            continue
+    raise KeyError(key)

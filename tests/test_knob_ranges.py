@@ -14,7 +14,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import lessons as ls
 from app.sidebar import PRESET_LABELS
-from apptest_helpers import open_page
+from apptest_helpers import open_page, widget
 
 PRESETS = list(PRESET_LABELS)
 PAGES = ["pages/overview.py", "pages/mla.py", "pages/moe.py", "pages/fp8.py", "pages/lessons.py",
@@ -34,12 +34,7 @@ KINDS = ("slider", "select_slider", "radio", "selectbox", "number_input")
 
 
 def _widget(at: AppTest, key: str):
-    for kind in KINDS:
-        try:
-            return getattr(at, kind)(key=key)
-        except KeyError:
-            continue
-    raise KeyError(key)
+    return widget(at, key, KINDS)
 
 
 def _range(w) -> tuple:
