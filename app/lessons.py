@@ -7,16 +7,25 @@ new tab" link an instructor shares, and the tests (tests/test_app_lessons.py ope
 parameters and checks every widget value).
 
 The lessons page itself is bound to `?ls_sec=<section>&ls_step=<n>`, so a link reaches any step.
+
+(Longer than ~500 lines because most of it is the lesson prose itself; every number in that prose comes from
+`core` / `core.published` at import, via `app.texts` where the explanations quote it too.)
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import math
+
 from app.pages import PAGES
+from app.texts import (COUNTS, E4M3, E5M2, MINI, V2, V3, V3_KV_MHA, V3_KV_MLA, activated_share,
+                       fp8_validation_sentence)
+from core.calc import weight_bytes
 from core.published import (H800_FP8_ACCUM_BITS, V2_ACTIVATED_PARAMS, V2_TOTAL_PARAMS, V3_ACTIVATED_PARAMS,
-                            V3_CONTEXT_TOKENS, V3_FP8_LOSS_REL_ERROR, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
-from core.units import tokens
+                            V3_CONTEXT_TOKENS, V3_PROMOTION_INTERVAL, V3_TOTAL_PARAMS, billions)
+from core.train import APP_DEFAULT
+from core.units import human_count, tokens
 
 # ====================================================================== data model
 PAGE_TITLES = {p.path: p.title for p in PAGES}
@@ -89,6 +98,12 @@ def query_string(step: Step) -> str:
 
 # ====================================================================== the six sections
 L = {"lesson": True}   # every step opens its dashboard in lesson mode (explanations open, "what to notice" notes)
+# Knob values that a step's prose also quotes (one place each).
+_WALL = {"mla_batch": 16, "mla_gpus": 8, "mla_gpumem": 80, "mla_wdtype": "fp8"}
+_SERVE = {"mla_batch": 32, "mla_gpus": 16, "mla_gpumem": 80, "mla_wdtype": "fp8"}
+_GQA_GROUPS = 8
+_ROPE_X2 = 2 * V3.qk_rope_head_dim
+_TOPK_GROUPS = 2
 
 FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache problem",
                       "Why a language model that generates text needs memory that grows with every token.", (
@@ -105,8 +120,8 @@ FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache pr
     Step("The KV cache grows with every token",
          "When generating, the keys and values of earlier tokens never change, so they are kept — the **KV cache** — "
          "instead of being recomputed. Standard multi-head attention (MHA) stores $2 n_h d_h$ numbers per token "
-         "per layer: for a DeepSeek-V3-sized model with MHA that is 32,768 numbers × 61 layers for *every* token of "
-         "*every* sequence being served.",
+         f"per layer: for a DeepSeek-V3-sized model with MHA that is {V3_KV_MHA:,} numbers × "
+         f"{V3.num_hidden_layers} layers for *every* token of *every* sequence being served.",
          "pages/mla.py", {**L, "mla_ctx": 131072, "mla_batch": 1, "mla_log": False},
          "On a linear scale every line is straight: memory is proportional to the context. Read the MHA line at "
          f"{tokens(V3_CONTEXT_TOKENS)} tokens: that is the cache of ONE sequence.",
@@ -114,9 +129,10 @@ FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache pr
          ("kv",)),
     Step("The memory wall: what fits on the GPUs",
          "Serving means many sequences at once. The GPUs hold the weights first; whatever is left holds the KV "
-         "caches. With an MHA-sized cache, a node of 8 × 80 GiB fits only a short context for a batch of 16 — "
-         "the cache, not compute, limits how many users one server can take.",
-         "pages/mla.py", {**L, "mla_batch": 16, "mla_gpus": 8, "mla_gpumem": 80, "mla_wdtype": "fp8"},
+         f"caches. With an MHA-sized cache, a node of {_WALL['mla_gpus']} × {_WALL['mla_gpumem']} GiB fits only a "
+         f"short context for a batch of {_WALL['mla_batch']} — the cache, not compute, limits how many users one "
+         "server can take.",
+         "pages/mla.py", {**L, **_WALL},
          "In **What fits on your GPUs**, compare the MHA bar with the MLA bar: same memory, very different "
          "longest context.",
          (r"T_{\max} = \Big\lfloor \frac{M_{\text{GPUs}} - M_{\text{weights}}}{e \cdot L \cdot B \cdot "
@@ -126,9 +142,9 @@ FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache pr
          "The classic fix shares one K/V head between a group of query heads: grouped-query attention (GQA, $n_g$ "
          "groups) or multi-query attention (MQA, one K/V head). The cache shrinks by $n_h / n_g$ — by removing K/V "
          "capacity, which costs quality.",
-         "pages/mla.py", {**L, "mla_groups": 8},
-         "The orange GQA-8 line sits 16× below MHA, the green MQA line 128× below. Keep the MLA (blue) line in mind "
-         "for the next section.",
+         "pages/mla.py", {**L, "mla_groups": _GQA_GROUPS},
+         f"The orange GQA-{_GQA_GROUPS} line sits {V3.num_attention_heads // _GQA_GROUPS}× below MHA, the green MQA "
+         f"line {V3.num_attention_heads}× below. Keep the MLA (blue) line in mind for the next section.",
          (r"e_{\text{GQA}} = 2\, n_g\, d_h,\qquad e_{\text{MQA}} = 2\, d_h",),
          ("kv",)),
 ))
@@ -136,11 +152,12 @@ FOUNDATIONS = Section("Foundations", "Foundations: attention and the KV-cache pr
 MLA = Section("MLA", "Multi-head Latent Attention: compress the cache, keep the heads",
               "DeepSeek-V2/V3 cache one small latent vector per token and rebuild every head's K and V from it.", (
     Step("One latent vector per token",
-         "MLA projects each token down to a latent $c^{KV}_t$ of $d_c = 512$ numbers and rebuilds all 128 heads' keys "
-         "and values from it with up-projections. Only the latent (plus a small RoPE key, next step) is cached: "
-         "576 numbers per token per layer instead of 32,768.",
+         f"MLA projects each token down to a latent $c^{{KV}}_t$ of $d_c = {V3.kv_lora_rank}$ numbers and rebuilds all "
+         f"{V3.num_attention_heads} heads' keys and values from it with up-projections. Only the latent (plus a small "
+         f"RoPE key, two steps on) is cached: {V3_KV_MLA:,} numbers per token per layer instead of {V3_KV_MHA:,}.",
          "pages/mla.py", {**L},
-         "The **MLA saves vs MHA** card: 98.2% for DeepSeek-V3's shape, and the blue line far below all others.",
+         f"The **MLA saves vs MHA** card: {1 - V3_KV_MLA / V3_KV_MHA:.1%} for DeepSeek-V3's shape, and the blue line "
+         "far below all others.",
          (r"c^{KV}_t = W^{DKV} h_t,\qquad k^C_{t,i} = W^{UK}_i c^{KV}_t,\qquad v^C_{t,i} = W^{UV}_i c^{KV}_t",),
          ("kv",)),
     Step("The latent dimension is the knob",
@@ -151,67 +168,86 @@ MLA = Section("MLA", "Multi-head Latent Attention: compress the cache, keep the 
          (r"e_{\text{MLA}} = d_c + d_h^R",),
          ("kv",)),
     Step("Decoupled RoPE",
-         "Rotary position embeddings rotate keys by their position, so they cannot be folded into $W^{UK}$. MLA "
-         "adds one small extra key $k^R_t$ ($d_h^R = 64$) that carries the position and is shared by all heads. It "
-         "is cached too — a fixed cost per token.",
-         "pages/mla.py", {**L, "mla_rope": 128},
-         "Doubling the RoPE key dim adds 64 numbers per token per layer: the MLA card's element count goes from "
-         "576 × 61 to 640 × 61.",
+         "At decode time MLA folds $W^{UK}$ into the query (the absorption of the next step) so that keys are never "
+         "rebuilt from the latent. Rotary position embeddings on those keys would put a rotation that depends on the "
+         "query's and each cached token's positions *between* $W^{Q}$ and $W^{UK}$; matrix products do not commute, "
+         "so $W^{UK}$ could no longer be absorbed and every cached key would have to be recomputed for each new token "
+         "(DeepSeek-V2 report §2.1.3). So the content keys get no RoPE; instead MLA adds one small extra key $k^R_t$ "
+         f"($d_h^R = {V3.qk_rope_head_dim}$), rotated by RoPE and shared by all heads, with a RoPE query $q^R_{{t,i}}$ "
+         "per head. It is cached too — a fixed cost per token.",
+         "pages/mla.py", {**L, "mla_rope": _ROPE_X2},
+         f"Doubling the RoPE key dim adds {_ROPE_X2 - V3.qk_rope_head_dim} numbers per token per layer: the MLA card's "
+         f"element count goes from {V3_KV_MLA:,} × {V3.num_hidden_layers} to "
+         f"{V3.kv_lora_rank + _ROPE_X2:,} × {V3.num_hidden_layers}.",
          (r"k^R_t = \operatorname{RoPE}(W^{KR} h_t),\qquad k_{t,i} = [k^C_{t,i};\ k^R_t]",),
          ("kv",)),
     Step("Absorb the up-projection: decode on the latent",
-         "Because $q^\\top (W^{UK} c) = (W^{UK\\top} q)^\\top c$, the up-projection can be folded into the query, "
-         "and $W^{UV}$ into the output projection: decoding attends directly over the cached latents. The "
-         "measured section runs the real module both ways.",
+         "A head's score has a content part and a RoPE part, $q^\\top k = (q^C)^\\top W^{UK} c + (q^R)^\\top k^R$. "
+         "Because $(q^C)^\\top (W^{UK} c) = (W^{UK\\top} q^C)^\\top c$, the up-projection can be folded into the "
+         "query, and $W^{UV}$ into the output projection; the RoPE part uses the cached $k^R$ as it is. Decoding "
+         "attends directly over the cached latents. The measured section runs the real module both ways.",
          "pages/mla.py", {**L, "mla_dtype": "bf16"},
          "In **Measured: the real MLA module**: naive and absorbed decodes give the same output, and the measured "
          "cache bytes equal the formula — the absorbed cache is many times smaller.",
-         (r"(q^C_{t,i})^\top k^C_{j,i} = \big((W^{UK}_i)^\top q^C_{t,i}\big)^\top c^{KV}_j",),
+         (r"q_{t,i}^\top k_{j,i} = \big((W^{UK}_i)^\top q^C_{t,i}\big)^\top c^{KV}_j + (q^R_{t,i})^\top k^R_j",),
          ("kv",)),
 ))
 
 MOE = Section("MoE", "DeepSeekMoE and load balancing",
-              "256 small experts, 8 per token — and how DeepSeek-V3 keeps them evenly loaded without an aux loss.", (
+              f"{V3.n_routed_experts} small experts, {V3.num_experts_per_tok} per token — and how DeepSeek-V3 keeps "
+              "them evenly loaded without relying on an aux loss.", (
     Step("Many small experts, a few per token",
-         "Every MoE layer has 1 shared expert that every token uses and 256 routed experts; a router scores them "
-         "with a sigmoid and each token uses its top 8. Most weights live in experts, but a token touches only "
-         "8/256 of them.",
+         f"Every MoE layer has {V3.n_shared_experts} shared expert that every token uses and {V3.n_routed_experts} "
+         f"routed experts; a router scores them with a sigmoid and each token uses its top {V3.num_experts_per_tok}. "
+         f"Most weights live in experts, but a token touches only {V3.num_experts_per_tok}/{V3.n_routed_experts} of "
+         "the routed ones.",
          "pages/moe.py", {**L},
-         "The **Experts per token** card (8 + 1) and the routing heatmap: rows are token domains, columns experts.",
+         f"The **Experts per token** card ({V3.num_experts_per_tok} + {V3.n_shared_experts}) and the routing "
+         "heatmap: rows are token domains, columns experts.",
          (r"h'_t = u_t + \sum_{i=1}^{N_s} \text{FFN}^{(s)}_i(u_t) + \sum_{i=1}^{N_r} g_{i,t}\,\text{FFN}^{(r)}_i(u_t)",),
          ("maxvio",)),
-    Step("Routing collapse",
-         "A fresh router is not balanced: tokens share a common direction, so they all prefer the same few experts. "
-         "Those experts become the bottleneck, others idle and never learn. MaxVio measures it.",
+    Step("A fresh router is already unbalanced",
+         "Tokens share a common direction, so a fresh router sends many of them to the same few experts: those "
+         "experts become the bottleneck while others idle. MaxVio measures it. This simulation never trains the "
+         "router, so the imbalance simply stays. In training it can feed on itself — the favoured experts get most "
+         "of the gradient, improve, and attract still more tokens: that self-reinforcing outcome is **routing "
+         "collapse** (Shazeer et al. 2017 §4; V3 §2.1.2). Section 5 trains a model without balancing to show it "
+         "over steps.",
          "pages/moe.py", {**L, "moe_strategy": "none", "moe_skew": 2.0},
-         "The grey 'no balancing' line stays high in **The bias controller over time**; in the load heatmap a few "
-         "bright columns take most tokens for the whole run.",
+         "The grey 'no balancing' line stays high in **The bias controller over time** (a frozen router: the "
+         "initial imbalance, not yet collapse); in the load heatmap a few bright columns take most tokens for the "
+         "whole run.",
          (r"\text{MaxVio} = \frac{\max_i c_i}{\bar c} - 1",),
          ("maxvio",)),
     Step("The classic fix: an auxiliary loss",
          "Add a balance loss $\\alpha \\sum_i f_i P_i$ to the training loss: its gradient pushes the router towards "
-         "uniform loads. It works slowly, and it pulls against the language-modelling objective — too large an "
-         "$\\alpha$ hurts quality.",
+         "uniform loads. The catch is quality: the gradient also pulls against the language-modelling objective, "
+         "and an $\\alpha$ large enough to keep the loads balanced costs perplexity (LFB paper Fig. 2; V3 §2.1.2). "
+         "How fast the line below falls is set by $\\alpha$ and by this simulation's learning rate (plain SGD on the "
+         "router alone), not by the method.",
          "pages/moe.py", {**L, "moe_strategy": "aux_loss", "moe_alpha": 0.1},
-         "The orange aux-loss line falls, but slowly; move **Aux loss weight α** and see the speed change.",
+         "The orange aux-loss line falls; move **Aux loss weight α** and see the speed change. The simulation has no "
+         "language-model loss, so it cannot show the quality cost of a large α.",
          (r"\mathcal{L}_{\text{Bal}} = \alpha \sum_{i=1}^{N_r} f_i P_i,\qquad f_i = \frac{N_r}{K_r T}"
-          r"\sum_t \mathbb{1}[i \in \text{Top}_k(t)]",),
+          r"\sum_t \mathbb{1}\big(s_{i,t} \in \operatorname{Topk}(\{s_{j,t}\}_{j=1}^{N_r}, K_r)\big),\qquad "
+          r"P_i = \frac{1}{T}\sum_t \frac{s_{i,t}}{\sum_j s_{j,t}}",),
          ("maxvio",)),
     Step("DeepSeek-V3: aux-loss-free balancing",
          "V3 adds a per-expert bias $b_i$ to the scores *only to choose* the top-k, and after each batch moves it by "
          "$\\gamma$ against the expert's load error. Gate weights still use the unbiased scores, so balancing costs "
          "no gradient at all.",
          "pages/moe.py", {**L, "moe_strategy": "aux_free", "moe_gamma": 0.01, "moe_steps": 120},
-         "The blue line reaches a low MaxVio within about 1/γ = 100 steps; the bias heatmap shows busy experts "
-         "pushed down, idle ones pulled up.",
+         "The blue line falls far below the grey one within the first few dozen steps and stays there; the bias "
+         "heatmap shows busy experts pushed down, idle ones pulled up.",
          (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
          ("maxvio",)),
     Step("Node-limited routing",
-         "Experts are spread over nodes (8 groups in V3). Each token may use experts from at most 4 groups, chosen "
-         "by the sum of each group's two best scores — a cap on cross-node traffic.",
-         "pages/moe.py", {**L, "moe_topkg": 2},
-         "In **Group-limited routing, token by token**: each row uses experts from only 2 groups; the blank columns "
-         "are groups the token was not allowed to use.",
+         f"Experts are spread over nodes ({V3.n_group} groups in V3). Each token may use experts from at most "
+         f"{V3.topk_group} groups, chosen by the sum of each group's two best (biased) scores — a cap on cross-node "
+         "traffic (V3 §2.1.2).",
+         "pages/moe.py", {**L, "moe_topkg": _TOPK_GROUPS},
+         f"In **Group-limited routing, token by token**: each row uses experts from only {_TOPK_GROUPS} groups; the "
+         "blank columns are groups the token was not allowed to use.",
          (r"\text{group score}_g = \sum \operatorname{top}_2\{s_{i,t} + b_i : i \in g\}",),
          ("maxvio",)),
 ))
@@ -219,11 +255,15 @@ MOE = Section("MoE", "DeepSeekMoE and load balancing",
 FP8 = Section("FP8", "FP8 training",
               "Eight-bit floats halve the memory traffic of BF16 — if the scaling and the accumulation are right.", (
     Step("Two FP8 formats",
-         "E4M3 has 3 mantissa bits and a max of 448; E5M2 has 2 mantissa bits but reaches 57,344. Rounding to "
-         "nearest costs at most $2^{-(m+1)}$ relative error: 6.25% for E4M3. DeepSeek-V3 uses E4M3 for all "
-         "tensors and gets range from fine-grained scales.",
+         f"E4M3 has {E4M3.man_bits} mantissa bits and a max of {E4M3.max:g}; E5M2 has {E5M2.man_bits} mantissa bits "
+         f"but reaches {E5M2.max:,.0f}. Rounding to nearest costs at most $2^{{-(m+1)}}$ relative error: "
+         f"{2.0 ** -(E4M3.man_bits + 1):.2%} for E4M3. DeepSeek-V3 uses E4M3 for the operands of all its FP8 GEMMs "
+         "(forward and both backward GEMMs, where others use E5M2 for gradients) and gets range from fine-grained "
+         "scales (V3 report §3.3.2). Not everything is E4M3: the activations entering the linear after attention are "
+         "kept in a custom E5M6 format, and the MoE combine and AdamW's moments stay in BF16 (§3.3.3).",
          "pages/fp8.py", {**L, "fp8_data": "gaussian", "fp8_fmt": "e4m3"},
-         "SQNR ≈ 31.6 dB on Gaussian data. Switch **Format** to E5M2: about 6 dB worse (one mantissa bit less).",
+         "Read the SQNR card on the Gaussian data. Switch **Format** to E5M2: one mantissa bit less costs about "
+         f"{20 * math.log10(2):.0f} dB (each bit halves the rounding error).",
          (r"x = (-1)^s \cdot 2^{E - \text{bias}} \cdot 1.M",),
          ("fp8hist",)),
     Step("Outliers break per-tensor scaling",
@@ -232,7 +272,7 @@ FP8 = Section("FP8", "FP8 training",
          "pages/fp8.py", {**L, "fp8_data": "outliers", "fp8_gran": "tensor", "fp8_osz": 10000.0},
          "The histogram's bulk slides left of the 'smallest subnormal' line; the **Flushed to zero** card counts "
          "the lost values.",
-         (r"s = \frac{\max|x|}{448},\qquad q = \operatorname{RNE}(x / s)",),
+         (r"s = \frac{\max|x|}{" + f"{E4M3.max:g}" + r"},\qquad q = \operatorname{RNE}(x / s)",),
          ("fp8hist",)),
     Step("Fine-grained scaling: 1×128 tiles and 128×128 blocks",
          "DeepSeek-V3 gives every 1×128 tile of an activation and every 128×128 block of a weight its own scale, so "
@@ -240,13 +280,13 @@ FP8 = Section("FP8", "FP8 training",
          "pages/fp8.py", {**L, "fp8_data": "outliers", "fp8_gran": "tile", "fp8_osz": 10000.0},
          "Same data as the last step: SQNR of the non-outlier values jumps back up; in the granularity sweep the "
          "1×128 tile line stays high while per-tensor falls.",
-         (r"s_g = \frac{\max_{i \in g}|x_i|}{448}\ \text{for every group } g \text{ of } 1\times128",),
+         (r"s_g = \frac{\max_{i \in g}|x_i|}{" + f"{E4M3.max:g}" + r"}\ \text{for every group } g \text{ of } "
+          r"1\times128",),
          ("fp8hist", "sweep")),
     Step(f"Promote the accumulator every {V3_PROMOTION_INTERVAL} products",
          f"An FP8 GEMM sums $K$ products. H800 tensor cores accumulate with about {H800_FP8_ACCUM_BITS} bits, so the "
          f"error grows with $K$. V3 copies partial sums to FP32 registers every $N_C = {V3_PROMOTION_INTERVAL}$ "
-         "products, where the scales are applied "
-         "too.",
+         "elements of $K$, where the scales are applied too (V3 report §3.3.2).",
          "pages/fp8.py", {**L, "fp8_nc": 128, "fp8_accbits": 13},
          "In **GEMM accumulation**: without promotion the error grows with K; with promotion every 128 it stays "
          "flat. Set N_C to 1024 and watch the bound rise.",
@@ -257,17 +297,20 @@ FP8 = Section("FP8", "FP8 training",
 TOGETHER = Section("Putting it together", "Putting it together: the training lab",
                    "Train a mini DeepSeek-V3 on this server, change one ingredient, overlay the runs.", (
     Step("Train the default mini DeepSeek-V3",
-         "The lab's default is a 4-layer model with MLA, DeepSeekMoE (16 routed experts, top-4, 1 shared), "
-         "aux-loss-free balancing and MTP, trained for 150 steps on four synthetic token domains. Press **Start**: "
-         "it takes 20–30 s on one core.",
-         "pages/training.py", {**L, "tr_steps": 150},
-         "The loss falls well below ln 256 = 5.55 (a uniform guess); MaxVio drops as the bias controller acts; "
-         "after the run the domain × expert matrix shows experts specialising by domain.",
+         f"The lab's default is a {MINI.num_hidden_layers}-layer model with MLA, DeepSeekMoE "
+         f"({MINI.n_routed_experts} routed experts, top-{MINI.num_experts_per_tok}, {MINI.n_shared_experts} shared), "
+         f"aux-loss-free balancing and MTP, trained for {APP_DEFAULT.steps} steps on four synthetic token domains. "
+         "Press **Start**: the caption under the knobs gives the expected time on one core.",
+         "pages/training.py", {**L, "tr_steps": APP_DEFAULT.steps},
+         f"The loss falls well below ln {MINI.vocab_size} = {math.log(MINI.vocab_size):.2f} (a uniform guess); "
+         "MaxVio drops as the bias controller acts; after the run the domain × expert matrix shows experts "
+         "specialising by domain.",
          (r"\mathcal{L} = \mathcal{L}_{\text{LM}} + \tfrac{\lambda}{D}\textstyle\sum_k \mathcal{L}^k_{\text{MTP}}",),
          ("lab",)),
     Step("Balancing matters: turn it off",
          "Run again with balancing **none**, then overlay the two runs under **Compare runs**. Without balancing the "
-         "router may collapse onto a few experts.",
+         "router may collapse onto a few experts as training goes on — the self-reinforcing routing collapse of "
+         "section 3, now over steps.",
          "pages/training.py", {**L, "tr_bal": "none"},
          "Under **Compare runs**, the MaxVio overlay: the balanced run falls, the unbalanced one stays high. The "
          "loss overlay's title gives the final-loss delta — small at this size: balance is about using every "
@@ -275,10 +318,10 @@ TOGETHER = Section("Putting it together", "Putting it together: the training lab
          (r"b_i \leftarrow b_i + \gamma\,\operatorname{sign}(\bar c - c_i)",),
          ("lab",)),
     Step("FP8 versus FP32",
-         "Run the same model with the DeepSeek FP8 recipe (E4M3, 1×128 activation tiles, 128×128 weight blocks, "
-         f"FP32 master weights) and overlay it with the FP32 run. At scale, V3 reports an FP8 loss within "
-         f"{V3_FP8_LOSS_REL_ERROR:.2%} of "
-         "its BF16 baseline. The FP8 GEMMs are emulated on the CPU, so this run takes about twice as long.",
+         "Run the same model with the DeepSeek FP8 recipe (E4M3 operands, 1×128 activation tiles, 128×128 weight "
+         "blocks, FP32 master weights; the recipe table on the FP8 page lists every tensor) and overlay it with the "
+         f"FP32 run. The V3 report gives a {fp8_validation_sentence()}. The FP8 GEMMs are emulated on the CPU, so "
+         "this run takes longer (the caption under the knobs gives the estimate).",
          "pages/training.py", {**L, "tr_prec": "deepseek"},
          "The overlay's title gives the final-loss delta. Compare it with the gap between two FP32 runs that differ "
          "only in the seed: on a tiny model trained for seconds, is the FP8 gap bigger than that noise?",
@@ -298,9 +341,11 @@ SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOT
                 "From the mini model back to the real one: where the parameters are and what serving needs.", (
     Step(f"{billions(V3_TOTAL_PARAMS)} total, {billions(V3_ACTIVATED_PARAMS)} activated",
          f"DeepSeek-V3 has {billions(V3_TOTAL_PARAMS)} parameters, but each token runs through only about "
-         f"{billions(V3_ACTIVATED_PARAMS)}: the embedding, attention, "
-         "the dense layers, the shared expert and its 8 routed experts per layer. Compute follows the activated "
-         "count; memory follows the total.",
+         f"{billions(V3_ACTIVATED_PARAMS)}: the embedding, attention, the dense layers, the shared expert and its "
+         f"{V3.num_experts_per_tok} routed experts per layer, and the output head. Eva counts "
+         f"{human_count(COUNTS['deepseek-v3']['activated'])} with the input embedding and "
+         f"{human_count(COUNTS['deepseek-v3']['activated_no_embedding'])} without (the report does not say which "
+         "convention its figure uses). Compute follows the activated count; memory follows the total.",
          "pages/overview.py", {**L, "model": "deepseek-v3"},
          "In the parameter breakdown the purple routed-expert segment dominates the total bar and nearly vanishes "
          "in the activated bar.",
@@ -310,24 +355,28 @@ SCALE = Section("Scale and deployment", f"Scale and deployment: {billions(V3_TOT
          "The released checkpoint stores matrices in FP8 (1 byte plus a scale per 128×128 block): about half of "
          f"BF16. The KV cache of a whole {tokens(V3_CONTEXT_TOKENS)}-token sequence is small next to the weights thanks "
          "to MLA.",
-         "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ctx": 131072, "ov_kvdt": "bf16"},
-         "In **Memory and compute**: FP8 weights ≈ 50% of BF16; the MLA cache bar is tiny next to the MHA one.",
+         "pages/overview.py", {**L, "model": "deepseek-v3", "ov_ctx": V3_CONTEXT_TOKENS, "ov_kvdt": "bf16"},
+         f"In **Memory and compute**: FP8 weights ≈ {weight_bytes(V3, 'fp8') / weight_bytes(V3, 'bf16'):.0%} of "
+         "BF16; the MLA cache bar is tiny next to the MHA one.",
          (r"M_{\text{FP8}} \approx N_{\text{lin}} + 2 N_{\text{other}} + 4\lceil N_{\text{lin}}/128^2\rceil\ "
           r"\text{bytes}",),
          ("params", "memory")),
     Step("How many users fit on a node",
-         "Serve a batch of 32 sequences from 16 GPUs of 80 GiB with FP8 weights: what is left after the weights "
-         "holds the caches. This is where MLA pays for itself.",
-         "pages/mla.py", {**L, "model": "deepseek-v3", "mla_batch": 32, "mla_gpus": 16, "mla_gpumem": 80,
-                          "mla_wdtype": "fp8"},
+         f"Serve a batch of {_SERVE['mla_batch']} sequences from {_SERVE['mla_gpus']} GPUs of "
+         f"{_SERVE['mla_gpumem']} GiB with FP8 weights: what is left after the weights holds the caches. This is "
+         "where MLA pays for itself.",
+         "pages/mla.py", {**L, "model": "deepseek-v3", **_SERVE},
          "**Longest MLA context** vs the MHA figure below it: the ratio is the cache reduction factor.",
          (),
          ("kv",)),
     Step("DeepSeek-V2 for comparison",
-         f"DeepSeek-V2 ({billions(V2_TOTAL_PARAMS)} total, {billions(V2_ACTIVATED_PARAMS)} activated) used the same MLA but 160 routed experts with top-6, softmax "
-         "scoring and an auxiliary balance loss. Switch the model and compare.",
+         f"DeepSeek-V2 ({billions(V2_TOTAL_PARAMS)} total, {billions(V2_ACTIVATED_PARAMS)} activated) used the same "
+         f"MLA but {V2.n_shared_experts} shared and {V2.n_routed_experts} routed experts with top-{V2.num_experts_per_tok}, "
+         "softmax scoring and auxiliary balance losses (V2 report §2.2). Switch the model and compare.",
          "pages/overview.py", {**L, "model": "deepseek-v2"},
-         "Total and activated parameters both shrink; the share of weights a token activates is similar.",
+         "Total and activated parameters both shrink, but V3 activates a smaller share of its weights per token: "
+         f"{activated_share('deepseek-v3'):.1%} against V2's {activated_share('deepseek-v2'):.1%} by Eva's count "
+         f"(published: {V3_ACTIVATED_PARAMS / V3_TOTAL_PARAMS:.1%} and {V2_ACTIVATED_PARAMS / V2_TOTAL_PARAMS:.1%}).",
          (),
          ("params",)),
 ))

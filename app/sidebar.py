@@ -15,15 +15,17 @@ from app import state
 from core.calc import param_counts
 from core.units import human_count
 from core.config import PRESETS, ConfigError, ModelConfig
+from core.published import PAPER_FIGURES, billions
 
 UPLOADED = "uploaded"
 MAX_UPLOAD_BYTES = 256 * 1024  # a config.json is ~2 KB; refuse anything bigger than 256 KiB
+# The released models carry their published totals (core.published); the small presets Eva's own count.
 PRESET_LABELS = {
-    "deepseek-v3": "DeepSeek-V3 · 671B",
-    "deepseek-v2": "DeepSeek-V2 · 236B",
-    "deepseek-v2-lite": "DeepSeek-V2-Lite · 16B",
-    "mini": "mini · 6M (CPU-trainable)",
-    "tiny": "tiny · 0.1M (unit-test size)",
+    "deepseek-v3": f"DeepSeek-V3 · {billions(PAPER_FIGURES['deepseek-v3']['total'])}",
+    "deepseek-v2": f"DeepSeek-V2 · {billions(PAPER_FIGURES['deepseek-v2']['total'])}",
+    "deepseek-v2-lite": f"DeepSeek-V2-Lite · {billions(PAPER_FIGURES['deepseek-v2-lite']['total'])}",
+    "mini": f"mini · {human_count(param_counts(PRESETS['mini'])['total'])} (CPU-trainable)",
+    "tiny": f"tiny · {human_count(param_counts(PRESETS['tiny'])['total'])} (unit-test size)",
 }
 
 _UP_JSON = "_eva_uploaded_json"     # the uploaded config as a normalized JSON string

@@ -221,6 +221,13 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     which upcasts bf16 to fp32 (timings in docs/performance.md).
     """
     b, h, t, d = q.shape
+    if q.is_cuda:
+        # CUDA: one fused flash kernel (cuDNN / flash). Those need equal q/k/v head dims, so V is zero-padded to
+        # Dq (192 for V3) and the pad columns of the output, exactly zero, are dropped.
+        dv = v.shape[-1]
+        if dv != d:
+            v = F.pad(v, (0, d - dv))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
     mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     scores = torch.baddbmm(mask, q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), alpha=scale)
     o = torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, t, v.shape[-1]))

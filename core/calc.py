@@ -8,9 +8,9 @@ Activated parameters (per token) — the definition used here:
     activated = total − (n_routed_experts − num_experts_per_tok) × (params of one routed expert) × MoE layers
 i.e. every parameter a token's forward pass touches: embedding and head, all attention, dense FFNs, shared
 experts, the router, norms, and the K chosen routed experts of each MoE layer; MTP is excluded (it is
-dropped at inference). For DeepSeek-V3 this gives 37.5B; the report says "37B activated" and
-README_WEIGHTS says 36.7B (incl. 0.9B embedding + 0.9B head), so DeepSeek's exact convention is not
-published — we state ours and show the published figure beside it.
+dropped at inference). DeepSeek's exact convention is not published (the V3 report says "37B activated",
+README_WEIGHTS 36.7B incl. 0.9B embedding + 0.9B head), so `activated_no_embedding` gives the other common
+one (without the input embedding) and the app shows both beside the published figure.
 """
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts by component (ints).
 
     Keys: embedding, attention, dense_ffn, shared_experts, routed_experts, router, norms (block norms + final
-    norm), head, total (main model, MTP excluded), activated (see module docstring), routed_experts_activated,
+    norm), head, total (main model, MTP excluded), activated (see module docstring), activated_no_embedding
+    (the same without the input embedding), routed_experts_activated,
     mtp (unique MTP params, shared embedding/head excluded), total_with_mtp, checkpoint_total (what a
     published checkpoint stores: the MTP layer carries its own copies of embedding and head, so V3's 671B
     main + MTP tensors = the "685B" on the model card).
@@ -109,6 +110,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     unused = (cfg.n_routed_experts - cfg.num_experts_per_tok) * expert_params(cfg) * n_moe
     out["routed_experts_activated"] = out["routed_experts"] - unused
     out["activated"] = out["total"] - unused
+    # The other common convention: without the input embedding (a table lookup, not a matmul); the output head
+    # stays in. Both are shown beside the published figures, whose convention is not stated.
+    out["activated_no_embedding"] = out["activated"] - out["embedding"]
     out["mtp"] = cfg.num_nextn_predict_layers * mtp_module_params(cfg)
     out["total_with_mtp"] = out["total"] + out["mtp"]
     out["checkpoint_total"] = out["total_with_mtp"] + cfg.num_nextn_predict_layers * (

@@ -19,6 +19,7 @@ import torch
 
 import core.train
 from core.config import ModelConfig, get_preset
+from core.cuda.device import DEVICES
 from core.train import TrainConfig, TrainingDiverged, TrainRun, train
 
 __all__ = ["json_safe", "write_records", "parse_args", "build_configs", "run_and_write", "main"]
@@ -80,7 +81,9 @@ class _Progress:
 def _arg_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m core.train", description=core.train.__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--preset", default="mini", help="model preset from core.config.PRESETS")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--preset", default=None, help="model preset from core.config.PRESETS (default: mini)")
+    src.add_argument("--config", metavar="FILE", help="a transformers-format config.json (any DeepSeek-family size)")
     ap.add_argument("--json", help="write the step records to this file (a JSON list)")
     ap.add_argument("--save", help="save the trained model here with save_hf (config.json + safetensors)")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -97,6 +100,8 @@ def _arg_parser() -> argparse.ArgumentParser:
             ap.add_argument(flag, type=float, **kw)
         elif f.name == "kv_heads":
             ap.add_argument(flag, type=int, **kw)
+        elif f.name == "device":
+            ap.add_argument(flag, choices=DEVICES, **{**kw, "default": "auto"})  # the CLI takes a GPU when there is one
         else:
             ap.add_argument(flag, type=type(f.default), **kw)
     return ap
@@ -108,11 +113,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig]:
-    """The model's base config (the `--preset`) and the run's TrainConfig; ValueError names a bad knob.
+    """The model's base config (the `--preset`, or the `--config` file) and the run's TrainConfig; ValueError names
+    a bad knob, OSError an unreadable file.
 
     `core.train.train` then applies the run's attention/FFN/MTP knobs to the model config."""
     cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
-    return get_preset(args.preset), cfg
+    if args.config:
+        return ModelConfig.from_hf(args.config), cfg
+    return get_preset(args.preset or "mini"), cfg
 
 
 def run_and_write(run: TrainRun, args: argparse.Namespace) -> int:
@@ -164,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         model_cfg, cfg = build_configs(args)
         run = train(model_cfg, cfg)
+    except OSError as e:
+        print(f"error: config: cannot read {args.config!r}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

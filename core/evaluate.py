@@ -25,7 +25,9 @@ def evaluate(model: DeepSeekV3, data: TokenDataset, batch_size: int = 16, seq_le
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = model.lm_head.weight.device
     for x, y, _ in data.eval_batches(batch_size, seq_len, num_batches, split):
+        x, y = x.to(device), y.to(device)
         logits = model(x)
         total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1),
                                        reduction="sum"))
@@ -55,10 +57,10 @@ def domain_expert_matrix(model: DeepSeekV3, data: TokenDataset, batch_size: int 
     was_training = model.training
     model.eval()
     for x, _, doms in data.eval_batches(batch_size, seq_len, num_batches, split):
-        model(x)
+        model(x.to(model.lm_head.weight.device))
         d = doms.reshape(-1, 1)
         for li, moe in enumerate(moes):
-            idx = moe.last_routing.indices  # [B*T, K]
+            idx = moe.last_routing.indices.cpu()  # [B*T, K]
             flat = (d * n_exp + idx).reshape(-1)
             counts[li] += torch.bincount(flat, minlength=n_dom * n_exp).view(n_dom, n_exp)
     model.train(was_training)
@@ -73,7 +75,7 @@ def sample_text(model: DeepSeekV3, prompt: str = "", n: int = 200, temperature: 
     measured). Returns {"prompt", "completion", "text", "tokens", "mtp_drafts", "mtp_accepted",
     "mtp_acceptance" (None without MTP)}."""
     ids = TOKENIZER.encode(prompt or "\n")
-    p = torch.tensor([ids], dtype=torch.long)
+    p = torch.tensor([ids], dtype=torch.long, device=model.lm_head.weight.device)
     res = generate(model, p, n, temperature=temperature, top_k=top_k, seed=seed)
     completion = TOKENIZER.decode(res.tokens[0])
     return {"prompt": prompt, "completion": completion, "text": prompt + completion, "tokens": res.tokens[0],

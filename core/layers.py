@@ -52,6 +52,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:  # torch's fused CUDA kernel, forward and backward (fp32 statistics inside)
+            return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
         if x.dtype == torch.float32 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # inference: one fused kernel
         return _RMSNormFunction.apply(x, self.weight, self.eps)

@@ -169,7 +169,8 @@ class DeepSeekV3(nn.Module):
         """One cache per main layer plus one per MTP module. kind: "absorb" (latent) or "naive" (MLA only)."""
         dtype = dtype or next(self.parameters()).dtype
         n = self.config.num_hidden_layers + len(self.mtp)
-        return [make_cache(self.config, kind, batch, max_len, dtype) for _ in range(n)]
+        device = self.lm_head.weight.device
+        return [make_cache(self.config, kind, batch, max_len, dtype, device) for _ in range(n)]
 
     def num_parameters(self, include_mtp: bool = False) -> int:
         n = sum(p.numel() for name, p in self.named_parameters() if include_mtp or not name.startswith("mtp."))
@@ -219,7 +220,7 @@ def generate(model: DeepSeekV3, prompt: torch.Tensor, max_new_tokens: int, tempe
     total = P + max_new_tokens
     caches = model.new_caches(B, total + 1, kind=cache_kind)
     L = model.config.num_hidden_layers
-    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    gen = torch.Generator(prompt.device).manual_seed(seed) if temperature > 0 else None
     use_mtp = measure_mtp and len(model.mtp) > 0
     res = GenerationResult(tokens=[[] for _ in range(B)])
 

@@ -377,23 +377,25 @@ def update_bias(router: Router, loads: torch.Tensor, gamma: float) -> torch.Tens
     return step
 
 
-def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, n_experts: int, top_k: int,
-                          seq_len: int) -> torch.Tensor:
-    """Complementary sequence-wise balance loss, V3 report eqs. 17-20 (multiply by alpha yourself).
+def sequence_balance_loss(scores: torch.Tensor, n_experts: int, top_k: int, seq_len: int) -> torch.Tensor:
+    """Complementary sequence-wise balance loss, V3 report §2.1.2 eqs. 17-20 (multiply by alpha yourself).
 
-        f_i  = N_r / (K_r T) * sum_t 1(token t routed to i)          (18)
-        s'_{i,t} = s_{i,t} / sum_j s_{j,t}                           (19)
-        P_i  = (1/T) sum_t s'_{i,t}                                  (20)
-        L    = sum_i f_i P_i, per sequence, averaged over sequences  (17)
+        L    = sum_i f_i P_i, per sequence, averaged over sequences                  (17)
+        f_i  = N_r / (K_r T) * sum_t 1( s_{i,t} in Topk({s_{j,t} | 1 <= j <= N_r}, K_r) )   (18)
+        s'_{i,t} = s_{i,t} / sum_j s_{j,t}                                            (19)
+        P_i  = (1/T) sum_t s'_{i,t}                                                   (20)
 
-    scores [B*T, E] (or [B, T, E]) unbiased affinities (`RouterOutput.scores`, differentiable);
-    indices [B*T, K] the experts actually chosen (the paper's indicator uses Topk of the unbiased scores: pass
-    `scores.topk(K).indices` for that literal reading). T = seq_len. Perfect balance gives L = 1.
-    With seq_len = all tokens of the batch this is the batch-wise variant (V3 §4.5.3).
+    scores [B*T, E] (or [B, T, E]): the UNBIASED affinities s_{i,t} (`RouterOutput.scores`, differentiable);
+    T = seq_len. f_i counts eq. 18 as written: the top-K_r of the unbiased scores over ALL routed experts,
+    not the experts the router actually picked (those come from the biased scores s + b and, with
+    group-limited routing, only from the kept groups; eq. 16). So the loss measures how the router's own
+    affinities would spread tokens, and its gradient (through P_i only; f_i is an indicator) does not chase
+    the bias. Perfect balance gives L = 1. With seq_len = all tokens of the batch this is the batch-wise
+    variant (V3 §4.5.3).
     """
     s = scores.reshape(-1, seq_len, n_experts)
     n_seq = s.shape[0]
-    idx = indices.reshape(n_seq, seq_len * top_k)
+    idx = s.detach().topk(top_k, dim=-1).indices.reshape(n_seq, seq_len * top_k)  # eq. 18: Topk of unbiased s
     counts = torch.zeros(n_seq, n_experts, dtype=s.dtype, device=s.device)
     counts.scatter_add_(1, idx, torch.ones_like(idx, dtype=s.dtype))
     f = counts * (n_experts / (top_k * seq_len))  # no gradient: an indicator

@@ -148,7 +148,7 @@ def _run_sim(strategies, cfg, w0, batches, steps, n_experts, top_k, seq_len, gam
             with torch.set_grad_enabled(use_aux):
                 r = router(x)
                 c = expert_loads(r.indices, n_experts)
-                loss = sequence_balance_loss(r.scores, r.indices, n_experts, top_k, seq_len)
+                loss = sequence_balance_loss(r.scores, n_experts, top_k, seq_len)
             loads[step] = c
             aux[step] = loss.detach()
             if use_aux:

@@ -13,7 +13,7 @@ __all__ = [
     "V2_TOTAL_PARAMS", "V2_ACTIVATED_PARAMS", "V2_LITE_TOTAL_PARAMS", "V2_LITE_ACTIVATED_PARAMS",
     "V3_CONTEXT_TOKENS", "V3_PRETRAIN_TOKENS", "V3_H800_GPU_HOURS",
     "H800_FP8_ACCUM_BITS", "FP8_ACCUM_ERROR_K", "FP8_ACCUM_ERROR", "V3_PROMOTION_INTERVAL", "V3_FP8_LOSS_REL_ERROR",
-    "V3_BIAS_UPDATE_SPEED", "billions",
+    "FP8_VALIDATION_RUNS", "V3_BIAS_UPDATE_SPEED", "V3_BALANCE_ALPHA", "V3_MTP_ACCEPTANCE", "billions", "trillions",
 ]
 
 # ---------------------------------------------------------------------------------------------- parameters
@@ -32,13 +32,19 @@ V3_CONTEXT_TOKENS = 128 * 1024      # V3 report §4.3: context extended to 128K 
 V3_PRETRAIN_TOKENS = 14.8e12        # V3 report abstract and §4.2: 14.8T pre-training tokens
 V3_H800_GPU_HOURS = 2.788e6         # V3 report Table 1: 2.788M H800 GPU hours for the full training
 V3_BIAS_UPDATE_SPEED = 0.001        # V3 report §4.2: bias update speed gamma = 0.001 (first 14.3T tokens)
+V3_MTP_ACCEPTANCE = (0.85, 0.90)    # V3 report §5.4.3: acceptance of the second (MTP-drafted) token 85%-90%
+V3_BALANCE_ALPHA = 0.0001           # V3 report §4.2: sequence-wise balance loss alpha = 0.0001 ("extremely small")
 
 # ---------------------------------------------------------------------------------------------- FP8
 H800_FP8_ACCUM_BITS = 14            # V3 report §3.3.2: H800 FP8 GEMM accumulation keeps about 14 bits
 FP8_ACCUM_ERROR_K = 4096            # V3 report §3.3.2: ... which for K = 4096 gives a max relative error of
 FP8_ACCUM_ERROR = 0.02              #   "nearly 2%" (random matrices)
 V3_PROMOTION_INTERVAL = 128         # V3 report §3.3.2: partial sums promoted to FP32 every N_C = 128 elements
-V3_FP8_LOSS_REL_ERROR = 0.0025      # V3 report §3.3 / Appendix B.1: FP8 vs BF16 loss error below 0.25%
+V3_FP8_LOSS_REL_ERROR = 0.0025      # V3 report §3.3 / Appendix B.1: FP8 vs BF16 loss error below 0.25%, measured on
+FP8_VALIDATION_RUNS = (             # ... two smaller MoE models, not on V3 itself (App. B.1): (total params, tokens)
+    (16e9, 1.33e12),                #   "approximately 16B total parameters on 1.33T tokens"
+    (230e9, 0.9e12),                #   "approximately 230B total parameters on around 0.9T tokens"
+)
 
 # KV-cache elements per token over all layers, (kv_lora_rank + qk_rope_head_dim) x layers, from each config.json
 # (V2 report Table 1 gives the per-layer (d_c + d_h^R) form).
@@ -54,6 +60,11 @@ PAPER_FIGURES = {
 def billions(n: float) -> str:
     """A published count as it is quoted: 671e9 -> '671B', 36.7e9 -> '36.7B'."""
     return f"{n / 1e9:g}B"
+
+
+def trillions(n: float) -> str:
+    """A published token count as it is quoted: 1.33e12 -> '1.33T', 0.9e12 -> '0.9T'."""
+    return f"{n / 1e12:g}T"
 
 
 # ---------------------------------------------------------------------------------------------- config.json

@@ -24,6 +24,11 @@ RMSNorm statistics, the expert-output sum and the losses stay fp32; attention pr
 accumulation inside the softmax); or an FP8 recipe name from `core.fp8.RECIPES`
 (emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights; per-step overflow counts in the record).
 
+Device: `device` "cpu" (default), "cuda" or "auto" (the CLI's default). The model is initialised on the CPU (same
+weights on every device) and moved; batches, evaluation and sampling follow it. On CUDA a recipe the GPU path
+implements ("deepseek", see `core.cuda.fp8_linear.gpu_recipe_issues`) runs real FP8 GEMMs on bf16 working weights
+with fp32 masters (no per-step FP8 statistics: the record's `fp8` is None); other recipes stay emulated.
+
 Determinism: the model init (`torch.manual_seed(seed)`), the data stream and the batches all derive from
 `seed`; every op used is deterministic on CPU, so the same settings give bit-identical losses (same machine
 and thread count).
@@ -46,6 +51,7 @@ import torch
 from core import gemm
 from core.checkpoint import save_hf
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
+from core.cuda.device import DEVICES, resolve_device
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
 from core.evaluate import domain_expert_matrix, evaluate, sample_text
 from core.fp8 import RECIPES
@@ -138,6 +144,7 @@ class TrainConfig:
     eval_batches: int = _h("validation batches per evaluation", default=4)
     log_every: int = _h("CLI: write/print a record every N steps", default=1)
     max_time_s: float | None = _h("stop after this many seconds", default=None)
+    device: str = _h(f"one of {DEVICES} (auto: cuda when a GPU is visible)", default="cpu")
 
     def __post_init__(self):
         self.validate()
@@ -205,6 +212,11 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("attention", ATTENTION_TYPES)
         choice("ffn", FFNS)
+        choice("device", DEVICES)
+        try:
+            resolve_device(self.device)
+        except ValueError as e:
+            raise TrainConfigError("device", str(e).split(": ", 1)[1]) from None
         if not isinstance(self.mtp, bool):
             raise TrainConfigError("mtp", f"must be true or false, got {self.mtp!r}")
         if self.mtp and self.mtp_lambda == 0:
@@ -246,15 +258,32 @@ def resolve_model_config(model_cfg: ModelConfig | str, cfg: TrainConfig) -> Mode
     return mcfg
 
 
+def gpu_fp8(cfg: TrainConfig) -> bool:
+    """True when `cfg` trains with real FP8 GEMMs (core.cuda.fp8_linear): CUDA and a recipe the GPU path
+    implements (`core.cuda.fp8_linear.gpu_recipe_issues`); other recipes run emulated on any device."""
+    if cfg.precision not in RECIPES or resolve_device(cfg.device).type != "cuda":
+        return False
+    from core.cuda.fp8_linear import gpu_recipe_issues
+    return not gpu_recipe_issues(cfg.precision)
+
+
 def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
-    """A freshly initialised model (from `torch.manual_seed(cfg.seed)`), converted for `cfg.precision`."""
+    """A freshly initialised model (from `torch.manual_seed(cfg.seed)`, on the CPU so every device starts from
+    the same weights), moved to `cfg.device` and converted for `cfg.precision`. On CUDA an FP8 recipe that the GPU
+    path implements runs real FP8 GEMMs on bf16 working weights (fp32 masters in the optimizer)."""
     torch.manual_seed(cfg.seed)
-    model = DeepSeekV3(mcfg)
-    if cfg.precision == "bf16":
+    model = DeepSeekV3(mcfg).to(resolve_device(cfg.device))
+    if cfg.precision == "bf16" or gpu_fp8(cfg):
         model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
+    if gpu_fp8(cfg):
+        from core.cuda.fp8_linear import convert_model
+        convert_model(model, cfg.precision)
     elif cfg.precision in RECIPES:
         from core.fp8 import convert_to_fp8
         convert_to_fp8(model, cfg.precision)
+    if model.lm_head.weight.is_cuda:
+        from core.cuda.compile import compile_blocks
+        compile_blocks(model)  # opt-in (EVA_CUDA_COMPILE_BLOCKS=1): slower than eager on the H200, see there
     return model
 
 
@@ -334,7 +363,7 @@ class TrainRun:
         self.moes = all_moe_layers(self.model)
         self.main_moes = self.model.moe_layers()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.master = _MasterWeights(params) if cfg.precision == "bf16" else None
+        self.master = _MasterWeights(params) if cfg.precision == "bf16" or gpu_fp8(cfg) else None
         opt_params = [self.master.optim_param(p) if self.master else p for p in params]
         decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
         no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
@@ -389,8 +418,7 @@ class TrainRun:
         for moe in self.moes:
             r = moe.last_routing
             with torch.set_grad_enabled(alpha > 0):
-                bal_terms.append(sequence_balance_loss(r.scores, r.indices, r.scores.shape[-1],
-                                                       r.indices.shape[-1], r.seq_len))
+                bal_terms.append(sequence_balance_loss(r.scores, r.scores.shape[-1], r.indices.shape[-1], r.seq_len))
             with torch.set_grad_enabled(zc > 0):
                 z_terms.append(router_z_loss(r.logits))
         aux = alpha * torch.stack(bal_terms).sum() if bal_terms and alpha > 0 else None
@@ -422,6 +450,8 @@ class TrainRun:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         x, y = batch[:2] if batch is not None else self.data.batch(cfg.batch_size, cfg.seq_len, self.generator)[:2]
+        device = self.model.lm_head.weight.device
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         loss, info = self._losses(x, y)
         loss_value = float(loss.detach())
         grad_norm = math.nan

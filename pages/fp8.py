@@ -3,6 +3,7 @@ every number computed by `core.fp8` on a seeded test tensor."""
 import streamlit as st
 
 from app import shell, sidebar, state, texts, ui
+from app import gpu_view
 from app.charts import fp8 as charts
 from app.compute import fp8 as compute
 from core.published import H800_FP8_ACCUM_BITS, V3_PROMOTION_INTERVAL
@@ -124,3 +125,5 @@ if fmt != "bf16":
                                detail=f"{gd['shape']}, 1×128 activation tiles × 128×128 weight blocks, FP32 "
                                       f"accumulation per block; relative error {100 * gd['rel_error']:.2f}%",
                                width=420)
+
+gpu_view.fp8_section(sh.lesson)

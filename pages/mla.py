@@ -5,6 +5,7 @@ import json
 import streamlit as st
 
 from app import shell, sidebar, state, texts, ui
+from app import gpu_view
 from app.charts import mla as charts
 from app.compute import mla as compute
 from app.compute.common import BYTES_PER_ELEMENT
@@ -172,5 +173,8 @@ with st.container(width=680):
 rt = compute.rank_truncation(small_json, sh.seed)
 exact = small["kv_lora_rank"] + small["qk_rope_head_dim"]
 ui.chart(ui.fig(charts.rank_truncation, rt, exact), rt, "rank truncation", key="mla_rank", lesson=sh.lesson,
-         notice="MLA's curve drops to zero at d_c + d_h^R: its cache already is the optimal low-rank code. "
+         notice="MLA's curve drops to zero at d_c + d_h^R: its cache already is an exact rank-(d_c + d_h^R) code "
+                "of all heads' K and V. "
                 "MHA's error decays slowly — there is no free compression left in it.")
+
+gpu_view.mla_section(sh.lesson)

@@ -39,8 +39,8 @@ with sb.expander("Balancing", expanded=True, icon=":material/balance:"):
                            fmt=compute.STRATEGY_LABELS.get, horizontal=False)
     gamma = state.select_slider("Bias update speed γ", "moe_gamma", [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1],
                                 1e-2, fmt=lambda v: f"{v:g}",
-                                help=f"V3 used {V3_BIAS_UPDATE_SPEED:g} over thousands of steps; 0.01 shows "
-                                     "convergence within ~100 steps here.")
+                                help=f"V3 used {V3_BIAS_UPDATE_SPEED:g} over thousands of steps; 0.01 lets the "
+                                     "controller act within a short simulation.")
     alpha = state.select_slider("Aux loss weight α", "moe_alpha", [1e-4, 1e-3, 1e-2, 1e-1, 1.0], 1e-2,
                                 fmt=lambda v: f"{v:g}")
     steps = state.select_slider("Steps (batches)", "moe_steps", [15, 30, 60, 120, 240], 30)
@@ -75,8 +75,11 @@ def bias_controller_section(experts, top_k, groups, topk_groups, scoring, gamma,
     sim = compute.moe_simulation(experts, top_k, groups, topk_groups, scoring, gamma, alpha, steps, skew, seed)
     ui.chart(ui.fig(charts.maxvio_over_steps, sim["max_vio"]), sim["max_vio"], "maxvio per step", key="moe_maxvio",
              lesson=lesson,
-             notice="Grey never improves. The orange aux loss moves slowly (its gradient is weighted by α and fights "
-                    "nothing else here); the blue bias controller converges in about 1/γ steps.")
+             notice="Grey never improves: nothing trains the router here, so the fresh router's imbalance stays. "
+                    "How fast the orange aux-loss line falls is set by α and the simulation's learning rate; with no "
+                    "language-model loss it cannot show the method's real cost (a large α hurts perplexity). The "
+                    "blue bias controller brings MaxVio down; a larger γ moves the biases faster, and too large a γ "
+                    "makes them oscillate (LFB paper, update-rate ablation).")
     ps = sim["per_strategy"][strategy]
     table = compute.sim_table(ps)
     label = compute.STRATEGY_LABELS[strategy]
@@ -119,7 +122,7 @@ with routing_area:
              r["domain_table"],
              "routing heatmap by domain", key="moe_domains", lesson=sh.lesson,
              notice="Rows are token domains, columns experts. Bright = more than a fair share. The fresh router sends "
-                    "everything to a few experts; after the bias updates the load is spread, yet each domain still has "
+                    "many tokens to a few experts; after the bias updates the load is spread, yet each domain still has "
                     "its own bright experts.")
     ui.chart(ui.fig(charts.expert_load_bars, r["loads_before"], r["loads_after"], mb, ma, cf, r["has_bias"]),
              r["load_table"],

@@ -5,7 +5,7 @@ from app import shell, sidebar, state, texts, ui
 from app.charts import overview as charts
 from app.compute import overview as compute
 from app.compute.common import apply_overrides
-from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS
+from core.published import PAPER_FIGURES, V3_CONTEXT_TOKENS, billions
 from core.units import flops, human_bytes, human_count, tokens
 from core.config import ConfigError
 
@@ -53,15 +53,17 @@ kv_formula = (r"(d_c + d_h^R)\cdot L\cdot\text{bytes}" if d["kv_kind"] == "mla"
 with ui.cards():
     ui.number_with_formula("Total parameters", human_count(c["total"]),
                            r"N_{\text{total}} = \textstyle\sum_{\text{components}} N_i",
-                           paper=(f"{paper['total'] / 1e9:.0f}B" + (f"; checkpoint {paper['checkpoint_total'] / 1e9:.0f}B"
-                                                                      if "checkpoint_total" in paper else ""))
+                           paper=(billions(paper['total']) + (f"; checkpoint {billions(paper['checkpoint_total'])}"
+                                                               if "checkpoint_total" in paper else ""))
                            if paper else None,
                            detail=f"MTP module adds {human_count(c['mtp'])}; the checkpoint (MTP with its own "
                                   f"embedding/head copies) holds {human_count(c['checkpoint_total'])}")
     ui.number_with_formula("Activated per token", human_count(c["activated"]),
                            r"N_{\text{total}} - (N_r - K_r)\,3\,d\,d_e\,L_{\text{MoE}}",
-                           paper=f"{paper['activated'] / 1e9:.0f}B" if paper else None,
-                           detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights")
+                           paper=billions(paper['activated']) if paper else None,
+                           detail=f"{100 * c['activated'] / c['total']:.1f}% of all weights; without the input "
+                                  f"embedding {human_count(c['activated_no_embedding'])} (the paper's convention "
+                                  "is not stated)")
     ui.number_with_formula(f"Forward FLOPs / token ({tokens(context)} context)", flops(fl["forward"]),
                            r"2N'_{\text{act}} + 2Ln_h(d_{qk}+d_v)\,T",
                            detail=f"matmuls {flops(fl['matmul'])} + attention {flops(fl['attention'])}; "

@@ -110,7 +110,8 @@ def test_segment_granule_pads_only_gemms_that_run_on_onednn(backend):
         assert gemm.segment_granule(torch.float32, "cpu") == 32
 
 
-ZEN5 = "vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC 9B45\nflags\t\t: fpu sse avx2 avx512f avx512bw\n"
+ZEN5 = ("vendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel name\t: AMD EPYC 9B45\n"
+        "flags\t\t: fpu sse avx2 avx512f avx512bw\n")
 ZEN4 = ZEN5.replace(": 26", ": 25").replace("9B45", "9R14")
 ZEN5_NO_512 = ZEN5.replace(" avx512f avx512bw", "")
 INTEL = ("vendor_id\t: GenuineIntel\ncpu family\t: 6\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"

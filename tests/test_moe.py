@@ -450,29 +450,60 @@ def test_update_bias_balances_a_skewed_router():
     assert first > 0.5 and last < 0.2 * first
 
 
+def _balance_loss_transcribed(s: list[list[float]], n_r: int, k_r: int, seq_len: int) -> float:
+    """V3 report eqs. 17-20 written out with loops, token by token and expert by expert (no tensors).
+
+    s[t][i] = s_{i,t}, the unbiased affinity of token t (all sequences back to back) for expert i."""
+    total, n_seq = 0.0, len(s) // seq_len
+    for b in range(n_seq):
+        seq = s[b * seq_len:(b + 1) * seq_len]
+        loss = 0.0
+        for i in range(n_r):
+            # eq. 18: 1(s_{i,t} in Topk({s_{j,t} | 1 <= j <= N_r}, K_r)), i.e. fewer than K_r experts score higher
+            hits = sum(1 for row in seq if sum(1 for j in range(n_r) if row[j] > row[i]) < k_r)
+            f_i = n_r / (k_r * seq_len) * hits
+            p_i = sum(row[i] / sum(row) for row in seq) / seq_len  # eqs. 19-20
+            loss += f_i * p_i  # eq. 17 (without alpha)
+        total += loss
+    return total / n_seq
+
+
+def test_sequence_balance_loss_follows_eq18_not_the_routed_selection():
+    """f_i counts Topk of the UNBIASED scores over all routed experts (eq. 18), whatever the bias and the group
+    limit made the router pick; the value matches a loop transcription of eqs. 17-20."""
+    cfg = cfg_v3(n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2)
+    router = Router(cfg)
+    g = torch.Generator().manual_seed(22)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(16, 64, generator=g))
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=g))
+    B, T = 3, 12
+    r = router(torch.randn(B * T, 64, generator=g))
+    unbiased_topk = r.scores.topk(4, dim=-1).indices.sort(-1).values
+    assert not torch.equal(unbiased_topk, r.indices.sort(-1).values)  # bias + groups changed the selection
+    loss = sequence_balance_loss(r.scores, 16, 4, T)
+    expect = _balance_loss_transcribed(r.scores.detach().double().tolist(), 16, 4, T)
+    torch.testing.assert_close(loss.double(), torch.tensor(expect, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    loss.backward()  # differentiable through P_i (eqs. 19-20)
+    assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0
+    # the same scores in [B, T, E] layout give the same loss
+    torch.testing.assert_close(sequence_balance_loss(r.scores.detach().view(B, T, 16), 16, 4, T), loss.detach())
+
+
 def test_sequence_balance_loss_values():
     E, K, T, B = 8, 2, 16, 3
-    # perfectly balanced: every expert chosen T*K/E times per sequence, uniform scores -> exactly 1
-    idx = torch.arange(T * K).remainder(E).view(T, K).repeat(B, 1)
-    s = torch.full((B * T, E), 0.3, requires_grad=True)
-    loss = sequence_balance_loss(s, idx, E, K, T)
-    torch.testing.assert_close(loss, torch.tensor(1.0))
+    # perfectly balanced: each expert is in the unbiased top-K of T*K/E tokens per sequence (f_i = 1) and every
+    # row has the same sum, so P_i = 1/E: exactly 1
+    tops = torch.arange(T * K).remainder(E).view(T, K).repeat(B, 1)
+    s = torch.full((B * T, E), 0.3).scatter(1, tops, 0.6).requires_grad_(True)
+    loss = sequence_balance_loss(s, E, K, T)
+    torch.testing.assert_close(loss.detach(), torch.tensor(1.0))
     loss.backward()
     assert s.grad is not None
-    # matches an explicit evaluation of eqs. 17-20 on random inputs; imbalance raises it above 1
-    g = torch.Generator().manual_seed(21)
-    s = torch.rand(B * T, E, generator=g)
-    idx = s.topk(K, -1).indices
-    expect = 0.0
-    for b in range(B):
-        sb, ib = s[b * T:(b + 1) * T], idx[b * T:(b + 1) * T]
-        f = [E / (K * T) * sum(int(i in ib[t].tolist()) for t in range(T)) for i in range(E)]
-        p = (sb / sb.sum(-1, keepdim=True)).mean(0)
-        expect += sum(fi * float(pi) for fi, pi in zip(f, p)) / B
-    torch.testing.assert_close(sequence_balance_loss(s, idx, E, K, T), torch.tensor(expect, dtype=torch.float32))
-    one_hot = torch.zeros(B * T, E)
+    # all tokens prefer the same K experts: imbalance raises it above 1
+    one_hot = torch.full((B * T, E), 0.01)
     one_hot[:, :K] = 1.0
-    assert sequence_balance_loss(one_hot, one_hot.topk(K).indices, E, K, T) > 1.5
+    assert sequence_balance_loss(one_hot, E, K, T) > 1.5
 
 
 def test_switch_aux_and_z_loss():

@@ -258,7 +258,7 @@ def test_cli_args_become_model_and_train_configs():
     mcfg, cfg = build_configs(parse_args(["--preset", "tiny", "--steps", "7", "--no-mtp", "--betas", "0.8", "0.9",
                                           "--kv-heads", "2", "--attention", "gqa"]))
     assert mcfg == PRESETS["tiny"]
-    assert cfg == TrainConfig(steps=7, mtp=False, betas=(0.8, 0.9), kv_heads=2, attention="gqa")
+    assert cfg == TrainConfig(steps=7, mtp=False, betas=(0.8, 0.9), kv_heads=2, attention="gqa", device="auto")
     with pytest.raises(ValueError, match="preset"):
         build_configs(parse_args(["--preset", "nope"]))
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from app.lab.worker import DEFAULT_PROMPT  # the sample prompt per dataset when the prompt knob is empty
+from core.published import V3_BIAS_UPDATE_SPEED
 
 # ====================================================================== caps (hosted manners)
 MAX_STEPS = int(os.environ.get("EVA_LAB_MAX_STEPS", 400))
@@ -82,17 +83,18 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
     Knob(key="tr_bal", label="Load balancing", kind="radio", options=tuple(BAL_LABELS), source="balancing",
          labels=BAL_LABELS,
          help="aux-loss-free = DeepSeek-V3's bias controller; aux loss = a sequence-wise balance loss weighted by α; "
-              "both = bias + a tiny aux loss; none = let the router collapse."),
+              "both = bias + a tiny aux loss; none = nothing counters imbalance (the router may collapse)."),
     Knob(key="tr_gamma", label="Bias update speed γ", kind="select_slider", options=(1e-3, 3e-3, 1e-2, 3e-2),
          source="gamma", labels=_g, short="γ=",
-         help="V3 used 0.001 over thousands of steps; 0.01 lets the controller act within a short run."),
+         help=f"V3 used {V3_BIAS_UPDATE_SPEED:g} over thousands of steps; 0.01 lets the controller act within a "
+              "short run."),
     Knob(key="tr_alpha", label="Aux loss weight α", kind="select_slider", options=(1e-4, 1e-3, 1e-2, 1e-1),
          source="balance_alpha", labels=_g, short="α=",
          help="Weight of the sequence-wise balance loss (used by 'aux loss' and 'both')."),
     Knob(key="tr_prec", label="Precision", kind="selectbox", options=tuple(PRECISION_LABELS), source="precision",
          labels=PRECISION_LABELS,
-         help="FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (every linear layer's GEMM "
-              "quantized like on an FP8 GPU)."),
+         help="FP32; BF16 compute with FP32 master weights; or an emulated FP8 recipe (attention and FFN/expert "
+              "GEMM operands quantized as the recipe says; embedding, head and router stay high precision)."),
     Knob(key="tr_mtp", label="Multi-token prediction (MTP)", kind="toggle", source="mtp",
          help="One MTP module that also predicts the token after next (V3 §2.2); its drafts are checked when "
               "sampling."),
@@ -116,7 +118,7 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
 ]}
 
 
-@functools.cache
+@functools.lru_cache(maxsize=1)  # one dict, read once (core.train imports torch)
 def defaults() -> dict[str, Any]:
     """{knob key: default}, read from core: `core.train.APP_DEFAULT` (the lab's default run) and the `mini` preset.
     `tr_alpha`'s default is the weight 'aux loss' balancing uses when none is given (`balance_alpha`). Imports

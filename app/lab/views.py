@@ -16,6 +16,7 @@ from app.lab.knobs import KNOBS, code_span
 from app.lab.manager import STATUS_TEXT, LabRun
 from app.lab.session import current, history
 from app.lab.worker import DEFAULT_PROMPT
+from core.published import V3_MTP_ACCEPTANCE
 
 POLL_S = 1.0           # owner's live view refresh (the first point comes with the Start response itself)
 WATCH_POLL_S = 2.0     # a watcher's refresh (cheaper: many watchers share the server)
@@ -219,7 +220,8 @@ def results_section(hist: list[LabRun], layer: int | None, lesson: bool) -> None
         if sample.get("mtp_acceptance") is not None:
             ui.number_with_formula("MTP draft acceptance", f"{100 * sample['mtp_acceptance']:.0f}%",
                                    r"\frac{\#\,\text{drafts confirmed}}{\#\,\text{drafts}}", width=w,
-                                   paper="V3: 85–90% for the 2nd token",
+                                   paper=(f"V3: {V3_MTP_ACCEPTANCE[0]:.0%}–{V3_MTP_ACCEPTANCE[1]:.0%} for the "
+                                          "2nd token"),
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
     if layer is None:
         layer = layer_choice(r)  # right above the charts it controls

@@ -1,0 +1,125 @@
+"""Measured GPU figures (docs/gpu_results.json, read by `core.cuda.results`): FP8 vs bf16 speed-ups, the FP8
+validation-loss gap, absorbed vs naive MLA decode. Pure builders: rows in, plotly figure out."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from app import palette
+from app.charts.layout import hline, layout, vline
+from core.units import human_bytes, tokens
+
+_O = palette.OKABE_ITO
+
+
+def _row_label(r) -> str:
+    if r["kind"] == "linear":
+        return f"linear {int(r['m']):,}×{int(r['k']):,}→{int(r['n']):,}"
+    return r["what"]
+
+
+def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
+    """FP8 over bf16 speed-up (bf16 time / FP8 time) per measured linear layer (forward + backward) and training
+    step, as bars; the FP8 GEMM alone as markers; issue #14's target as a tick where a row has one (`target`).
+
+    df: `core.cuda.results.fp8_rows` plus a `target` column (NaN where no target applies)."""
+    d = df.iloc[::-1].reset_index(drop=True)  # plotly draws horizontal bars bottom-up: keep the file's order
+    labels = [_row_label(r) for _, r in d.iterrows()]
+    fig = go.Figure()
+    fig.add_bar(y=labels, x=d["speedup"], orientation="h", name="FP8 layer / step (quantize + GEMMs + transposes)",
+                marker_color=palette.FORMATS["fp8"], text=[f"{v:.2f}×" for v in d["speedup"]],
+                textposition="outside", cliponaxis=False,
+                customdata=np.stack([d["bf16_ms"], d["fp8_ms"]], axis=1),
+                hovertemplate="%{y}: FP8 %{x:.2f}× bf16<br>bf16 %{customdata[0]:.2f} ms · FP8 %{customdata[1]:.2f} ms"
+                              "<extra></extra>")
+    g = d["gemm_only_speedup"].astype(float)
+    if g.notna().any():
+        fig.add_scatter(y=[lab for lab, v in zip(labels, g) if not np.isnan(v)], x=g.dropna(), mode="markers",
+                        name="FP8 GEMM alone (no quantization)",
+                        marker=dict(symbol="diamond", size=11, color=_O["black"]),
+                        hovertemplate="%{y}: GEMM alone %{x:.2f}× bf16<extra></extra>")
+    t = d["target"].astype(float)
+    if t.notna().any():
+        fig.add_scatter(y=[lab for lab, v in zip(labels, t) if not np.isnan(v)], x=t.dropna(), mode="markers",
+                        name="target (issue #14)",
+                        marker=dict(symbol="line-ns", size=26, line=dict(width=4, color=palette.HIGHLIGHT)),
+                        hovertemplate="%{y}: target %{x:.2f}×<extra></extra>")
+    vline(fig, 1.0, "bf16 (1×)", color=_O["grey"], dash="dash")
+    n, fast = len(d), int((d["speedup"] > 1).sum())
+    best = float(d["speedup"].max())
+    gbest = float(g.max()) if g.notna().any() else None
+    if fast == n:
+        title = f"FP8 is faster than bf16 in all {n} measurements (up to {best:.2f}×)"
+    else:
+        title = (f"FP8 is faster than bf16 in only {fast} of {n} measurements: at best {best:.2f}×"
+                 + (f", though the FP8 GEMM alone reaches {gbest:.2f}×" if gbest else ""))
+    sub = "bars: bf16 time / FP8 time of the same work in the same run (> 1 = FP8 faster); hover for the times"
+    fig.update_xaxes(range=[0, max(best, gbest or 0, float(t.max()) if t.notna().any() else 0) * 1.18])
+    return layout(fig, title, sub, "Speed-up of FP8 over bf16 (×)", None, height=140 + 46 * n, width_chars=85)
+
+
+def fp8_loss_gap(row: dict, target: float) -> go.Figure:
+    """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, with the band of losses
+    within `target` (relative) of bf16 shaded. row: `core.cuda.results.lossgap_row`."""
+    bf, f8 = row["bf16_val_loss"], row["fp8_val_loss"]
+    names = ["bf16", "FP8 (deepseek recipe)"]
+    fig = go.Figure()
+    fig.add_hrect(y0=bf, y1=bf * (1 + target), fillcolor=palette.FORMATS["bf16"], opacity=0.12, line_width=0)
+    hline(fig, bf * (1 + target), f"target: within {100 * target:g}% of bf16", color=palette.HIGHLIGHT)
+    fig.add_scatter(x=names, y=[bf, f8], mode="markers+text", showlegend=False,
+                    marker=dict(size=18, color=[palette.FORMATS["bf16"], palette.FORMATS["fp8"]]),
+                    text=[f"{bf:.4f}", f"{f8:.4f}"], textposition="top center", cliponaxis=False,
+                    customdata=[[row["bf16_seconds"]], [row["fp8_seconds"]]],
+                    hovertemplate="%{x}: %{y:.4f} nats/byte after " + f"{row['steps']} steps"
+                                  "<br>run took %{customdata[0]:.0f} s<extra></extra>")
+    gap = row["relative_gap"]
+    verdict = "within" if abs(gap) <= target else "outside"
+    title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps: "
+             f"{verdict} the {100 * target:g}% target")
+    sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens, same seed and batches; "
+           f"FP8 run {row['fp8_seconds']:.0f} s vs bf16 {row['bf16_seconds']:.0f} s")
+    lo, hi = min(bf, f8), max(bf * (1 + target), f8)
+    pad = (hi - lo) * 0.6
+    fig.update_yaxes(range=[lo - pad, hi + pad])
+    return layout(fig, title, sub, None, "Validation loss (nats/byte)", height=380, legend=False, width_chars=85)
+
+
+def decode_throughput(df: pd.DataFrame) -> go.Figure:
+    """Decode tokens/s of the absorbed (latent cache) and naive (per-head K/V cache) MLA paths vs context, one
+    panel per batch size, the absorbed/naive ratio written at each point. df: `core.cuda.results.decode_rows`."""
+    batches = sorted(df["batch"].unique())
+    fig = make_subplots(rows=1, cols=len(batches), shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"batch {b}" for b in batches])
+    for i, b in enumerate(batches, start=1):
+        d = df[df["batch"] == b].sort_values("context")
+        for kind, name, dash in (("absorbed", "MLA", "solid"), ("naive", "MLA (naive)", "dash")):
+            label = "absorbed (latent cache)" if kind == "absorbed" else "naive (per-head K/V cache)"
+            fig.add_scatter(
+                x=d["context"], y=d[f"{kind}_tokens_per_s"], name=label, legendgroup=kind, showlegend=i == 1,
+                mode="lines+markers+text" if kind == "absorbed" else "lines+markers",
+                text=[f"{s:.1f}×" for s in d["speedup"]] if kind == "absorbed" else None,
+                textposition="top center",
+                line=dict(color=palette.ATTENTION[name], width=3, dash=dash), marker=dict(size=7),
+                customdata=np.stack([d[f"{kind}_ms"].astype(float), [human_bytes(v) for v in d[f"{kind}_cache_bytes"]],
+                                     d["speedup"]], axis=1),
+                hovertemplate=f"{label}, batch {b}<br>%{{x:,}} tokens: %{{y:,.0f}} tokens/s"
+                              "<br>%{customdata[0]:.2f} ms per step · cache %{customdata[1]}"
+                              "<br>absorbed / naive: %{customdata[2]:.1f}×<extra></extra>", row=1, col=i)
+    ctx = sorted(df["context"].unique())
+    fig.update_xaxes(type="log", tickvals=ctx, ticktext=[tokens(c) for c in ctx])
+    ys = pd.concat([df["absorbed_tokens_per_s"], df["naive_tokens_per_s"]]).astype(float)
+    # log axis: decades only, with room above the highest point for its ratio label
+    fig.update_yaxes(type="log", dtick=1, range=[np.log10(ys.min()) - 0.15, np.log10(ys.max()) + 0.35])
+    top = df[df["context"] == max(ctx)].set_index("batch")
+    hi, lo = top.loc[max(batches)], top.loc[min(batches)]
+    title = (f"At {tokens(max(ctx))} context the absorbed path decodes {hi['speedup']:.1f}× faster than naive at "
+             f"batch {max(batches)}, but only {lo['speedup']:.1f}× at batch {min(batches)}")
+    sub = (f"naive cache at {tokens(max(ctx))} × batch {max(batches)}: {human_bytes(hi['naive_cache_bytes'])}, "
+           f"absorbed {human_bytes(hi['absorbed_cache_bytes'])}; labels: absorbed / naive tokens/s")
+    layout(fig, title, sub, "Context (tokens per sequence, log scale)", "Decode throughput (tokens/s, log scale)",
+           height=440, width_chars=85)
+    for i in range(2, len(batches) + 1):
+        fig.update_xaxes(title_text="Context (tokens per sequence, log scale)", row=1, col=i)
+    return fig

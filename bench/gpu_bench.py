@@ -1,0 +1,416 @@
+"""Eva on one GPU, every figure against a reference measured in the same run; writes one JSON results file.
+
+    python bench/gpu_bench.py --out docs/gpu_results.json            # everything (~8 min on an H200)
+    python bench/gpu_bench.py --only gemm,decode --out /tmp/r.json     # some sections
+    python bench/gpu_bench.py --smoke --out /tmp/r.json                # tiny shapes, runs on a CPU (tests the bench)
+    python bench/gpu_bench.py --only train --compiled-blocks --out r.json   # ... also with core.cuda.compile
+
+Sections (results keys):
+  peak       bf16 matmul TFLOP/s at 8192^3 (the MFU denominator) and the FP8 blockwise GEMM at the same size
+  gemm       FP8 linear layer (core.cuda.fp8_linear: quantize + 1x128/128x128 GEMMs, Fprop+Dgrad+Wgrad) vs bf16
+             F.linear, forward+backward, at large shapes; plus the GEMM alone
+  train      a training step (bf16, fp32 masters, fused AdamW, MTP off) of the engine vs transformers'
+             DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
+             tokens/s, MFU, peak memory; configs "920M" and "100M"
+  fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096)
+  lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap
+  decode     one DeepSeek-V3 MLA layer (hidden 7168, 128 heads): absorbed (latent cache) vs naive (per-head K/V)
+             decode tokens/s and cache bytes, contexts 4k-32k, batch 1 and 8
+  profile    top CUDA kernels of one engine step (920M bf16) from torch.profiler
+Timings: CUDA events around each call, median of the timed repeats after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.train_throughput import HFTrainer, step_flops  # noqa: E402
+from core.config import ModelConfig  # noqa: E402
+from core.cuda import fp8_linear as g  # noqa: E402
+from core.cuda.compile import compile_errors  # noqa: E402
+from core.cuda.device import describe_device  # noqa: E402
+from core.data import pydoc_dataset  # noqa: E402
+from core.train import TrainConfig, TrainRun  # noqa: E402
+
+SECTIONS = ("peak", "gemm", "train", "fp8step", "lossgap", "decode", "profile")
+
+
+def _model(hidden, layers, heads, q_rank, kv_rank, experts, top_k, moe_i, groups, dense_i=None, dense_layers=0,
+           vocab=32000) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                       num_key_value_heads=heads, q_lora_rank=q_rank, kv_lora_rank=kv_rank, qk_nope_head_dim=128,
+                       qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=experts, num_experts_per_tok=top_k,
+                       n_shared_experts=1, moe_intermediate_size=moe_i, n_group=groups, topk_group=max(1, groups // 2),
+                       intermediate_size=dense_i or 4 * hidden, first_k_dense_replace=dense_layers,
+                       max_position_embeddings=4096, rope_scaling=None, num_nextn_predict_layers=0)
+
+
+#: name -> (model config, batch, seq_len). "920M" is issue #14's: hidden 1024, 8 layers, 64 routed experts top-6
+#: + 1 shared, q/kv ranks 384/256, vocab 32k (16 heads and expert width 512 give 924M parameters).
+CONFIGS = {
+    "920M": (_model(1024, 8, 16, 384, 256, 64, 6, 512, 8), 8, 2048),
+    "100M": (_model(512, 6, 8, 192, 128, 32, 4, 256, 4), 16, 1024),
+    "dense-2B": (_model(4096, 8, 32, 1536, 512, 0, 1, 1, 1, dense_i=14336, dense_layers=8), 4, 2048),
+}
+SMOKE = {
+    "920M": (_model(128, 2, 2, 128, 128, 8, 2, 64, 2, vocab=512), 2, 128),
+    "100M": (_model(128, 2, 2, 128, 128, 8, 2, 64, 2, vocab=512), 2, 128),
+    "dense-2B": (_model(256, 2, 2, 128, 128, 0, 1, 1, 1, dense_i=256, dense_layers=2, vocab=512), 2, 128),
+}
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of fn() (CUDA events on a GPU, perf_counter on a CPU)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def peak(dev, smoke) -> dict:
+    n = 512 if smoke else 8192
+    a, b = torch.randn(n, n, device=dev, dtype=torch.bfloat16), torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    t = timed(lambda: a @ b, 3 if smoke else 10, 3)
+    out = {"n": n, "bf16_tflops": 2 * n ** 3 / t / 1e12}
+    aq, as_ = g.quant_tile(a)
+    bq, bs = g.quant_block(b)
+    t8 = timed(lambda: g.fp8_gemm(aq, as_, bq, bs, "block"), 3 if smoke else 10, 3)
+    out.update(fp8_blockwise_tflops=2 * n ** 3 / t8 / 1e12, fp8_over_bf16=t / t8)
+    return out
+
+
+def gemm(dev, smoke) -> list[dict]:
+    shapes = [(256, 512, 384)] if smoke else [(16384, 7168, 18432), (16384, 4096, 4096), (8192, 4096, 11008),
+                                               (8192, 1024, 2816)]
+    rows = []
+    for m, k, n in shapes:
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02).requires_grad_(True)
+        dy = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
+
+        def fwd_bwd(f):
+            def run():
+                x.grad = w.grad = None
+                f(x, w).backward(dy)
+            return run
+        reps = 2 if smoke else 10
+        t_bf = timed(fwd_bwd(F.linear), reps)
+        t_f8 = timed(fwd_bwd(g.fp8_linear), reps)
+        with torch.no_grad():
+            tf_bf = timed(lambda: F.linear(x, w), reps)
+            tf_f8 = timed(lambda: g.fp8_linear(x, w), reps)
+            xq, xs = g.quant_tile(x)
+            wq, ws = g.quant_block(w)
+            tg_f8 = timed(lambda: g.fp8_gemm(xq, xs, wq, ws, "block"), reps)
+        flops = 2 * m * k * n
+        rows.append({"m": m, "k": k, "n": n, "bf16_fwd_bwd_ms": t_bf * 1e3, "fp8_fwd_bwd_ms": t_f8 * 1e3,
+                     "fwd_bwd_speedup": t_bf / t_f8, "bf16_fwd_ms": tf_bf * 1e3, "fp8_fwd_ms": tf_f8 * 1e3,
+                     "fwd_speedup": tf_bf / tf_f8, "gemm_only_speedup": tf_bf / tg_f8,
+                     "fp8_gemm_tflops": flops / tg_f8 / 1e12, "fp8_fwd_bwd_tflops": 3 * flops / t_f8 / 1e12})
+        print(f"  gemm {m}x{k}->{n}: fwd+bwd bf16 {t_bf * 1e3:.2f} ms, fp8 {t_f8 * 1e3:.2f} ms "
+              f"({t_bf / t_f8:.2f}x); fwd {tf_bf / tf_f8:.2f}x; GEMM alone {tf_bf / tg_f8:.2f}x", flush=True)
+        del x, w, dy
+        free()
+    return rows
+
+
+def _batches(n, B, T, dev, vocab):
+    data = pydoc_dataset()
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(n):
+        x, y = data.batch(B, T, gen)[:2]
+        out.append((x.to(dev), y.to(dev)))
+    return out
+
+
+def _tcfg(B, T, precision, dev, steps=10 ** 6) -> TrainConfig:
+    return TrainConfig(steps=steps, batch_size=B, seq_len=T, mtp=False, eval_every=0, lr=1e-3, warmup=20,
+                       precision=precision, device=dev.type)
+
+
+class HFStep(HFTrainer):
+    """transformers' DeepseekV3ForCausalLM in bf16 on `dev`, with bench/train_throughput's step (the engine's: CE,
+    backward, clip 1.0, fused AdamW, warm-up + cosine); random init (a speed reference needs no shared weights)."""
+
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, dev):
+        from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = DeepseekV3ForCausalLM._from_config(
+                DeepseekV3Config(**mcfg.to_hf()), attn_implementation="sdpa",
+                experts_implementation="grouped_mm").to(device=dev, dtype=torch.bfloat16).train()
+        super().__init__(hf, tcfg)
+        self.impl = {"attention": hf.config._attn_implementation,
+                     "experts": getattr(hf.config, "_experts_implementation", None)}
+
+
+def interleaved(steppers: dict, batches, warmup: int) -> dict:
+    """One step of each stepper per batch, order rotated; median seconds after warm-up, and the losses."""
+    times, losses = {k: [] for k in steppers}, {k: [] for k in steppers}
+    first = {}
+    names = list(steppers)
+    for i, (x, y) in enumerate(batches):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            losses[k].append(steppers[k](x, y))
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[k].append(time.perf_counter() - t)
+            elif i == 0:
+                first[k] = time.perf_counter() - t
+    losses["first_step_s"] = first  # includes compilation
+    return {k: statistics.median(v) for k, v in times.items()}, losses
+
+
+def _ours(mcfg, tcfg, compiled: bool = False):
+    """The engine's TrainRun and a step function; compiled=True builds it with EVA_CUDA_COMPILE_BLOCKS=1."""
+    old = os.environ.get("EVA_CUDA_COMPILE_BLOCKS")
+    os.environ["EVA_CUDA_COMPILE_BLOCKS"] = "1" if compiled else "0"
+    try:
+        run = TrainRun(mcfg, tcfg)
+    finally:
+        if old is None:
+            os.environ.pop("EVA_CUDA_COMPILE_BLOCKS", None)
+        else:
+            os.environ["EVA_CUDA_COMPILE_BLOCKS"] = old
+    return run, (lambda x, y: run.step((x, y))["loss"])
+
+
+def train(dev, smoke, peak_tflops, compiled_blocks: bool = False) -> dict:
+    out = {}
+    for name in ("920M", "100M"):
+        mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
+        steps, warm = (3, 1) if smoke else (12, 4)
+        batches = _batches(steps, B, T, dev, mcfg.vocab_size)
+        tcfg = _tcfg(B, T, "bf16", dev)
+        run, ours = _ours(mcfg, tcfg)
+        steppers = {"ours": ours}
+        if compiled_blocks:
+            steppers["ours_compiled"] = _ours(mcfg, tcfg, compiled=True)[1]
+        hf = HFStep(mcfg, tcfg, dev)
+        steppers["transformers"] = hf.step
+        med, losses = interleaved(steppers, batches, warm)
+        flops = step_flops(run.model_config, B, T)
+        params = run.model.num_parameters()
+        row = {"params": params, "batch": B, "seq_len": T, "config": mcfg.to_hf(), "hf_impl": hf.impl}
+        for k, t in med.items():
+            row[k] = {"step_ms": t * 1e3, "tokens_per_s": B * T / t, "mfu": flops / t / 1e12 / peak_tflops,
+                      "first_loss": losses[k][0], "last_loss": losses[k][-1],
+                      "first_step_s": losses["first_step_s"].get(k)}
+        row["speedup_vs_transformers"] = med["transformers"] / med["ours"]
+        if compiled_blocks:
+            row["compiled_speedup_vs_transformers"] = med["transformers"] / med["ours_compiled"]
+        if torch.cuda.is_available():
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        out[name] = row
+        print(f"  train {name} ({params / 1e6:.0f}M): ours {B * T / med['ours']:,.0f} tok/s "
+              f"(MFU {row['ours']['mfu']:.1%}), transformers {B * T / med['transformers']:,.0f} tok/s: "
+              f"{row['speedup_vs_transformers']:.2f}x", flush=True)
+        del run, hf, ours, steppers, batches
+        free()
+    return out
+
+
+def fp8step(dev, smoke, peak_tflops) -> dict:
+    out = {}
+    for name in ("920M", "dense-2B"):
+        mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
+        steps, warm = (3, 1) if smoke else (10, 4)
+        batches = _batches(steps, B, T, dev, mcfg.vocab_size)
+        bf, bf_step = _ours(mcfg, _tcfg(B, T, "bf16", dev))
+        f8, f8_step = _ours(mcfg, _tcfg(B, T, "deepseek", dev))
+        med, losses = interleaved({"bf16": bf_step, "fp8": f8_step}, batches, warm)
+        flops = step_flops(bf.model_config, B, T)
+        out[name] = {"params": bf.model.num_parameters(), "batch": B, "seq_len": T,
+                     "fp8_linears": sum(type(m).__name__ == "FP8LinearGPU" for m in f8.model.modules()),
+                     **{k: {"step_ms": t * 1e3, "tokens_per_s": B * T / t, "mfu": flops / t / 1e12 / peak_tflops,
+                            "last_loss": losses[k][-1]} for k, t in med.items()},
+                     "fp8_speedup": med["bf16"] / med["fp8"]}
+        print(f"  fp8 step {name}: bf16 {med['bf16'] * 1e3:.1f} ms, fp8 {med['fp8'] * 1e3:.1f} ms "
+              f"({med['bf16'] / med['fp8']:.2f}x)", flush=True)
+        del bf, f8, bf_step, f8_step, batches
+        free()
+    return out
+
+
+def lossgap(dev, smoke, steps) -> dict:
+    mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
+    T = min(T, 512)
+    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T}
+    for prec in ("bf16", "deepseek"):
+        run = TrainRun(mcfg, _tcfg(B, T, prec, dev, steps=steps))
+        t = time.perf_counter()
+        run.run()
+        out[prec] = {"train_loss": run.records[-1]["loss"], "val_loss": run.evaluate(None),
+                     "seconds": time.perf_counter() - t}
+        del run
+        free()
+    out["relative_gap"] = out["deepseek"]["val_loss"] / out["bf16"]["val_loss"] - 1
+    print(f"  loss gap after {steps} steps: bf16 {out['bf16']['val_loss']:.4f}, fp8 {out['deepseek']['val_loss']:.4f}"
+          f" ({out['relative_gap']:+.2%})", flush=True)
+    return out
+
+
+def decode(dev, smoke) -> list[dict]:
+    from core.attention import MLA, make_cache
+    cfg = ModelConfig() if not smoke else ModelConfig(hidden_size=256, num_attention_heads=4, q_lora_rank=64,
+                                                      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                                                      v_head_dim=32)
+    torch.manual_seed(0)
+    attn = MLA(cfg).to(device=dev, dtype=torch.bfloat16).eval()
+    rows = []
+    ctxs = (256, 512) if smoke else (4096, 8192, 16384, 32768)
+    for ctx in ctxs:
+        for batch in (1, 8):
+            x = torch.randn(batch, 1, cfg.hidden_size, device=dev, dtype=torch.bfloat16)
+            row = {"context": ctx, "batch": batch}
+            for kind in ("absorbed", "naive"):
+                cache = make_cache(cfg, kind, batch, ctx, torch.bfloat16, dev)
+                if kind == "absorbed":  # the cache contents do not change the work; random latents fill it
+                    cache.update(0, torch.randn(batch, ctx - 1, cfg.kv_lora_rank, device=dev, dtype=torch.bfloat16),
+                                 torch.randn(batch, ctx - 1, cfg.qk_rope_head_dim, device=dev, dtype=torch.bfloat16))
+                else:
+                    h = cfg.num_attention_heads
+                    cache.update(0, torch.randn(batch, ctx - 1, h, cfg.qk_head_dim, device=dev, dtype=torch.bfloat16),
+                                 torch.randn(batch, ctx - 1, h, cfg.v_head_dim, device=dev, dtype=torch.bfloat16))
+                with torch.no_grad():
+                    t = timed(lambda: attn(x, start_pos=ctx - 1, cache=cache), 3 if smoke else 10, 2)
+                row[kind] = {"ms_per_step": t * 1e3, "tokens_per_s": batch / t, "cache_bytes": cache.nbytes()}
+                del cache
+                free()
+            row["absorbed_speedup"] = row["naive"]["ms_per_step"] / row["absorbed"]["ms_per_step"]
+            rows.append(row)
+            print(f"  decode ctx {ctx} batch {batch}: absorbed {row['absorbed']['ms_per_step']:.2f} ms, naive "
+                  f"{row['naive']['ms_per_step']:.2f} ms ({row['absorbed_speedup']:.1f}x); cache "
+                  f"{row['absorbed']['cache_bytes'] / 2 ** 20:.0f} vs {row['naive']['cache_bytes'] / 2 ** 20:.0f} MiB",
+                  flush=True)
+    return rows
+
+
+def profile(dev, smoke) -> dict:
+    """Top kernels of two steps: the 920M config in bf16 and the dense-2B config in FP8."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    out = {}
+    for name, precision in (("920M", "bf16"), ("dense-2B", "deepseek")):
+        mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
+        run, step = _ours(mcfg, _tcfg(B, T, precision, dev))
+        batches = _batches(4, B, T, dev, mcfg.vocab_size)
+        for x, y in batches[:2]:
+            step(x, y)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with prof(activities=acts) as p:
+            for x, y in batches[2:]:
+                step(x, y)
+        key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+        table = p.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70)
+        print(f"  profile {name} {precision}\n{table}", flush=True)
+        out[f"{name}-{precision}"] = {"steps": 2, "table": table}
+        del run, step, batches
+        free()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="JSON results file (rewritten after every section)")
+    ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on a CPU; checks the bench itself)")
+    ap.add_argument("--compiled-blocks", action="store_true",
+                    help="train: also time the engine with EVA_CUDA_COMPILE_BLOCKS=1 (core.cuda.compile)")
+    ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
+    args = ap.parse_args(argv)
+    only = [s for s in args.only.split(",") if s]
+    bad = [s for s in only if s not in SECTIONS]
+    if bad:
+        ap.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import transformers
+    try:
+        import triton
+        triton_v = triton.__version__
+    except ImportError:
+        triton_v = None
+    res = {"meta": {**describe_device(dev), "transformers": transformers.__version__, "triton": triton_v,
+                    "date": datetime.date.today().isoformat(), "smoke": args.smoke,
+                    "command": "python bench/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}}
+    peak_tflops = None
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+
+    for sec in only:
+        t0 = time.perf_counter()
+        print(f"== {sec}", flush=True)
+        try:
+            if sec == "peak" or (peak_tflops is None and sec in ("train", "fp8step")):
+                res["peak"] = peak(dev, args.smoke)
+                peak_tflops = res["peak"]["bf16_tflops"]
+                print(f"  bf16 {peak_tflops:.0f} TFLOP/s, fp8 blockwise {res['peak']['fp8_blockwise_tflops']:.0f}",
+                      flush=True)
+            if sec == "gemm":
+                res["gemm"] = gemm(dev, args.smoke)
+            elif sec == "train":
+                res["train"] = train(dev, args.smoke, peak_tflops, args.compiled_blocks)
+            elif sec == "fp8step":
+                res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
+            elif sec == "lossgap":
+                res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps)
+            elif sec == "decode":
+                res["decode"] = decode(dev, args.smoke)
+            elif sec == "profile":
+                res["profile"] = profile(dev, args.smoke)
+        except Exception as e:  # noqa: BLE001 - one failing section must not lose the others' results
+            traceback.print_exc()
+            res.setdefault("errors", {})[sec] = f"{type(e).__name__}: {e}"[:2000]
+            free()
+        res.setdefault("seconds", {})[sec] = round(time.perf_counter() - t0, 1)
+        res["meta"]["fp8_quantizers"] = g.compile_status()
+        res["meta"]["fp8_scale_layouts"] = g.scale_layouts()
+        res["meta"]["compiled_block_errors"] = compile_errors()
+        save()
+    return 1 if res.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

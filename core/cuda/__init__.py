@@ -1,0 +1,10 @@
+"""GPU paths of the engine (NVIDIA Hopper and newer): real FP8 GEMMs and device helpers.
+
+Importing this package (or its modules) needs only torch and works on a CPU: nothing CUDA-only is touched
+until a function is called with CUDA tensors. The CPU runs the same code with a dequantize-and-multiply
+reference in place of the hardware GEMM, so the layout and autograd logic is tested without a GPU.
+
+  core.cuda.device      resolve_device("auto" | "cpu" | "cuda"), describe_device()
+  core.cuda.fp8_linear  DeepSeek-V3 FP8 GEMMs through torch's scaled matmul (1x128 activation tiles, 128x128
+                        weight blocks), an autograd linear (Fprop / Dgrad / Wgrad in FP8) and `convert_model`
+"""

@@ -1,0 +1,312 @@
+"""DeepSeek-V3 FP8 training GEMMs on the GPU: 1x128 activation tiles, 128x128 weight blocks, E4M3, online scales.
+
+V3 report §3.3 (Fig. 6/7): every Linear runs its three GEMMs in FP8 with fp32 accumulation and bf16/fp32 outputs:
+    Fprop  y  = x W^T        A = x  [M, K]   1x128 tiles along K     B = W [N, K]  128x128 blocks
+    Dgrad  dx = dy W         A = dy [M, N]   1x128 tiles along N     B = W^T       128x128 blocks (the same
+                                                                                   blocks, transposed)
+    Wgrad  dW = dy^T x       A = dy^T [N, M] 1x128 tiles along M     B = x^T [K, M] 1x128 tiles along M
+The Wgrad operands are re-tiled along the token dim (DeepSeek quantizes them again for the transposed GEMM);
+weights use 128x128 blocks precisely so that W^T reuses them. Scales are dequantization scales
+s = max(amax, 1e-4) / 448 (official inference/kernel.py `act_quant`), q = cast(clamp(x / s)), as in
+`core.fp8.quantize`, which is the reference: on a CPU the quantizers below are bit-identical to it and the GEMM
+is a float64 dequantize-and-multiply, so everything but the hardware GEMM is tested without a GPU.
+
+On CUDA the GEMMs go through `torch.nn.functional.scaled_mm` with `ScalingType.BlockWise1x128` /
+`BlockWise128x128` (cuBLAS blockwise FP8, Hopper), and the quantizers run under `torch.compile` (one fused
+kernel per operand: eager amax/divide/cast costs about as much as the FP8 GEMM itself). Master weights stay
+fp32 in the trainer; the weight is quantized from its bf16 working copy every forward.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, get_recipe
+from core.fp8.training import _skipped
+from core.gemm import Linear
+
+__all__ = ["BLOCK", "quant_tile", "quant_block", "fp8_gemm", "reference_gemm", "fp8_linear", "FP8LinearGPU",
+           "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
+
+BLOCK = 128
+_FP8 = torch.float8_e4m3fn
+_FMAX = float(torch.finfo(_FP8).max)  # 448
+
+
+# ---------------------------------------------------------------------------------------------- quantizers
+def _ceil(n: int, m: int = BLOCK) -> int:
+    return -(-n // m) * m
+
+
+def _quant_tile_eager(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (any strides) -> q [M, Kp] E4M3 row-major (K zero-padded to Kp = 128 * ceil(K/128)) and
+    s [M, Kp/128] fp32 stored outer-dim-major (strides (1, M)), the layout cuBLAS's 1x128 scaling reads."""
+    m, k = x.shape
+    kp = _ceil(k)
+    if kp != k:
+        x = F.pad(x, (0, kp - k))
+    xg = x.float().reshape(m, kp // BLOCK, BLOCK)
+    s = xg.abs().amax(-1).clamp(min=AMAX_FLOOR) / _FMAX
+    q = (xg / s.unsqueeze(-1)).clamp(-_FMAX, _FMAX).to(_FP8).reshape(m, kp).contiguous()
+    return q, s.t().contiguous().t()
+
+
+def _quant_block_eager(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> q [Np, Kp] E4M3 (both dims zero-padded to multiples of 128) and s [Np/128, Kp/128] fp32."""
+    n, k = w.shape
+    np_, kp = _ceil(n), _ceil(k)
+    if (np_, kp) != (n, k):
+        w = F.pad(w, (0, kp - k, 0, np_ - n))
+    wg = w.float().reshape(np_ // BLOCK, BLOCK, kp // BLOCK, BLOCK)
+    s = wg.abs().amax(dim=(1, 3)).clamp(min=AMAX_FLOOR) / _FMAX
+    q = (wg / s[:, None, :, None]).clamp(-_FMAX, _FMAX).to(_FP8).reshape(np_, kp)
+    return q, s
+
+
+_COMPILED: dict = {}
+_COMPILE_ERRORS: dict = {}
+
+
+def _compiled(fn):
+    """`fn` under torch.compile (cached; dynamic shapes so the model's layer widths share one kernel), or `fn`
+    itself when EVA_CUDA_COMPILE=0 or compilation failed (the error is kept for `compile_status`)."""
+    if os.environ.get("EVA_CUDA_COMPILE", "1") == "0" or fn.__name__ in _COMPILE_ERRORS:
+        return fn
+    if fn.__name__ not in _COMPILED:
+        cfg = torch._dynamo.config  # every layer width (and its transpose) is a specialization: allow them all
+        for knob in ("recompile_limit", "cache_size_limit"):
+            if hasattr(cfg, knob):
+                setattr(cfg, knob, max(getattr(cfg, knob), 64))
+        _COMPILED[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _COMPILED[fn.__name__]
+
+
+def _run(fn, x):
+    if not x.is_cuda:
+        return fn(x)  # CPU: eager, bit-identical to core.fp8.quantize
+    try:
+        return _compiled(fn)(x)
+    except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training: fall back to eager
+        _COMPILE_ERRORS[fn.__name__] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return fn(x)
+
+
+def quant_tile(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1x128 tile quantization of a 2-D x [M, K] (DeepSeek activations / gradients): see `_quant_tile_eager`."""
+    return _run(_quant_tile_eager, x)
+
+
+def quant_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """128x128 block quantization of a weight [N, K]: see `_quant_block_eager`."""
+    return _run(_quant_block_eager, w.detach())  # a Parameter would pin the compiled kernel to its shape
+
+
+def compile_status() -> dict:
+    """Which quantizers run compiled on CUDA, and why any fell back to eager."""
+    return {"enabled": os.environ.get("EVA_CUDA_COMPILE", "1") != "0", "compiled": sorted(_COMPILED),
+            "errors": dict(_COMPILE_ERRORS)}
+
+
+# ---------------------------------------------------------------------------------------------- GEMMs
+def _dequant_tile(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return (q.double().reshape(q.shape[0], -1, BLOCK) * s.double().unsqueeze(-1)).reshape(q.shape)
+
+
+def _dequant_block(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return q.double() * s.double().repeat_interleave(BLOCK, 0).repeat_interleave(BLOCK, 1)
+
+
+def reference_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch.float32) -> torch.Tensor:
+    """C = A B^T from quantized operands, exactly (float64 dequantize and multiply), then rounded to out_dtype.
+
+    a_q [M, K] with 1x128 scales a_s [M, K/128]; b_q [N, K] with 128x128 scales [N/128, K/128] ("block") or
+    1x128 scales [N, K/128] ("tile"). K a multiple of 128."""
+    b = _dequant_block(b_q, b_s) if b_scaling == "block" else _dequant_tile(b_q, b_s)
+    return (_dequant_tile(a_q, a_s) @ b.t()).to(out_dtype)
+
+
+def _pad_cols(s: torch.Tensor, cols: int) -> torch.Tensor:
+    """s [R, C] zero-padded to [R, cols] (a copy; `s` itself when C == cols)."""
+    return s if s.shape[1] == cols else F.pad(s, (0, cols - s.shape[1]))
+
+
+def _outer_major(s: torch.Tensor) -> torch.Tensor:
+    """s [R, C] stored with strides (1, R)."""
+    return s.t().contiguous().t()
+
+
+# Candidate layouts of the scale tensors. torch's scaled-mm checks (ATen ScaledBlas.cpp) changed between releases:
+# e.g. 128x128 scales of B as [K/128, N/128] column-major in one, with K/128 padded to a multiple of 4 (16-byte
+# rows) in another, and 1x128 scales of B as [K/128, N] or [N, K/128]. Each candidate maps (scale of A [M, K/128],
+# scale of B as quantized: [N/128, K/128] or [N, K/128]) to the tensors passed to F.scaled_mm.
+_A_LAYOUTS = {
+    "outer": lambda s: _outer_major(s),
+    "outer-pad4": lambda s: _outer_major(_pad_cols(s, _ceil(s.shape[1], 4))),
+}
+_B_LAYOUTS = {
+    "block": {
+        "kxn-colmajor": lambda s: s.t(),
+        "kxn-colmajor-pad4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4)).t(),
+        "kxn-colmajor-stride4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4))[:, : s.shape[1]].t(),
+        "kxn-rowmajor": lambda s: s.t().contiguous(),
+        "kxn-rowmajor-pad4": lambda s: _pad_cols(s, _ceil(s.shape[1], 4)).t().contiguous(),
+    },
+    "tile": {
+        "nxk-outer": lambda s: _outer_major(s),
+        "nxk-rowmajor": lambda s: s.contiguous(),
+        "kxn-rowmajor": lambda s: s.t().contiguous(),
+        "nxk-outer-pad4": lambda s: _outer_major(_pad_cols(s, _ceil(s.shape[1], 4))),
+    },
+}
+_LAYOUT: dict[str, tuple[str, str]] = {}  # b_scaling -> (A layout, B layout) verified on this GPU
+
+
+def _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, out_dtype, layout):
+    st = F.ScalingType
+    a_q, b_q = a_q.contiguous(), b_q.contiguous()  # cuBLASLt multiplies row-major A by column-major B only
+    rb = st.BlockWise128x128 if b_scaling == "block" else st.BlockWise1x128
+    return F.scaled_mm(a_q, b_q.t(), _A_LAYOUTS[layout[0]](a_s), st.BlockWise1x128,
+                       _B_LAYOUTS[b_scaling][layout[1]](b_s), rb, output_dtype=out_dtype)
+
+
+def _find_layout(b_scaling: str, device) -> tuple[str, str]:
+    """The first scale layout whose GEMM on a probe (K/128 = 3, not a multiple of 4) agrees with
+    `reference_gemm`: the layout is verified by its numbers, not only accepted by the shape checks."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 384, generator=gen), torch.randn(256, 384, generator=gen)
+    aq, as_ = _quant_tile_eager(a)
+    bq, bs = _quant_block_eager(b) if b_scaling == "block" else _quant_tile_eager(b)
+    ref = reference_gemm(aq, as_, bq, bs, b_scaling, torch.float64)
+    tried = []
+    for la in _A_LAYOUTS:
+        for lb in _B_LAYOUTS[b_scaling]:
+            try:
+                out = _scaled_mm(aq.to(device), as_.to(device), bq.to(device), bs.to(device), b_scaling,
+                                 torch.bfloat16, (la, lb)).double().cpu()
+            except (RuntimeError, ValueError) as e:
+                tried.append(f"{la}/{lb}: {str(e).splitlines()[0][:160]}")
+                continue
+            err = float((out - ref).norm() / ref.norm())
+            if err < 5e-3:  # bf16 output rounding; a misread scale layout is off by O(1)
+                return la, lb
+            tried.append(f"{la}/{lb}: wrong numbers (relative error {err:.2e})")
+    raise RuntimeError(f"no scale layout of torch {torch.__version__} runs the {b_scaling} FP8 GEMM: "
+                       + "; ".join(tried))
+
+
+def fp8_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch.bfloat16) -> torch.Tensor:
+    """C [M, N] = A [M, K] B [N, K]^T with A in 1x128 tiles and B in 128x128 blocks ("block") or 1x128 tiles
+    along K ("tile"). On CUDA one cuBLAS blockwise FP8 GEMM (`F.scaled_mm`); elsewhere `reference_gemm`."""
+    if not a_q.is_cuda:
+        return reference_gemm(a_q, a_s, b_q, b_s, b_scaling, out_dtype)
+    if b_scaling not in _LAYOUT:
+        _LAYOUT[b_scaling] = _find_layout(b_scaling, a_q.device)
+    if out_dtype == torch.float32 and _FP32_OUT.get(b_scaling) is False:
+        return _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, torch.bfloat16, _LAYOUT[b_scaling]).float()
+    try:
+        out = _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, out_dtype, _LAYOUT[b_scaling])
+    except (RuntimeError, ValueError):
+        if out_dtype != torch.float32:
+            raise
+        _FP32_OUT[b_scaling] = False  # this cuBLAS path writes bf16 only
+        return fp8_gemm(a_q, a_s, b_q, b_s, b_scaling, out_dtype)
+    if out_dtype == torch.float32:
+        _FP32_OUT[b_scaling] = True
+    return out
+
+
+_FP32_OUT: dict[str, bool] = {}  # b_scaling -> whether an fp32 output ran (else bf16 output, upcast)
+
+
+def scale_layouts() -> dict:
+    """The scale layouts verified on this process's GPU (empty before the first GPU GEMM)."""
+    return {"layouts": {k: "/".join(v) for k, v in _LAYOUT.items()}, "fp32_output": dict(_FP32_OUT)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+class _FP8LinearFn(torch.autograd.Function):
+    """y = x W^T with Fprop, Dgrad and Wgrad as FP8 GEMMs (module docstring). x [..., K], W [N, K] -> [..., N].
+
+    Saved for backward: x in its own dtype (re-tiled along tokens for Wgrad) and the FP8 weight with its scales
+    (transposed once for Dgrad). dW is computed in fp32 and returned in W's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        k, n = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, k)
+        xq, xs = quant_tile(x2)
+        wq, ws = quant_block(weight)
+        y = fp8_gemm(xq, xs, wq, ws, "block", x.dtype)
+        ctx.save_for_backward(x2, wq, ws)
+        ctx.meta = (x.shape, n, k, weight.dtype)
+        return y[:, :n].reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x2, wq, ws = ctx.saved_tensors
+        shape, n, k, w_dtype = ctx.meta
+        dy2 = dy.reshape(-1, n)
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            gq, gs = quant_tile(dy2)  # [M, Np]: N padded like the weight's rows
+            dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), "block", dy.dtype)
+            dx = dx[:, :k].reshape(shape)
+        if ctx.needs_input_grad[1]:
+            gtq, gts = quant_tile(dy2.t())  # dy^T [N, Mp]: 1x128 tiles along tokens
+            xtq, xts = quant_tile(x2.t())  # x^T  [K, Mp]
+            dw = fp8_gemm(gtq, gts, xtq, xts, "tile", torch.float32).to(w_dtype)
+        return dx, dw
+
+
+@torch.compiler.disable  # inside a compiled block (core.cuda.compile) it runs as written, between two graphs
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 linear layer (DeepSeek recipe, all three GEMMs in FP8); the bias, if any, is added in x's dtype."""
+    y = _FP8LinearFn.apply(x, weight)
+    return y if bias is None else y + bias
+
+
+class FP8LinearGPU(nn.Linear):
+    """nn.Linear (same parameters and state_dict) whose GEMMs are real FP8 GEMMs: `fp8_linear`."""
+
+    @torch.compiler.disable
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "FP8LinearGPU":
+        new = cls(lin.in_features, lin.out_features, bias=False, device="meta")
+        new.weight, new.bias = lin.weight, lin.bias  # share the Parameters (an optimizer built before still works)
+        new.train(lin.training)
+        return new
+
+
+#: The recipe switches (core.fp8.FP8Recipe fields) this GPU path implements; any other value runs emulated.
+GPU_SWITCHES = {"act_fmt": ("e4m3",), "weight_fmt": ("e4m3",), "grad_fmt": ("e4m3",), "act_gran": ("tile",),
+                "weight_gran": ("block",), "grad_gran": ("tile",), "scaling": ("current",), "block_size": (128,),
+                "scale_fmt": (None,)}
+
+
+def gpu_recipe_issues(recipe: str | FP8Recipe) -> list[str]:
+    """Why `recipe` cannot run on the GPU FP8 GEMMs ([] when it can: of core.fp8.RECIPES only "deepseek")."""
+    r = get_recipe(recipe)
+    return [f"{f}={getattr(r, f)!r} (GPU path: {ok})" for f, ok in GPU_SWITCHES.items() if getattr(r, f) not in ok]
+
+
+def convert_model(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip=DEFAULT_SKIP) -> dict:
+    """Swap every stock Linear not matched by `skip` (core.fp8.DEFAULT_SKIP: embedding, head, router, norms stay
+    high precision, V3 §3.3.1) for an FP8LinearGPU, in place. Routed experts (3-D weights, grouped GEMM) keep
+    their bf16 grouped GEMM. Returns {"linears": converted count, "experts": "bf16 grouped GEMM"}.
+    ValueError naming the recipe switch when the recipe needs something this path does not implement."""
+    issues = gpu_recipe_issues(recipe)
+    if issues:
+        raise ValueError(f"precision: recipe {get_recipe(recipe).name!r} has no GPU FP8 path: {'; '.join(issues)}")
+    stock = (nn.Linear.forward, Linear.forward)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n
+               and type(m).forward in stock and not _skipped(n, skip)]
+    for name, lin in targets:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, FP8LinearGPU.from_linear(lin))
+    return {"linears": len(targets), "experts": "bf16 grouped GEMM"}

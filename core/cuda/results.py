@@ -1,0 +1,87 @@
+"""The measured GPU figures committed in docs/gpu_results.json (written by bench/gpu_bench.py), for the app.
+
+    res = load_gpu_results()            # None when the file is absent
+    label(res)                          # "NVIDIA H200 · torch 2.11.0+cu130 · CUDA 13.0 · transformers 5.17.0 · 2026-12-01"
+    fp8_rows(res), decode_rows(res), train_rows(res)   # flat rows
+    lossgap_row(res)                    # one dict (or None) (lists of dicts) for tables and charts
+
+Pure Python (json + the standard library): importing it needs no GPU.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                            "docs", "gpu_results.json")
+
+
+def load_gpu_results(path: str | os.PathLike = DEFAULT_PATH) -> dict | None:
+    """The results dict, or None if the file does not exist. ValueError (naming the file) if it is not a results
+    file of bench/gpu_bench.py (JSON object with a "meta" block naming the device and date)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"gpu results: {os.fspath(path)} is not readable JSON ({type(e).__name__})") from None
+    meta = res.get("meta") if isinstance(res, dict) else None
+    if not isinstance(meta, dict) or not meta.get("device") or not meta.get("date"):
+        raise ValueError(f"gpu results: {os.fspath(path)} has no meta block with device and date")
+    return res
+
+
+def label(res: dict) -> str:
+    """Device, software versions and date of a results dict, one line."""
+    m = res["meta"]
+    parts = [m["device"], f"torch {m.get('torch')}"]
+    if m.get("cuda"):
+        parts.append(f"CUDA {m['cuda']}")
+    if m.get("transformers"):
+        parts.append(f"transformers {m['transformers']}")
+    parts.append(m["date"])
+    return " · ".join(parts)
+
+
+def fp8_rows(res: dict) -> list[dict]:
+    """FP8 vs bf16: one row per measured linear-layer shape (kind "linear": M, K, N and the speed-up of
+    the FP8 GEMM alone) and per training-step config (kind "step": its parameter count)."""
+    rows = [{"what": f"linear {r['m']}x{r['k']}->{r['n']} fwd+bwd", "kind": "linear", "m": r["m"], "k": r["k"],
+             "n": r["n"], "params": None, "bf16_ms": r["bf16_fwd_bwd_ms"], "fp8_ms": r["fp8_fwd_bwd_ms"],
+             "speedup": r["fwd_bwd_speedup"],
+             "gemm_only_speedup": r.get("gemm_only_speedup")} for r in res.get("gemm", [])]
+    for name, r in res.get("fp8step", {}).items():
+        rows.append({"what": f"training step {name}", "kind": "step", "m": None, "k": None, "n": None,
+                     "params": r.get("params"), "bf16_ms": r["bf16"]["step_ms"],
+                     "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None})
+    return rows
+
+
+def decode_rows(res: dict) -> list[dict]:
+    """MLA decode, absorbed vs naive: context, batch, tokens/s, cache bytes and ms per step of each, speed-up."""
+    return [{"context": r["context"], "batch": r["batch"],
+             "absorbed_tokens_per_s": r["absorbed"]["tokens_per_s"], "naive_tokens_per_s": r["naive"]["tokens_per_s"],
+             "absorbed_cache_bytes": r["absorbed"]["cache_bytes"], "naive_cache_bytes": r["naive"]["cache_bytes"],
+             "absorbed_ms": r["absorbed"].get("ms_per_step"), "naive_ms": r["naive"].get("ms_per_step"),
+             "speedup": r["absorbed_speedup"]} for r in res.get("decode", [])]
+
+
+def lossgap_row(res: dict) -> dict | None:
+    """Validation loss of bf16 vs FP8 (`deepseek` recipe) after the same training run, or None if not measured:
+    config, steps, tokens per batch, both losses and the relative gap (FP8 / bf16 - 1)."""
+    r = res.get("lossgap")
+    if not r:
+        return None
+    return {"config": r["config"], "steps": r["steps"], "batch": r["batch"], "seq_len": r["seq_len"],
+            "bf16_val_loss": r["bf16"]["val_loss"], "fp8_val_loss": r["deepseek"]["val_loss"],
+            "bf16_seconds": r["bf16"]["seconds"], "fp8_seconds": r["deepseek"]["seconds"],
+            "relative_gap": r["relative_gap"]}
+
+
+def train_rows(res: dict) -> list[dict]:
+    """Training step vs transformers per config: tokens/s of each, the ratio and Eva's MFU."""
+    return [{"config": name, "params": r["params"], "eva_tokens_per_s": r["ours"]["tokens_per_s"],
+             "transformers_tokens_per_s": r["transformers"]["tokens_per_s"],
+             "speedup": r["speedup_vs_transformers"], "eva_mfu": r["ours"]["mfu"]}
+            for name, r in res.get("train", {}).items()]

@@ -1,0 +1,144 @@
+"""The measured GPU figures in the app: the FP8 and MLA pages show them labelled with device and date from
+docs/gpu_results.json, the chart builders draw exactly the committed numbers, and a missing or malformed file
+gives a message instead of a traceback."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from app import gpu_view, palette
+from app.charts import gpu as charts
+from apptest_helpers import HANG_S, open_page
+from core.cuda import results
+
+RES = results.load_gpu_results()
+pytestmark = pytest.mark.skipif(RES is None, reason="docs/gpu_results.json not committed")
+
+
+def _specs(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+@pytest.mark.parametrize("page, heading, title_start", [
+    ("pages/fp8.py", "Measured on a GPU: FP8 vs bf16", "FP8 is faster than bf16"),
+    ("pages/mla.py", "Measured on a GPU: absorbed vs naive decode", "At 32K context the absorbed path"),
+])
+def test_page_shows_the_measured_section_with_its_label(page, heading, title_start):
+    at = open_page(page)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error and not at.warning, [e.value for e in [*at.error, *at.warning]]
+    assert heading in [s.value for s in at.subheader]
+    label = results.label(RES)
+    assert any(label in c.value for c in at.caption), "device · versions · date label missing"
+    titles = [s["layout"]["title"]["text"].replace("<br>", " ") for s in _specs(at)]
+    assert any(t.startswith(title_start) for t in titles), titles
+    csv_keys = {b.key for b in at.get("download_button")}
+    assert {"csv_gpu_fp8", "csv_gpu_lossgap"} <= csv_keys if "fp8" in page else "csv_gpu_decode" in csv_keys
+
+
+def test_fp8_page_states_the_missed_targets_and_the_limit():
+    at = open_page("pages/fp8.py")
+    captions = " ".join(c.value for c in at.caption)
+    assert "Target: **≥ 1.4× — missed**" in captions and "Target: **≥ 1.3× — missed**" in captions
+    assert "Target: **within 1% — missed**" in captions
+    text = " ".join(m.value for m in at.markdown)
+    assert "What limits FP8 here" in text and "transposed" in text and "quantized" in text
+
+
+def test_mla_page_explains_batch_one():
+    at = open_page("pages/mla.py")
+    text = " ".join(m.value for m in at.markdown)
+    assert "Why batch 1 gains little" in text
+    rows = pd.DataFrame(results.decode_rows(RES))
+    one = rows[rows["batch"] == 1]
+    t = pd.concat([one["absorbed_ms"], one["naive_ms"]])
+    assert f"{t.min():.2f}–{t.max():.2f} ms" in text  # the measured per-step times, not a typed-in figure
+
+
+def test_fp8_frame_puts_targets_on_the_largest_shape_and_config():
+    df = gpu_view.fp8_frame(results.fp8_rows(RES))
+    lin, step = df[df["kind"] == "linear"], df[df["kind"] == "step"]
+    big = (lin["m"] * lin["k"] * lin["n"]).idxmax()
+    assert df.loc[big, "target"] == gpu_view.TARGET_FP8_LINEAR
+    assert df.loc[step["params"].idxmax(), "target"] == gpu_view.TARGET_FP8_STEP
+    assert df["target"].notna().sum() == 2
+    assert gpu_view.fp8_frame([]).empty
+
+
+def test_fp8_speedup_bars_draw_the_committed_ratios():
+    df = gpu_view.fp8_frame(results.fp8_rows(RES))
+    fig = charts.fp8_speedup_bars(df)
+    bars, gemm, target = fig.data
+    assert list(bars.x) == list(df["speedup"][::-1])  # every row, slower-than-bf16 ones included
+    assert bars.marker.color == palette.FORMATS["fp8"]
+    assert sorted(gemm.x) == sorted(df["gemm_only_speedup"].dropna())
+    assert sorted(target.x) == sorted(df["target"].dropna())
+    n_fast = int((df["speedup"] > 1).sum())
+    title = fig.layout.title.text.replace("<br>", " ")
+    assert f"only {n_fast} of {len(df)} measurements" in title
+    assert f"{df['gemm_only_speedup'].max():.2f}×" in title
+    assert fig.layout.xaxis.title.text == "Speed-up of FP8 over bf16 (×)"
+    assert "ms" in bars.hovertemplate
+
+
+def test_fp8_loss_gap_shows_both_losses_and_the_verdict():
+    row = results.lossgap_row(RES)
+    fig = charts.fp8_loss_gap(row, gpu_view.TARGET_LOSS_GAP)
+    (pts,) = fig.data
+    assert list(pts.y) == [row["bf16_val_loss"], row["fp8_val_loss"]]
+    title = fig.layout.title.text.replace("<br>", " ")
+    assert f"{100 * row['relative_gap']:+.2f}%" in title
+    assert ("outside" if abs(row["relative_gap"]) > gpu_view.TARGET_LOSS_GAP else "within") in title
+    lo, hi = fig.layout.yaxis.range  # zoomed so a 1% gap is visible, with both points and the band inside
+    assert lo < min(pts.y) and hi > max(max(pts.y), row["bf16_val_loss"] * (1 + gpu_view.TARGET_LOSS_GAP))
+    assert "nats/byte" in fig.layout.yaxis.title.text
+
+
+def test_decode_throughput_has_one_panel_per_batch_and_the_ratios():
+    df = pd.DataFrame(results.decode_rows(RES))
+    fig = charts.decode_throughput(df)
+    assert len(fig.data) == 2 * df["batch"].nunique()
+    for tr in fig.data:
+        b = int(tr.hovertemplate.split("batch ")[1].split("<br>")[0])
+        d = df[df["batch"] == b].sort_values("context")
+        kind = "absorbed" if tr.name.startswith("absorbed") else "naive"
+        assert list(tr.y) == list(d[f"{kind}_tokens_per_s"])
+        assert tr.line.color == palette.ATTENTION["MLA" if kind == "absorbed" else "MLA (naive)"]
+        if kind == "absorbed":
+            assert list(tr.text) == [f"{s:.1f}×" for s in d["speedup"]]
+    top = df[(df["context"] == df["context"].max()) & (df["batch"] == df["batch"].max())].iloc[0]
+    assert f"{top['speedup']:.1f}× faster" in fig.layout.title.text.replace("<br>", " ")
+    assert fig.layout.yaxis.type == "log" and "tokens/s" in fig.layout.yaxis.title.text
+
+
+def _section(which: str, path: str) -> None:
+    from app import gpu_view as v
+    getattr(v, which)(path=path)
+
+
+@pytest.mark.parametrize("which", ["fp8_section", "mla_section"])
+def test_missing_and_malformed_files_give_a_message(tmp_path, which):
+    missing = AppTest.from_function(_section, args=(which, str(tmp_path / "none.json")), default_timeout=HANG_S).run()
+    assert not missing.exception and "is not there" in missing.info[0].value
+    cases = {"bad.json": "{not json",  # not JSON
+             "nometa.json": json.dumps({"gemm": []}),  # no meta block
+             "fields.json": json.dumps({"meta": {"device": "X", "date": "2026-12-01"},  # rows lack fields
+                                        "gemm": [{"m": 1}], "decode": [{"context": 1}]})}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        at = AppTest.from_function(_section, args=(which, str(tmp_path / name)), default_timeout=HANG_S).run()
+        assert not at.exception, (name, [e.value for e in at.exception])
+        assert at.warning and name in at.warning[0].value and "cannot be shown" in at.warning[0].value, name
+
+
+def test_a_results_file_without_the_section_says_so(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"meta": RES["meta"]}))
+    for which, what in (("fp8_section", "no FP8 measurements"), ("mla_section", "no decode measurements")):
+        at = AppTest.from_function(_section, args=(which, str(path)), default_timeout=HANG_S).run()
+        assert not at.exception and what in at.info[0].value
+        assert any(results.label(RES) in c.value for c in at.caption)
+        assert not at.get("plotly_chart")

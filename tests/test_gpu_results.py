@@ -1,0 +1,43 @@
+"""core.cuda.results: loading the committed GPU figures (CPU test; the file is written by bench/gpu_bench.py)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from core.cuda import results
+
+
+def test_committed_results_file_loads_with_a_label():
+    res = results.load_gpu_results()
+    if res is None:
+        pytest.skip("docs/gpu_results.json not committed")
+    text = results.label(res)
+    assert res["meta"]["device"] in text and res["meta"]["date"] in text and "torch" in text
+    for rows in (results.fp8_rows(res), results.decode_rows(res), results.train_rows(res)):
+        assert all(r["speedup"] > 0 for r in rows)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert results.load_gpu_results(tmp_path / "none.json") is None
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="gpu results: .*bad.json is not readable JSON"):
+        results.load_gpu_results(bad)
+    bad.write_text(json.dumps({"gemm": []}))
+    with pytest.raises(ValueError, match="no meta block"):
+        results.load_gpu_results(bad)
+
+
+def test_rows_from_a_results_dict(tmp_path):
+    res = {"meta": {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "cuda": "13.0", "transformers": "5.17.0",
+                    "date": "2026-12-01"},
+           "decode": [{"context": 32768, "batch": 8, "absorbed": {"tokens_per_s": 6000.0, "cache_bytes": 10},
+                       "naive": {"tokens_per_s": 130.0, "cache_bytes": 700}, "absorbed_speedup": 46.0}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    loaded = results.load_gpu_results(path)
+    assert results.label(loaded) == "NVIDIA H200 · torch 2.11.0+cu130 · CUDA 13.0 · transformers 5.17.0 · 2026-12-01"
+    (row,) = results.decode_rows(loaded)
+    assert row["speedup"] == 46.0 and row["naive_cache_bytes"] == 700
+    assert results.fp8_rows(loaded) == [] and results.train_rows(loaded) == []
