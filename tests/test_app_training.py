@@ -21,7 +21,17 @@ from app.lab import manager as runs
 
 
 @pytest.fixture(autouse=True)
-def idle_server():
+def patient_server(monkeypatch):
+    """No run may end because this machine is slow: AppTest reruns under load can take longer than the server's
+    heartbeat window (20 s) or a run longer than its wall-time cap (120 s), which would stop a run a test is still
+    watching. Both become HANG_S here; the test of the heartbeat itself sets its own window."""
+    monkeypatch.setattr(runs, "STALE_AFTER_S", HANG_S)
+    monkeypatch.setattr(runs, "MAX_SECONDS", HANG_S)
+    monkeypatch.setattr(knobs, "MAX_SECONDS", HANG_S)
+
+
+@pytest.fixture(autouse=True)
+def idle_server(patient_server):
     """Every test starts and ends with no run on the (process-wide) run manager."""
     mgr = session.manager()
     _drain(mgr)

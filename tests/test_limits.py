@@ -201,8 +201,10 @@ def test_training_page_reports_its_caps_and_refuses_over_cap_runs():
     assert at.button(key="tr_start").proto.disabled, "Start must be disabled while the run is over the cap"
 
 
-def test_one_training_run_at_a_time_per_server():
+def test_one_training_run_at_a_time_per_server(monkeypatch):
     knobs, session = _lab()
+    from app.lab import manager as runs
+    monkeypatch.setattr(runs, "STALE_AFTER_S", HANG_S)  # session A is not polled while B runs: never "went away"
     mgr = session.manager()
     if not all(hasattr(mgr, a) for a in ("busy", "cancel")):
         pytest.skip("RunManager API changed (busy/cancel)")
