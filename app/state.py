@@ -9,7 +9,12 @@ does not do:
   which value and what is shown instead) — collected here and shown at the top of the page;
 * knobs whose default follows the sidebar's model (e.g. the latent dim defaults to the preset's
   ``kv_lora_rank``): when the model changes the knob is reset to the new model's value, so the URL (which omits
-  defaults) stays a faithful description of what is on screen.
+  defaults) stays a faithful description of what is on screen;
+* knobs whose range or options depend on another knob or on the model (the MLA heatmap's head on the heads, a
+  lesson's step on its section, the preset list on an upload, ...): every widget here goes through `_fit`, which
+  clamps (numbers) or resets (other options) a carried value — from session state or a stale ``?key=`` — that the
+  current range no longer holds, with the same visible note. Streamlit would raise instead
+  (``StreamlitValueAboveMaxError``), or keep an out-of-range value that raises at the next interaction.
 
 Knob keys are short, stable identifiers: they are the query-parameter names of the shareable link.
 """
@@ -23,7 +28,7 @@ from typing import Any
 import streamlit as st
 
 _NOTES = "_eva_url_notes"        # key -> (message, value shown) ; shown until that knob changes
-_BASES = "_eva_knob_bases"       # key -> model id the knob's default was taken from
+_BASES = "_eva_knob_bases"       # key -> (model id the knob's default was taken from, that default)
 
 _run = threading.local()  # per script run (each session's script runs in its own thread): slot + placeholders
 
@@ -97,14 +102,22 @@ def _matches(raw: str, value: Any, fmt: Callable[[Any], str]) -> bool:
     return fmt(value) == raw
 
 
-def _prepare(key: str, default: Any, follow: str | None) -> tuple[bool, str | None]:
-    """Reset a model-following knob when the model changed; report (first render?, raw URL value)."""
+def _prepare(key: str, default: Any, follow: str | None, label: str = "",
+             fmt: Callable[[Any], str] = str) -> tuple[bool, str | None]:
+    """Reset a model-following knob when the model changed (with a note when the user had moved it off the previous
+    model's value: their choice is dropped); report (first render?, raw URL value)."""
     bases = st.session_state.setdefault(_BASES, {})
     if follow is not None:
-        if key in st.session_state and bases.get(key) not in (None, follow):
+        base, old_default = bases.get(key, (None, None))
+        if key in st.session_state and base not in (None, follow):
+            old = st.session_state[key]
             st.session_state[key] = default
+            _forget_seed(key)
             drop_note(key)
-        bases[key] = follow
+            if old != old_default and old != default:
+                add_note(key, f"**{label}** was **{fmt(old)}**; the model changed, so it shows the new model's "
+                              f"value (**{fmt(default)}**).", default)
+        bases[key] = (follow, default)
     first = key not in st.session_state
     raw = None
     if first and key in st.query_params:
@@ -132,13 +145,19 @@ def _fallback_msg(label: str, raw: str, shown: str, invalid_hint: str | None) ->
 
 
 def _forget_url_value(key: str) -> None:
-    """Remove ``?key=`` from the URL *and* from the values Streamlit seeds widgets with on this load.
-
-    Deleting from ``st.query_params`` alone is not enough: a widget seeds from the query string the run started
-    with (1.67: ``QueryParams._initial_query_params``), which has no public setter. The private access is guarded:
-    if a later Streamlit renames it, this degrades to the public deletion (tests/test_fuzz_app.py would notice)."""
+    """Remove ``?key=`` from the URL *and* from the values Streamlit seeds widgets with on this load."""
     if key in st.query_params:
         del st.query_params[key]
+    _forget_seed(key)
+
+
+def _forget_seed(key: str) -> None:
+    """Remove ``?key=`` from the values Streamlit seeds widgets with on this run (the URL itself follows the widget).
+
+    Deleting from ``st.query_params`` alone is not enough (and is refused once the widget is bound): a widget seeds
+    from the query string the run started with (1.67: ``QueryParams._initial_query_params``), which has no public
+    setter. The private access is guarded: if a later Streamlit renames it, this degrades to nothing
+    (tests/test_fuzz_app.py and tests/test_knob_ranges.py would notice)."""
     try:
         from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
         ctx = get_script_run_ctx()
@@ -156,6 +175,59 @@ def _non_finite(raw: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- ranges that move
+def _nearest(options: Sequence, value: Any, default: Any) -> Any:
+    """The option a value that left the options becomes: the nearest one when both are numbers, else the default."""
+    nums = [o for o in options if isinstance(o, (int, float)) and not isinstance(o, bool)]
+    if nums and len(nums) == len(options) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return min(nums, key=lambda o: (abs(o - value), o))
+    return default
+
+
+def _fit(key: str, label: str, allowed: Callable[[Any], bool], repair: Callable[[Any], Any], rule: str,
+         fmt: Callable[[Any], str] = str) -> None:
+    """Before a knob is drawn: if the value it carries (session state, or a stale ``?key=``) is outside the range
+    the other knobs give it now, replace it by `repair(value)` and say so in a note (kept until the knob moves)."""
+    if key not in st.session_state:
+        return
+    old = st.session_state[key]
+    try:
+        ok = allowed(old)
+    except TypeError:  # e.g. a number compared with a string a link carried
+        ok = False
+    if ok:
+        return
+    new = repair(old)
+    st.session_state[key] = new
+    _forget_seed(key)  # else a rerun whose URL still holds the old value would seed the widget with it
+    shown = "empty" if old is None else fmt(old) if not isinstance(old, (list, tuple)) else str(old)
+    add_note(key, f"**{label}** was **{shown}**, which the current settings no longer allow ({rule}); "
+                  f"showing **{'empty' if new is None else fmt(new)}** instead.", new)
+
+
+def _in_range(lo, hi) -> Callable[[Any], bool]:
+    def ok(v) -> bool:
+        if v is None:
+            return True
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (lo is None or v >= lo) and (hi is None or v <= hi)
+    return ok
+
+
+def _clamp(lo, hi, default) -> Callable[[Any], Any]:
+    def fix(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return default
+        return max(lo, v) if hi is None else min(hi, v) if lo is None else min(hi, max(lo, v))
+    return fix
+
+
+def _fit_options(key: str, label: str, options: list, default: Any, fmt: Callable[[Any], str]) -> None:
+    shown = ", ".join(fmt(o) for o in options[:8]) + ("…" if len(options) > 8 else "")
+    _fit(key, label, lambda v: v in options, lambda v: _nearest(options, v, default), f"choose one of {shown}", fmt)
+
+
 # ---------------------------------------------------------------- knobs
 def _where(container):
     return container if container is not None else st
@@ -164,7 +236,9 @@ def _where(container):
 def slider(label: str, key: str, min_value, max_value, default, *, step=None, follow: str | None = None,
            help: str | None = None, container=None, fmt: Callable[[Any], str] = str, **kw):
     """``st.slider`` bound to ``?key=``."""
-    first, raw = _prepare(key, default, follow)
+    first, raw = _prepare(key, default, follow, label, fmt)
+    _fit(key, label, _in_range(min_value, max_value), _clamp(min_value, max_value, default),
+         f"allowed {min_value}…{max_value}", fmt)
     v = _where(container).slider(label, min_value=min_value, max_value=max_value, value=default, step=step,
                                  key=key, bind="query-params", help=help, **kw)
     _after(key, label, raw, v, str, f"allowed {min_value}…{max_value}")
@@ -177,9 +251,8 @@ def select_slider(label: str, key: str, options: Sequence, default, *, follow: s
     options = list(options)
     if default not in options:  # a model value outside the option grid: add it, sorted
         options = sorted({*options, default})
-    first, raw = _prepare(key, default, follow)
-    if key in st.session_state and st.session_state[key] not in options:
-        st.session_state[key] = default
+    first, raw = _prepare(key, default, follow, label, fmt)
+    _fit_options(key, label, options, default, fmt)
     v = _where(container).select_slider(label, options=options, value=default, format_func=fmt, key=key,
                                         bind="query-params", help=help, **kw)
     _after(key, label, raw, v, fmt, "choose one of " + ", ".join(fmt(o) for o in options[:8])
@@ -192,9 +265,8 @@ def selectbox(label: str, key: str, options: Sequence, default, *, follow: str |
               invalid_hint: str | None = None, **kw):
     """``st.selectbox`` bound to ``?key=`` (the URL holds ``fmt(option)``)."""
     options = list(options)
-    first, raw = _prepare(key, default, follow)
-    if key in st.session_state and st.session_state[key] not in options:
-        st.session_state[key] = default
+    first, raw = _prepare(key, default, follow, label, fmt)
+    _fit_options(key, label, options, default, fmt)
     v = _where(container).selectbox(label, options=options, index=options.index(default), format_func=fmt,
                                     key=key, bind="query-params", help=help, **kw)
     _after(key, label, raw, v, fmt, invalid_hint or ("choose one of " + ", ".join(fmt(o) for o in options)))
@@ -205,7 +277,8 @@ def radio(label: str, key: str, options: Sequence, default, *, fmt: Callable[[An
           help: str | None = None, container=None, horizontal: bool = True, follow: str | None = None, **kw):
     """``st.radio`` bound to ``?key=``."""
     options = list(options)
-    first, raw = _prepare(key, default, follow)
+    first, raw = _prepare(key, default, follow, label, fmt)
+    _fit_options(key, label, options, default, fmt)
     v = _where(container).radio(label, options=options, index=options.index(default), format_func=fmt, key=key,
                                 bind="query-params", help=help, horizontal=horizontal, **kw)
     _after(key, label, raw, v, fmt, "choose one of " + ", ".join(fmt(o) for o in options))
@@ -224,7 +297,11 @@ def number(label: str, key: str, default, *, min_value=None, max_value=None, ste
            help: str | None = None, container=None, placeholder: str | None = None, fmt: Callable[[Any], str] = str,
            **kw):
     """``st.number_input`` bound to ``?key=``; ``default=None`` gives an empty box ("use the model's value")."""
-    first, raw = _prepare(key, default, follow)
+    first, raw = _prepare(key, default, follow, label, fmt)
+    if min_value is not None or max_value is not None:
+        _fit(key, label, _in_range(min_value, max_value), _clamp(min_value, max_value, default),
+             f"allowed {min_value if min_value is not None else '−∞'}…{max_value if max_value is not None else '∞'}",
+             fmt)
     hint = None
     if min_value is not None or max_value is not None:
         # an int input without max_value is capped by Streamlit at JavaScript's largest safe integer, 2**53 - 1

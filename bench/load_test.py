@@ -294,7 +294,7 @@ async def nudge_knob(page, wire: Wire, rng: random.Random, st: Stats, where: str
 
 async def session(idx: int, browser, base: str, links: list[str], deadline: float, rng: random.Random,
                   st: Stats, train: bool, train_query: str, timeout_ms: int, start_delay: float,
-                  no_charts: bool = False) -> None:
+                  no_charts: bool = False, min_navigations: int = 0) -> None:
     await asyncio.sleep(start_delay)
     ctx = await browser.new_context(viewport={"width": 1280, "height": 900})
     if no_charts:  # the server still builds and sends every figure; this tab just does not draw it
@@ -312,13 +312,17 @@ async def session(idx: int, browser, base: str, links: list[str], deadline: floa
             return
         await check_page(page, f"session {idx} first load", st)
         trained = False
-        while time.time() < deadline:
+
+        def more() -> bool:  # until the deadline, and (however slow the machine) until min_navigations succeeded
+            return time.time() < deadline or (len(st.nav_ms) < min_navigations and not st.errors)
+
+        while more():
             order = links[:]
             rng.shuffle(order)
             if train and not trained:  # the training session starts its run first, then clicks around
                 order.sort(key=lambda h: not urlparse(h).path.rstrip("/").endswith("/training"))
             for href in order:
-                if time.time() >= deadline:
+                if not more():
                     break
                 path = urlparse(href).path or "/"
                 where = f"session {idx} {path}"
@@ -329,7 +333,7 @@ async def session(idx: int, browser, base: str, links: list[str], deadline: floa
                     if await link.count() == 0:
                         st.errors.append(f"{where}: navigation link missing")
                         continue
-                    ms = await timed(page, wire, lambda: link.first.click(timeout=30_000), timeout_ms)
+                    ms = await timed(page, wire, lambda: link.first.click(timeout=timeout_ms), timeout_ms)
                 except PlaywrightTimeout as e:  # the tab could not even perform the click (client starved of CPU)
                     st.notes.append(f"{where}: navigation click not performed: {str(e).splitlines()[0][:120]}")
                     continue
@@ -346,7 +350,7 @@ async def session(idx: int, browser, base: str, links: list[str], deadline: floa
                             await timed(page, wire, lambda: page.goto(href + "?" + train_query, timeout=timeout_ms),
                                         timeout_ms)
                         btn = page.locator(".st-key-tr_start button")
-                        await btn.wait_for(state="visible", timeout=30_000)
+                        await btn.wait_for(state="visible", timeout=timeout_ms)
                         if await btn.is_enabled():
                             await timed(page, wire, lambda: btn.click(), timeout_ms)
                             st.training_started = True
@@ -442,7 +446,8 @@ async def main_async(args) -> dict:
                 rng = random.Random(args.seed)
                 tasks = [session(i, browser, server.base, links, deadline, random.Random(rng.random()), stats[i],
                                  train and i == 0, args.train_query, timeout_ms,
-                                 start_delay=rng.uniform(0, args.ramp), no_charts=args.no_charts)
+                                 start_delay=rng.uniform(0, args.ramp), no_charts=args.no_charts,
+                                 min_navigations=args.min_navigations)
                          for i in range(args.sessions)]
                 try:
                     await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.seconds + args.timeout + 60)
@@ -698,6 +703,9 @@ def parse(argv=None):
     ap.add_argument("--train-query", default="", help="URL query for the training run's knobs, e.g. "
                                                       "'tr_steps=25&tr_batch=2&tr_seq=16'")
     ap.add_argument("--count-hwm", action="store_true", help="report VmHWM (includes the warm-up) as the peak")
+    ap.add_argument("--min-navigations", type=int, default=0,
+                    help="browser client: each session keeps going past --seconds until it has navigated this often "
+                         "(a smoke test that must not depend on the machine's speed)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--chromium", default=None)
     ap.add_argument("--json", default=None, help="also write the results as JSON to this file")

@@ -222,18 +222,20 @@ def speed(args) -> None:
     peaks = {k: max(v, again[k]) for k, v in peaks.items()}
     peak32 = max(peaks.values())
     med = {k: statistics.median(v) for k, v in t32.items()}
-    cal = ", ".join(f"{k} {v:.2f}" if k == "speedup" else f"{k} {v:.0f} GFLOP/s" for k, v in gemm.calibration().items())
-    print(f"\n== fp32 ({args.steps} interleaved steps, median); ours runs its GEMMs on {gemm.fp32_backend()!r} "
-          f"(core.gemm; {gemm.ENV_VAR}={os.environ.get(gemm.ENV_VAR, 'auto')}; its calibration: {cal})")
+    ch = gemm.choice()
+    print(f"\n== fp32 ({args.steps} interleaved steps, median) on {ch['cpu'] or 'an unknown CPU'}; ours runs its "
+          f"GEMMs on {ch['backend']!r} (core.gemm; {gemm.ENV_VAR}={ch['setting']}: {ch['reason']})")
     print("matmul peak " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
-          + f" GFLOP/s; MFU against the best, {peak32:.0f}")
+          + f" GFLOP/s; MFU against the best, {peak32:.0f}"
+          + (f"; oneDNN / MKL {peaks['oneDNN'] / peaks['torch (MKL)']:.2f}x (printed, never used to choose)"
+             if "oneDNN" in peaks else ""))
     print(f"transformers fp32 : {tok / med['hf']:8.0f} tokens/s  MFU {flops / med['hf'] / 1e9 / peak32:5.1%}")
     print(f"ours fp32         : {tok / med['ours']:8.0f} tokens/s  MFU {flops / med['ours'] / 1e9 / peak32:5.1%}"
-          f"   ratio {med['hf'] / med['ours']:.2f}x")
-    if "ours_torch" in med:
-        print(f"ours, torch GEMMs : {tok / med['ours_torch']:8.0f} tokens/s  MFU "
-              f"{flops / med['ours_torch'] / 1e9 / peak32:5.1%}   ratio {med['hf'] / med['ours_torch']:.2f}x "
-              f"(EVA_FP32_GEMM=torch: same library as transformers)")
+          f"   ratio {med['hf'] / med['ours']:.2f}x  (the backend this machine gets: {ch['backend']})")
+    eq = med.get("ours_torch", med["ours"])  # on torch's GEMMs: the same library as transformers
+    print(f"ours, torch GEMMs : {tok / eq:8.0f} tokens/s  MFU {flops / eq / 1e9 / peak32:5.1%}   ratio "
+          f"{med['hf'] / eq:.2f}x  (equal BLAS: the library transformers uses"
+          f"{'' if 'ours_torch' in med else '; the same run as the line above'})")
     print(f"ours fp32 + MTP   : {tok / med['ours+mtp']:8.0f} tokens/s  MFU "
           f"{flops_mtp / med['ours+mtp'] / 1e9 / peak32:5.1%}   (transformers has no MTP)")
     if args.fp32_only:

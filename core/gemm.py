@@ -6,15 +6,16 @@ not (figures: docs/performance.md). Both are IEEE fp32 with fp32 accumulation (n
 differ from MKL only by summation order.
 
 Backend (`fp32_backend()`), chosen once per process from the environment variable `EVA_FP32_GEMM`:
-    "auto" (default): oneDNN where it is available (x86-64 torch builds) AND measured faster: at the first fp32
-                      GEMM a calibration times one [1024, 256] x [256, 768] product on each library (best of 7)
-                      and picks oneDNN when it is >= 1.25x MKL. Below that, the engine's extra copies around
-                      oneDNN's kernels (transposed operands, per-segment outputs) eat the gain; the margin keeps
-                      the choice stable from process to process, so runs stay reproducible.
+    "auto" (default): decided from what the machine IS, never from a timing (a timing would let two processes on
+                      one machine pick different libraries under different load, and the same seed and knobs would
+                      then give slightly different numbers): CPU vendor, family and ISA flags (/proc/cpuinfo), and
+                      whether this torch build has oneDNN's fp32 linear. The rule is the table `AUTO_RULES`, with
+                      the measurement behind each row beside it; `choice()` says which row applied.
     "onednn":         oneDNN fp32 GEMMs (falls back to "torch" where oneDNN is unavailable)
     "torch":          torch's defaults (MKL on x86-64)
 `set_fp32_backend` switches it at run time (benchmarks, tests; the app's server process picks "torch", see
-`app.compute.common.torch_setup`). Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
+`app.compute.common.torch_setup`). `choice()` is recorded in every training record (core.train) and printed by
+bench/train_throughput.py. Memory: oneDNN JIT-compiles a kernel per GEMM shape and keeps it in a cache of up to
 1024 kernels (sizes per run: docs/performance.md); `ONEDNN_PRIMITIVE_CACHE_CAPACITY` (read before oneDNN's first
 use) bounds it.
 
@@ -32,15 +33,15 @@ import os
 import platform
 from contextlib import contextmanager
 import threading
-import time
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["FP32_BACKENDS", "ENV_VAR", "fp32_backend", "set_fp32_backend", "using", "onednn_available", "calibration", "segment_granule",
-           "linear", "grouped_linear", "Linear"]
+__all__ = ["FP32_BACKENDS", "ENV_VAR", "AUTO_RULES", "CpuInfo", "cpu_info", "auto_backend", "choice", "fp32_backend",
+           "set_fp32_backend", "using", "onednn_available", "segment_granule", "linear", "grouped_linear", "Linear"]
 
 FP32_BACKENDS = ("auto", "onednn", "torch")
 ENV_VAR = "EVA_FP32_GEMM"
@@ -53,43 +54,98 @@ def onednn_available() -> bool:
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-_AUTO_MIN_SPEEDUP = 1.25
-_calibration: dict[str, float] | None = None
+@dataclass(frozen=True)
+class CpuInfo:
+    """What the auto rule looks at: vendor_id, cpu family and flags as /proc/cpuinfo spells them, and the model name
+    (for the records; no rule reads it)."""
+    vendor: str
+    family: int | None
+    flags: frozenset
+    model: str
 
 
-def calibration() -> dict[str, float]:
-    """GFLOP/s of one [1024, 256] x [256, 768] fp32 product on each library, best of 7, measured once per process:
-    {"torch": ..., "onednn": ..., "speedup": onednn / torch} (only "torch" where oneDNN is unavailable)."""
-    global _calibration
-    if _calibration is None:
-        g = torch.Generator().manual_seed(0)
-        x, w = torch.randn(1024, 256, generator=g), torch.randn(768, 256, generator=g)
-        candidates = {"torch": lambda: F.linear(x, w)}
-        if onednn_available():
-            candidates["onednn"] = lambda: _lp(x, w)
-        best = {k: float("inf") for k in candidates}
-        for f in candidates.values():
-            f()  # oneDNN compiles its kernel for the shape on the first call
-        for _ in range(7):
-            for k, f in candidates.items():  # interleaved: machine noise hits both alike
-                t = time.perf_counter()
-                f()
-                best[k] = min(best[k], time.perf_counter() - t)
-        flops = 2 * x.shape[0] * x.shape[1] * w.shape[0]
-        _calibration = {k: flops / v / 1e9 for k, v in best.items()}
-        if "onednn" in _calibration:
-            _calibration["speedup"] = _calibration["onednn"] / _calibration["torch"]
-    return _calibration
+def _parse_cpuinfo(text: str) -> CpuInfo:
+    """The first processor's fields of a /proc/cpuinfo text."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if fields:
+                break  # end of the first processor's block: all cores of one machine are alike
+            continue
+        k, _, v = line.partition(":")
+        fields.setdefault(k.strip(), v.strip())
+    try:
+        family = int(fields.get("cpu family", ""))
+    except ValueError:
+        family = None
+    return CpuInfo(vendor=fields.get("vendor_id", ""), family=family, flags=frozenset(fields.get("flags", "").split()),
+                   model=fields.get("model name", ""))
 
 
-def _resolve(name: str) -> str:
+_cpu: CpuInfo | None = None
+
+
+def cpu_info() -> CpuInfo:
+    """This machine's CPU (read once): /proc/cpuinfo on Linux; elsewhere only the platform's processor name (no
+    vendor/family/flags, so the auto rule keeps torch's defaults)."""
+    global _cpu
+    if _cpu is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                _cpu = _parse_cpuinfo(f.read())
+        except OSError:
+            _cpu = CpuInfo(vendor="", family=None, flags=frozenset(), model=platform.processor() or platform.machine())
+    return _cpu
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """Use oneDNN for fp32 when the CPU's vendor matches, its family is >= min_family and it has the `flag` ISA."""
+    vendor: str
+    min_family: int
+    flag: str
+    reason: str
+
+
+# The auto rule, as data: the first row that matches picks oneDNN; no row -> torch's defaults. Evidence
+# (docs/performance.md, "fp32 GEMM library"): MKL's sgemm runs only its AVX2 kernels on non-Intel CPUs.
+# - AMD Zen 5 (family 26, full-width 512-bit AVX-512 units): oneDNN fp32 measured ~2x MKL, and training faster.
+# - AMD Zen 4 (family 25, AVX-512 executed as two 256-bit halves): oneDNN measured only 1.11x MKL on a GEMM and
+#   training on it was slower (the engine's copies around oneDNN's kernels eat the gain) -> no row: torch.
+# - Intel: MKL runs its full AVX-512 kernels -> no row: torch.
+AUTO_RULES: tuple[_Rule, ...] = (
+    _Rule(vendor="AuthenticAMD", min_family=26, flag="avx512f",
+          reason="AMD family >= 26 (Zen 5) with full-width AVX-512: MKL runs only AVX2 here; oneDNN fp32 ~2x MKL"),
+)
+
+
+def auto_backend(cpu: CpuInfo, onednn: bool) -> tuple[str, str]:
+    """("onednn" | "torch", why) for a CPU and whether this torch build has oneDNN's fp32 linear. Pure: the same
+    machine always gets the same answer."""
+    if not onednn:
+        return "torch", "this torch build / CPU has no oneDNN fp32 linear"
+    for r in AUTO_RULES:
+        if cpu.vendor == r.vendor and cpu.family is not None and cpu.family >= r.min_family and r.flag in cpu.flags:
+            return "onednn", r.reason
+    if cpu.vendor == "GenuineIntel":
+        return "torch", "Intel CPU: MKL runs its full kernels"
+    if cpu.vendor == "AuthenticAMD":
+        return "torch", (f"AMD family {cpu.family}: below family 26 (Zen 4 runs AVX-512 as two halves; oneDNN "
+                         "trained slower there)" if "avx512f" in cpu.flags else
+                         f"AMD family {cpu.family} without AVX-512: oneDNN has no wider kernels than MKL's AVX2")
+    return "torch", f"no rule for this CPU ({cpu.vendor or 'vendor unknown'}): torch's defaults"
+
+
+def _resolve(name: str) -> tuple[str, str]:
     if name not in FP32_BACKENDS:
         raise ValueError(f"{ENV_VAR} / fp32 GEMM backend must be one of {FP32_BACKENDS}, got {name!r}")
-    if name == "torch" or not onednn_available():
-        return "torch"
-    if name == "auto" and calibration()["speedup"] < _AUTO_MIN_SPEEDUP:
-        return "torch"
-    return "onednn"
+    if name == "auto":
+        return auto_backend(cpu_info(), onednn_available())
+    if name == "onednn" and onednn_available():
+        return "onednn", "asked for (onednn)"
+    if name == "onednn":
+        return "torch", "asked for onednn, but this torch build / CPU has no oneDNN fp32 linear"
+    return "torch", "asked for (torch)"
 
 
 def _from_environment() -> str:
@@ -101,14 +157,12 @@ def _from_environment() -> str:
 
 
 _requested = _from_environment()
-_backend: str | None = None  # resolved at the first fp32 GEMM ("auto" needs a measurement)
+_setting = _requested  # what was asked for last: the environment's value or set_fp32_backend's argument
+_backend: tuple[str, str] | None = None  # (backend, why), resolved at the first fp32 GEMM
+_lock = threading.Lock()  # the app's script threads may reach the first GEMM together
 
 
-_lock = threading.Lock()  # the app's script threads may reach the first GEMM together: calibrate once
-
-
-def fp32_backend() -> str:
-    """The library fp32 CPU GEMMs use in this process: "onednn" or "torch"."""
+def _current() -> tuple[str, str]:
     global _backend
     if _backend is None:
         with _lock:
@@ -117,13 +171,26 @@ def fp32_backend() -> str:
     return _backend
 
 
+def fp32_backend() -> str:
+    """The library fp32 CPU GEMMs use in this process: "onednn" or "torch"."""
+    return _current()[0]
+
+
+def choice() -> dict[str, str]:
+    """What runs this process's fp32 GEMMs and why, for records and bench output: {"backend", "reason", "setting"
+    (the `EVA_FP32_GEMM` value or what `set_fp32_backend` asked for), "cpu" (the CPU's model name)}."""
+    backend, reason = _current()
+    return {"backend": backend, "reason": reason, "setting": _setting, "cpu": cpu_info().model}
+
+
 def set_fp32_backend(name: str) -> str:
-    """Switch fp32 CPU GEMMs to "auto" / "onednn" / "torch". Returns the previous setting (the resolved backend,
-    or the requested name if no GEMM has resolved it yet), which `set_fp32_backend` accepts to restore it."""
-    global _backend
+    """Switch fp32 CPU GEMMs to "auto" / "onednn" / "torch". Returns the previous setting, which
+    `set_fp32_backend` accepts to restore it."""
+    global _backend, _setting
     with _lock:
-        previous = _backend if _backend is not None else _requested
-        _backend = _resolve(name)
+        resolved = _resolve(name)
+        previous = _setting
+        _backend, _setting = resolved, name
     return previous
 
 

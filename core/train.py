@@ -51,6 +51,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from core import gemm
 from core.checkpoint import save_hf
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.cuda.device import DEVICES, resolve_device
@@ -80,12 +81,13 @@ DEFAULT_ALPHA = {"aux_loss": 1e-3, "both": 1e-4}
 #: tokens_per_s (this step, evaluation excluded); tokens (trained so far); elapsed_s (since the run started);
 #: expert_loads [layer][expert] token-slot counts of this batch (main MoE layers); max_vio (MaxVio_batch, mean
 #: over those layers) and max_vio_layers; router_bias [layer][expert] after this step's update; fp8 (FP8Stats
-#: summary: overflow_count, flushed_to_zero_count, amax_max, ... for FP8 recipes, else None); error (set only
+#: summary: overflow_count, flushed_to_zero_count, amax_max, ... for FP8 recipes, else None); fp32_gemm (the library
+#: that ran fp32 CPU GEMMs and why: `core.gemm.choice()`); error (set only
 #: on the final record of a diverged run).
 RECORD_FIELDS = (
     "step", "loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "val_loss", "lr", "grad_norm",
     "tokens_per_s", "tokens", "elapsed_s", "expert_loads", "max_vio", "max_vio_layers", "router_bias", "fp8",
-    "error",
+    "fp32_gemm", "error",
 )
 
 
@@ -543,7 +545,7 @@ class TrainRun:
             max_vio=sum(vios) / len(vios) if vios else None, max_vio_layers=vios,
             router_bias=[moe.gate.e_score_correction_bias.tolist() for moe in self.main_moes
                          if moe.gate.e_score_correction_bias is not None],
-            fp8=fp8,
+            fp8=fp8, fp32_gemm=gemm.choice(),  # which library ran the fp32 CPU GEMMs, and why (core.gemm)
         )
         return rec
 
@@ -556,7 +558,7 @@ class TrainRun:
         rec = dict.fromkeys(RECORD_FIELDS)
         rec.update({k: _finite_or_none(v) if isinstance(v, float) else v for k, v in info.items()})
         rec.update(step=self.step_count + 1, loss=_finite_or_none(loss), lr=lr, grad_norm=_finite_or_none(grad_norm),
-                   tokens=self.tokens_seen, elapsed_s=self.elapsed(), error=self.error)
+                   tokens=self.tokens_seen, elapsed_s=self.elapsed(), fp32_gemm=gemm.choice(), error=self.error)
         self.records.append(rec)
         self.status = "diverged"
         raise TrainingDiverged(self.error, rec)

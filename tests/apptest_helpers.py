@@ -2,15 +2,20 @@
 URL parameters. Shared by the AppTest modules."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
+# Seconds any single wait in the tests may take before it counts as a hang: AppTest runs, polls for a condition, worker
+# processes, subprocesses, browser waits. Generous on purpose: no test may depend on how fast a loaded machine is
+# (2 cores shared with other processes); a wait ends as soon as its condition holds, so this never slows a pass.
+HANG_S = float(os.environ.get("EVA_TEST_HANG_S", 600))
 APP = str(ROOT / "streamlit_app.py")  # Streamlit 1.67 resolves relative page paths against this file
 
 
-def open_page(page: str, query: dict | None = None, timeout: float = 120) -> AppTest:
+def open_page(page: str, query: dict | None = None, timeout: float = HANG_S) -> AppTest:
     """A fresh session opening `page` directly (like pasting its URL) with `query` as the URL's parameters.
 
     The page's url_path equals its file stem, so AppTest can route to it before the first run."""
@@ -19,3 +24,16 @@ def open_page(page: str, query: dict | None = None, timeout: float = 120) -> App
         at.query_params.update(query)
     at.switch_page(page)
     return at.run()
+
+
+WIDGET_KINDS = ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle")
+
+
+def widget(at: AppTest, key: str, kinds: tuple[str, ...] = WIDGET_KINDS):
+    """The knob with `key`, whatever its widget kind."""
+    for kind in kinds:
+        try:
+            return getattr(at, kind)(key=key)
+        except KeyError:
+            continue
+    raise KeyError(key)

@@ -21,10 +21,10 @@ def _restore_torch_setup():
     import torch
 
     from core import gemm
-    n, backend = torch.get_num_threads(), gemm._backend
+    n, backend, setting = torch.get_num_threads(), gemm._backend, gemm._setting
     yield
     torch.set_num_threads(n)
-    gemm._backend = backend
+    gemm._backend, gemm._setting = backend, setting
     common = sys.modules.get("app.compute.common")
     if common is not None:
         common._TORCH_READY = False

@@ -11,7 +11,7 @@ from streamlit.testing.v1 import AppTest
 
 from app import gpu_view, palette
 from app.charts import gpu as charts
-from apptest_helpers import open_page
+from apptest_helpers import HANG_S, open_page
 from core.cuda import results
 
 RES = results.load_gpu_results()
@@ -121,7 +121,7 @@ def _section(which: str, path: str) -> None:
 
 @pytest.mark.parametrize("which", ["fp8_section", "mla_section"])
 def test_missing_and_malformed_files_give_a_message(tmp_path, which):
-    missing = AppTest.from_function(_section, args=(which, str(tmp_path / "none.json")), default_timeout=60).run()
+    missing = AppTest.from_function(_section, args=(which, str(tmp_path / "none.json")), default_timeout=HANG_S).run()
     assert not missing.exception and "is not there" in missing.info[0].value
     cases = {"bad.json": "{not json",  # not JSON
              "nometa.json": json.dumps({"gemm": []}),  # no meta block
@@ -129,7 +129,7 @@ def test_missing_and_malformed_files_give_a_message(tmp_path, which):
                                         "gemm": [{"m": 1}], "decode": [{"context": 1}]})}
     for name, text in cases.items():
         (tmp_path / name).write_text(text)
-        at = AppTest.from_function(_section, args=(which, str(tmp_path / name)), default_timeout=60).run()
+        at = AppTest.from_function(_section, args=(which, str(tmp_path / name)), default_timeout=HANG_S).run()
         assert not at.exception, (name, [e.value for e in at.exception])
         assert at.warning and name in at.warning[0].value and "cannot be shown" in at.warning[0].value, name
 
@@ -138,7 +138,7 @@ def test_a_results_file_without_the_section_says_so(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"meta": RES["meta"]}))
     for which, what in (("fp8_section", "no FP8 measurements"), ("mla_section", "no decode measurements")):
-        at = AppTest.from_function(_section, args=(which, str(path)), default_timeout=60).run()
+        at = AppTest.from_function(_section, args=(which, str(path)), default_timeout=HANG_S).run()
         assert not at.exception and what in at.info[0].value
         assert any(results.label(RES) in c.value for c in at.caption)
         assert not at.get("plotly_chart")

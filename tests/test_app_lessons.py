@@ -6,19 +6,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app import lessons as ls
-from apptest_helpers import open_page
+from apptest_helpers import open_page, widget
 
-KINDS = ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle")
 STEPS = ls.all_steps()
-
-
-def widget(at: AppTest, key: str):
-    for kind in KINDS:
-        try:
-            return getattr(at, kind)(key=key)
-        except KeyError:
-            continue
-    raise KeyError(key)
 
 
 def clean(at: AppTest) -> None:

@@ -11,7 +11,7 @@ import json
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from apptest_helpers import open_page
+from apptest_helpers import open_page, widget
 
 
 def charts(at: AppTest) -> list[dict]:
@@ -21,15 +21,6 @@ def charts(at: AppTest) -> list[dict]:
 def assert_clean(at: AppTest) -> None:
     assert not at.exception, [e.value for e in at.exception]
     assert not at.error, [e.value for e in at.error]
-
-
-def widget(at: AppTest, key: str):
-    for kind in ("select_slider", "slider", "radio", "selectbox", "number_input", "toggle"):
-        try:
-            return getattr(at, kind)(key=key)
-        except KeyError:
-            continue
-    raise KeyError(key)
 
 
 def notes(at: AppTest) -> list[str]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import time
 
 from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of  # noqa: F401
-from test_app_training import idle_server  # noqa: F401  (fixture: an idle manager with an empty store per test)
+from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
+# empty store per test)
 
 from app.lab import session
 from app.lab.store import RunStore

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import HANG_S
+
 from core.calc import param_counts
 from core.config import PRESETS
 from core.published import PUBLISHED_CONFIGS
@@ -18,7 +20,7 @@ APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
 
 
 def start(query: dict | None = None, page: str | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     if query:
         at.query_params.update(query)
     if page:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import HANG_S
+
 from app.lab import charts as ct
 from app.lab import records as rec
 from app.lab import knobs, session, views
@@ -19,7 +21,17 @@ from app.lab import manager as runs
 
 
 @pytest.fixture(autouse=True)
-def idle_server(tmp_path):
+def patient_server(monkeypatch):
+    """No run may end because this machine is slow: AppTest reruns under load can take longer than the server's
+    heartbeat window (20 s) or a run longer than its wall-time cap (120 s), which would stop a run a test is still
+    watching. Both become HANG_S here; the test of the heartbeat itself sets its own window."""
+    monkeypatch.setattr(runs, "STALE_AFTER_S", HANG_S)
+    monkeypatch.setattr(runs, "MAX_SECONDS", HANG_S)
+    monkeypatch.setattr(knobs, "MAX_SECONDS", HANG_S)
+
+
+@pytest.fixture(autouse=True)
+def idle_server(patient_server, tmp_path):
     """Every test starts and ends with no run on the (process-wide) run manager, and with an empty run store of its
     own (a run another test trained is not served from the store)."""
     mgr = session.manager()
@@ -36,7 +48,7 @@ def fresh_store(mgr, folder):
     return mgr._store
 
 
-def _drain(mgr, timeout=60):
+def _drain(mgr, timeout=HANG_S):
     for r in list(mgr.queue):
         mgr.cancel(r)
     t0 = time.time()
@@ -52,7 +64,7 @@ LONG = {"tr_steps": "400", "tr_batch": "4", "tr_seq": "32"}
 
 
 def lab(query: dict | None = None) -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     at.query_params.update(query or {})
     at.switch_page("pages/training.py")
     return at.run()
@@ -62,7 +74,8 @@ def run_of(at: AppTest):
     return at.session_state["_tr_run"] if "_tr_run" in at.session_state else None
 
 
-def poll_until(at: AppTest, cond, timeout=90, every=0.3):
+def poll_until(at: AppTest, cond, timeout=HANG_S, every=0.3):
+    """Rerun `at` until `cond()` holds; `timeout` only catches a hang (see apptest_helpers.HANG_S)."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         at.run()
@@ -129,7 +142,7 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     run = run_of(at)
     poll_until(at, lambda: len(run.records) >= 2)
     at.button(key="tr_stop").click().run()
-    poll_until(at, lambda: not run.active, timeout=30)
+    poll_until(at, lambda: not run.active)
     clean(at)
     assert run.status == "stopped" and len(run.records) < 400
     assert idle_server.active is None
@@ -244,7 +257,7 @@ def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
     assert run_b is not None and run_b.status == "queued" and idle_server.position(run_b) == 1
     assert any("#1 in the queue" in i.value for i in b.info)
     a.button(key="tr_stop").click().run()
-    poll_until(b, lambda: run_b.status not in ("queued",), timeout=30)
+    poll_until(b, lambda: run_b.status not in ("queued",))
     assert idle_server.active is run_b or run_b.status == "done"
     poll_until(b, lambda: not run_b.active)
     assert run_b.status == "done"
@@ -256,7 +269,7 @@ def test_run_stops_when_its_session_goes_away(idle_server, monkeypatch):
     at.button(key="tr_start").click().run()
     run = run_of(at)
     t0 = time.time()
-    while run.active and time.time() - t0 < 20:  # nobody polls: the tab "went away"
+    while run.active and time.time() - t0 < HANG_S:  # nobody polls: the tab "went away"
         time.sleep(0.2)
     assert run.status == "abandoned", run.status
     assert "nobody was watching" in run.message
@@ -395,14 +408,14 @@ def test_idle_worker_exits_and_the_next_run_starts_a_new_one(monkeypatch):
     try:
         mgr.ensure_worker()
         first = mgr._proc
-        first.wait(timeout=90)  # imports torch, reports ready, then idles for 1 s and is retired
+        first.wait(timeout=HANG_S)  # imports torch, reports ready, then idles for 1 s and is retired
         assert first.returncode == 0 and getattr(first, "eva_retired", False)
         assert mgr._proc is None and not mgr.worker_ready()
         run = LabRun(owner="t", number=1, knobs={}, model_cfg=PRESETS["tiny"],
                      train_cfg=TrainConfig(steps=3, batch_size=2, seq_len=16, eval_every=0, dataset="synthetic"))
         assert mgr.request(run) == ("started", 0)
         assert mgr._proc is not None and mgr._proc is not first
-        deadline = _time.time() + 90
+        deadline = _time.time() + HANG_S
         while run.finished is None and _time.time() < deadline:
             run.touch()
             _time.sleep(0.1)

@@ -17,6 +17,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+from apptest_helpers import HANG_S
 from live_server import LiveServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +25,7 @@ SHOTS = ROOT / "artifacts" / "screenshots"
 IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
 CHART = ".js-plotly-plot"
 CHROMIUM_ARGS = ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LOAD_TIMEOUT_MS = 180_000
+LOAD_TIMEOUT_MS = int(HANG_S * 1000)  # browser waits end when their condition holds; this catches hangs
 
 
 def _missing(reason: str):
@@ -39,7 +40,7 @@ def server():
     SHOTS.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         try:
-            live = stack.enter_context(LiveServer(log_path=SHOTS.parent / "e2e-server.log"))
+            live = stack.enter_context(LiveServer(log_path=SHOTS.parent / "e2e-server.log", start_timeout=HANG_S))
         except RuntimeError as e:
             pytest.fail(str(e))
         yield live.base
@@ -63,7 +64,7 @@ def browser():
 def wait_ready(page, charts: bool = True) -> None:
     page.wait_for_selector(IDLE, timeout=LOAD_TIMEOUT_MS)
     if charts:
-        page.wait_for_selector(CHART, timeout=60_000)
+        page.wait_for_selector(CHART, timeout=LOAD_TIMEOUT_MS)
     page.wait_for_timeout(500)
     page.wait_for_selector(IDLE, timeout=LOAD_TIMEOUT_MS)
 
@@ -102,7 +103,7 @@ def test_slider_state_travels_in_the_url(server, browser):
     before = int(slider.input_value())  # an <input type=range> in Streamlit 1.67
     slider.focus()
     page.keyboard.press("ArrowRight")
-    page.wait_for_function(f"() => location.search.includes('mla_layers={before + 1}')", timeout=30_000)
+    page.wait_for_function(f"() => location.search.includes('mla_layers={before + 1}')", timeout=LOAD_TIMEOUT_MS)
     wait_ready(page)
     assert page.locator("[data-testid='stException']").count() == 0
     url = page.url

@@ -35,10 +35,12 @@ from typing import Any
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import HANG_S
+
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
 sys.path.insert(0, str(ROOT))
-TIMEOUT = 120
+TIMEOUT = HANG_S  # only catches a hang (apptest_helpers)
 SEED = 20261128
 COMBOS_PER_PAGE = 10
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from apptest_helpers import HANG_S
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,8 +35,8 @@ def test_three_sessions_for_twenty_seconds_have_no_errors(tmp_path):
     out = tmp_path / "load.json"
     cmd = [sys.executable, str(ROOT / "bench" / "load_test.py"), "--sessions", "3", "--seconds", "20",
            "--session-ttl", "5", "--settle", "3", "--train-query", "tr_steps=25&tr_batch=2&tr_seq=16",
-           "--json", str(out)]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+           "--min-navigations", "1", "--timeout", str(HANG_S), "--json", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=3 * HANG_S)
     print(p.stdout[-4000:])
     assert out.exists(), f"the load test did not finish:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
     r = json.loads(out.read_text())

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from apptest_helpers import HANG_S
 from core.checkpoint import load_hf
 from core.config import PRESETS
 from core.data import get_dataset
@@ -67,6 +68,7 @@ def test_records_carry_every_field():
     for i, r in enumerate(recs, start=1):
         assert set(RECORD_FIELDS) <= set(r)
         assert r["step"] == i and r["error"] is None and r["fp8"] is None
+        assert r["fp32_gemm"]["backend"] in ("torch", "onednn") and r["fp32_gemm"]["reason"]
         for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "lr", "grad_norm",
                   "tokens_per_s", "elapsed_s", "max_vio"):
             assert isinstance(r[k], float) and math.isfinite(r[k]), k
@@ -233,7 +235,7 @@ def test_cli_end_to_end(tmp_path):
     cmd = [sys.executable, "-m", "core.train", "--preset", "tiny", "--steps", "3", "--seed", "1",
            "--batch-size", "4", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
            "--balancing", "both", "--no-mtp", "--json", str(out), "--save", str(ckpt), "--threads", "1"]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert p.returncode == 0, p.stderr
     assert "step 3/3" in p.stderr
     recs = json.loads(out.read_text())
@@ -241,12 +243,13 @@ def test_cli_end_to_end(tmp_path):
     for r in recs:
         for k in ("step", "loss", "tokens_per_s", "max_vio", "expert_loads"):
             assert r[k] is not None
+        assert r["fp32_gemm"]["backend"] in ("torch", "onednn") and r["fp32_gemm"]["cpu"] is not None
     assert recs[1]["val_loss"] is not None and recs[0]["mtp_loss"] is None
     model = load_hf(ckpt)
     assert len(model.mtp) == 0 and json.loads(p.stdout.strip().splitlines()[-1])["steps"] == 3
 
     bad = subprocess.run([sys.executable, "-m", "core.train", "--preset", "tiny", "--balancing", "magic"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+                         cwd=ROOT, capture_output=True, text=True, timeout=HANG_S)
     assert bad.returncode == 2 and "balancing:" in bad.stderr
 
 
@@ -330,7 +333,7 @@ def test_padded_expert_segments_are_exact(monkeypatch):
     (on torch's fp32 GEMMs, whose result per row does not depend on the segment's row count)."""
     import core.moe as moe
     from core import gemm
-    monkeypatch.setattr(gemm, "_backend", "torch")
+    monkeypatch.setattr(gemm, "_backend", ("torch", "this test"))
     cfg = TINY
     torch.manual_seed(0)
     experts = moe.Experts(cfg)

@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from apptest_helpers import HANG_S
+
 from app.sidebar import MAX_UPLOAD_BYTES, parse_config_upload
 from core.config import PRESETS
 from core.published import PUBLISHED_CONFIGS
@@ -157,7 +159,7 @@ def upload(at: AppTest, name: str, data: bytes) -> AppTest:
 
 def moved_session(page: str = "pages/mla.py") -> AppTest:
     """A session on `page` with the model, the seed, lesson mode and page knobs moved off their defaults."""
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     at.query_params.update({"model": "deepseek-v2-lite", "seed": "5", "lesson": "true", "mla_ctx": "32K",
                             "mla_dtype": "fp8", "mla_layers": "20"})
     at.switch_page(page)
@@ -185,7 +187,7 @@ def test_bad_uploads_leave_model_and_every_knob_untouched():
 def test_valid_upload_then_bad_upload_keeps_the_uploaded_model_then_removal_restores_the_preset():
     from core.calc import param_counts
     from core.units import human_count
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     at.query_params.update({"model": "mini", "seed": "3"})
     at.run()
     upload(at, "my-config.json", json.dumps(LITE).encode())
@@ -207,7 +209,7 @@ def test_valid_upload_then_bad_upload_keeps_the_uploaded_model_then_removal_rest
 
 
 def test_missing_fields_upload_warns_which_values_were_filled_in():
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     at.run()
     upload(at, "partial.json", json.dumps({"num_hidden_layers": 4}).encode())
     assert not at.exception and not at.error
@@ -217,7 +219,7 @@ def test_missing_fields_upload_warns_which_values_were_filled_in():
 
 
 def test_uploaded_model_cannot_travel_in_a_link():
-    at = AppTest.from_file(APP, default_timeout=120)
+    at = AppTest.from_file(APP, default_timeout=HANG_S)
     at.query_params["model"] = "uploaded"
     at.run()
     assert not at.exception
