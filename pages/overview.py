@@ -43,13 +43,14 @@ if base_cfg.n_routed_experts:
         nodes = state.selectbox("Nodes", "ov_nodes", node_opts, ep // 8 if ep % 8 == 0 else 1, follow=sh.model_id,
                                 help="The EP ranks sit on this many nodes (V3: 8 nodes of 8 GPUs).")
         k = base_cfg.num_experts_per_tok
-        limit_opts = [None] + [m for m in range(1, nodes + 1) if m * n_r // nodes >= k]
+        # 0 = no limit (a None option would read as "nothing selected" when a range change resets the knob)
+        limit_opts = [0] + [m for m in range(1, nodes + 1) if m * n_r // nodes >= k]
         limit_default = (base_cfg.topk_group if base_cfg.n_group == nodes and base_cfg.topk_group in limit_opts
-                         else None)
+                         else 0)
         node_limit = state.selectbox("Node limit M (nodes per token)", "ov_mlimit", limit_opts, limit_default,
-                                     fmt=lambda m: "no limit" if m is None else str(m), follow=sh.model_id,
+                                     fmt=lambda m: "no limit" if not m else str(m), follow=sh.model_id,
                                      help="Node-limited routing: each token may use experts on at most M nodes "
-                                          "(V3: 4).")
+                                          "(V3: 4).") or None
         dispatch = state.radio("Dispatch dtype", "ov_disp", ["fp8", "bf16", "fp32"], "fp8",
                                help="V3 sends the dispatch in FP8 (with a scale per 128 channels).")
         combine = state.radio("Combine dtype", "ov_comb", ["bf16", "fp32"], "bf16",

@@ -27,6 +27,11 @@ BOUNDED: dict[str, tuple[str, dict, dict[str, list]]] = {
     "mla_head": ("pages/mla.py", {"mla_groups": "1"}, {"model": PRESETS, "mla_heads": [1, 2, 4]}),
     # the query latent dim's options include the model's q_lora_rank (tiny's is off the grid); it follows the model
     "mla_q": ("pages/mla.py", {}, {"model": PRESETS}),
+    # expert parallelism on the Overview: the EP ranks divide the model's routed experts, the nodes divide the EP
+    # ranks, and the node limit M is at most the nodes (and M nodes must hold top-k experts)
+    "ov_ep": ("pages/overview.py", {}, {"model": PRESETS}),
+    "ov_nodes": ("pages/overview.py", {"ov_ep": "64"}, {"model": PRESETS, "ov_ep": [64, 8, 2, 1]}),
+    "ov_mlimit": ("pages/overview.py", {"ov_ep": "64", "ov_nodes": "8"}, {"ov_nodes": [8, 4, 2, 1]}),
     # a lesson's step: the section bounds it (4 or 5 steps)
     "ls_step": ("pages/lessons.py", {"ls_sec": "MoE"}, {"ls_sec": list(ls.SECTION_IDS)}),
 }
@@ -64,6 +69,8 @@ def _extreme(w):
 def _inside(w) -> bool:
     if w.type in ("slider", "number_input"):
         return w.min <= w.value <= w.max
+    if w.value is None:  # an option whose value is None ("no limit"): its label is the format function's
+        return getattr(w, "index", None) is not None
     return str(w.value) in w.options
 
 

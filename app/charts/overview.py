@@ -103,7 +103,10 @@ def a2a_vs_node_limit(by_limit: pd.DataFrame, node_limit: int | None, nodes: int
                         line=dict(color=color, dash=dash, width=3 if dash == "solid" else 2),
                         hovertemplate="M = %{x} nodes: %{y:,.2f} " + unit + "<extra></extra>")
     free = by_limit[~by_limit["limited"]].iloc[0]
-    if node_limit is not None and node_limit in set(lim["node_limit"]):
+    if nodes <= 1:  # one node: nothing crosses a node boundary, whatever M is
+        title = "On one node no token crosses a node boundary: node-limited routing has nothing to cut"
+        sub = "all expert-parallel traffic stays inside the node (NVLink); add nodes to see the limit's effect"
+    elif node_limit is not None and node_limit in set(lim["node_limit"]):
         row = lim[lim["node_limit"] == node_limit].iloc[0]
         fig.add_vline(x=node_limit, line_dash="dot", line_color=palette.OKABE_ITO["grey"])
         title = (f"Limiting each token to {node_limit} of {nodes} nodes cuts its cross-node traffic to "
