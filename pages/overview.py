@@ -35,7 +35,7 @@ ep_knobs = None
 if base_cfg.n_routed_experts:
     with sb.expander("Expert parallelism", icon=":material/hub:"):
         n_r = base_cfg.n_routed_experts
-        ep_opts = [d for d in range(1, n_r + 1) if n_r % d == 0 and d <= 1024]
+        ep_opts = [d for d in range(1, min(n_r, 1024) + 1) if n_r % d == 0]  # bounded loop: n_r may be 2**31-1
         ep = state.selectbox("EP ranks (GPUs holding the experts)", "ov_ep", ep_opts,
                              max(d for d in ep_opts if d <= 64), follow=sh.model_id,
                              help="Routed experts are split evenly over these ranks (V3 trains with EP64).")
