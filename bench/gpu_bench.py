@@ -13,7 +13,9 @@ Sections (results keys):
              DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
              tokens/s, MFU, peak memory; configs "920M" and "100M"
   fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096)
-  lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap
+  lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap,
+             for seeds 0 and 1 (the bf16 seed-to-seed spread is the noise floor); --loss-emulated adds fp32 and
+             the emulated (fake-quantized, core.fp8) FP8 of the first seed
   decode     one DeepSeek-V3 MLA layer (hidden 7168, 128 heads): absorbed (latent cache) vs naive (per-head K/V)
              decode tokens/s and cache bytes, contexts 4k-32k, batch 1 and 8
   profile    top CUDA kernels of one engine step (920M bf16) from torch.profiler
@@ -272,21 +274,55 @@ def fp8step(dev, smoke, peak_tflops) -> dict:
     return out
 
 
-def lossgap(dev, smoke, steps) -> dict:
+def _loss_run(mcfg, tcfg, emulate: bool = False) -> dict:
+    """Train `tcfg.steps` steps and evaluate on the full validation split. emulate=True forces the CPU reference's
+    fake-quantized FP8 (core.fp8, fp32 working weights) on the GPU instead of the real FP8 GEMMs: a diagnostic."""
+    import core.train as ct
+    real = ct.gpu_fp8
+    if emulate:
+        ct.gpu_fp8 = lambda cfg: False
+    try:
+        run = TrainRun(mcfg, tcfg)
+    finally:
+        ct.gpu_fp8 = real
+    t = time.perf_counter()
+    run.run()
+    out = {"train_loss": run.records[-1]["loss"], "val_loss": run.evaluate(None), "seconds": time.perf_counter() - t}
+    del run
+    free()
+    return out
+
+
+def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False) -> dict:
+    """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
+    weights and the batches): the gap between the two bf16 seeds is the noise floor the FP8 gap is read against.
+    emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
     mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
     T = min(T, 512)
-    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T}
-    for prec in ("bf16", "deepseek"):
-        run = TrainRun(mcfg, _tcfg(B, T, prec, dev, steps=steps))
-        t = time.perf_counter()
-        run.run()
-        out[prec] = {"train_loss": run.records[-1]["loss"], "val_loss": run.evaluate(None),
-                     "seconds": time.perf_counter() - t}
-        del run
-        free()
-    out["relative_gap"] = out["deepseek"]["val_loss"] / out["bf16"]["val_loss"] - 1
-    print(f"  loss gap after {steps} steps: bf16 {out['bf16']['val_loss']:.4f}, fp8 {out['deepseek']['val_loss']:.4f}"
-          f" ({out['relative_gap']:+.2%})", flush=True)
+    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "seeds": {}}
+    for seed in seeds:
+        row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed)) for p in ("bf16", "deepseek")}
+        row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
+        out["seeds"][str(seed)] = row
+        print(f"  seed {seed}, {steps} steps: bf16 {row['bf16']['val_loss']:.4f}, fp8 {row['deepseek']['val_loss']:.4f}"
+              f" ({row['relative_gap']:+.2%}; {row['bf16']['seconds']:.0f} s / {row['deepseek']['seconds']:.0f} s)",
+              flush=True)
+    first = out["seeds"][str(seeds[0])]
+    out["bf16"], out["deepseek"], out["relative_gap"] = first["bf16"], first["deepseek"], first["relative_gap"]
+    if len(seeds) > 1:
+        bf = [out["seeds"][str(s)]["bf16"]["val_loss"] for s in seeds]
+        out["bf16_seed_spread"] = (max(bf) - min(bf)) / min(bf)
+        out["mean_relative_gap"] = statistics.mean(out["seeds"][str(s)]["relative_gap"] for s in seeds)
+        print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}",
+              flush=True)
+    if emulated:
+        tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0])
+        out["emulated"] = {"fp32": _loss_run(mcfg, tc),
+                           "deepseek": _loss_run(mcfg, tc.replace(precision="deepseek"), emulate=True)}
+        e = out["emulated"]
+        e["relative_gap"] = e["deepseek"]["val_loss"] / e["fp32"]["val_loss"] - 1
+        print(f"  emulated (fp32 working weights): fp32 {e['fp32']['val_loss']:.4f}, fp8 {e['deepseek']['val_loss']:.4f}"
+              f" ({e['relative_gap']:+.2%})", flush=True)
     return out
 
 
@@ -358,6 +394,9 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-blocks", action="store_true",
                     help="train: also time the engine with EVA_CUDA_COMPILE_BLOCKS=1 (core.cuda.compile)")
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
+    ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")
+    ap.add_argument("--loss-emulated", action="store_true",
+                    help="lossgap: also fp32 and emulated-FP8 runs of the first seed (is the GPU path the reference?)")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     bad = [s for s in only if s not in SECTIONS]
@@ -395,7 +434,7 @@ def main(argv=None) -> int:
             elif sec == "fp8step":
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
-                res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps)
+                res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":

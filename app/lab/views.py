@@ -278,13 +278,19 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
     sel = [hist[names.index(n)] for n in chosen]
     table = history_table(hist)
     curves = [(x.label, x.snapshot()) for x in sel]
-    ui.chart(ct.overlay_runs(curves), table, "training runs", key="tr_overlay_chart", lesson=lesson,
-             notice="Same seed, same data order: the gap between two curves is caused by the one knob you changed.")
-    mv = ct.overlay_maxvio(curves)
-    if mv is not None:
-        ui.chart(mv, rec.maxvio_table(curves), "maxvio of runs", key="tr_overlay_maxvio", lesson=lesson,
-                 notice="The balancing strategies differ here more than in the loss: compare how fast and how far "
-                        "each run's MaxVio falls.")
+    if len(curves) >= 2:  # one run's curves are already drawn above: an overlay of one would only cost a redraw
+        ui.chart(ct.overlay_runs(curves), table, "training runs", key="tr_overlay_chart", lesson=lesson,
+                 notice="Same seed, same data order: the gap between two curves is caused by the one knob you "
+                        "changed.")
+        mv = ct.overlay_maxvio(curves)
+        if mv is not None:
+            ui.chart(mv, rec.maxvio_table(curves), "maxvio of runs", key="tr_overlay_maxvio", lesson=lesson,
+                     notice="The balancing strategies differ here more than in the loss: compare how fast and how "
+                            "far each run's MaxVio falls.")
+    else:
+        st.caption(("Pick two or more runs above" if len(names) >= 2 else
+                    "Train a second run with one knob changed (for example FP8 vs FP32, or balancing 'none')")
+                   + " to overlay their loss and MaxVio curves here, with the final-loss delta in the title.")
     st.dataframe(table, hide_index=True, width="stretch")
     st.download_button("Download every record of every run (CSV)", lambda: all_records_csv(hist),
                        file_name="eva-training-runs.csv", mime="text/csv", key="tr_csv_all", on_click="ignore",
@@ -355,8 +361,14 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
     from core.units import human_count
     from core.train import lr_at
 
-    with st.expander("The model and schedule you are about to train", expanded=expanded,
-                     icon=":material/visibility:"):
+    # Tracked (on_change="rerun"): a collapsed preview renders nothing, so a page that opens with results (a share
+    # link, a reload) does not pay for two charts nobody sees; the key follows `expanded` so that it still opens
+    # by itself before the first run and closes once results exist.
+    exp = st.expander("The model and schedule you are about to train", expanded=expanded,
+                      icon=":material/visibility:", key=f"tr_preview_{int(expanded)}", on_change="rerun")
+    with exp:
+        if not exp.open:
+            return
         d = compute.overview.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
         c = d["counts"]
         with ui.cards():
