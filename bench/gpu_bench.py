@@ -299,7 +299,9 @@ def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False) -> dict:
     emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
     mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
     T = min(T, 512)
-    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "seeds": {}}
+    from core.fp8 import get_recipe
+    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "recipe": get_recipe("deepseek").name,
+           "seeds": {}}
     for seed in seeds:
         row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed)) for p in ("bf16", "deepseek")}
         row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1

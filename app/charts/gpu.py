@@ -64,7 +64,7 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, with the band of losses
     within `target` (relative) of bf16 shaded. row: `core.cuda.results.lossgap_row`."""
     bf, f8 = row["bf16_val_loss"], row["fp8_val_loss"]
-    names = ["bf16", "FP8 (deepseek recipe)"]
+    names = ["bf16", f"FP8 ({row.get('recipe', 'deepseek-gemm')} recipe)"]
     fig = go.Figure()
     fig.add_hrect(y0=bf, y1=bf * (1 + target), fillcolor=palette.FORMATS["bf16"], opacity=0.12, line_width=0)
     hline(fig, bf * (1 + target), f"target: within {100 * target:g}% of bf16", color=palette.HIGHLIGHT)
@@ -80,6 +80,9 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
              f"{verdict} the {100 * target:g}% target")
     sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens, same seed and batches; "
            f"FP8 run {row['fp8_seconds']:.0f} s vs bf16 {row['bf16_seconds']:.0f} s")
+    if row.get("bf16_seed_spread") is not None:  # the noise floor the gap is read against
+        sub += (f"; over {len(row['seed_gaps'])} seeds the gap averages {100 * row['mean_relative_gap']:+.2f}% and "
+                f"two bf16 seeds differ by {100 * row['bf16_seed_spread']:.2f}%")
     lo, hi = min(bf, f8), max(bf * (1 + target), f8)
     pad = (hi - lo) * 0.6
     fig.update_yaxes(range=[lo - pad, hi + pad])

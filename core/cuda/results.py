@@ -68,15 +68,22 @@ def decode_rows(res: dict) -> list[dict]:
 
 
 def lossgap_row(res: dict) -> dict | None:
-    """Validation loss of bf16 vs FP8 (`deepseek` recipe) after the same training run, or None if not measured:
-    config, steps, tokens per batch, both losses and the relative gap (FP8 / bf16 - 1)."""
+    """Validation loss of bf16 vs FP8 after the same training run, or None if not measured: config, steps, tokens
+    per batch, the FP8 recipe's name, both losses and the relative gap (FP8 / bf16 - 1) of the first seed; with
+    several seeds also `seed_gaps` {seed: gap}, `bf16_seed_spread` (the noise floor: relative distance between the
+    bf16 runs of different seeds) and `mean_relative_gap` (None when one seed was run)."""
     r = res.get("lossgap")
     if not r:
         return None
+    from core.fp8 import get_recipe
+    seeds = r.get("seeds") or {}
     return {"config": r["config"], "steps": r["steps"], "batch": r["batch"], "seq_len": r["seq_len"],
+            "recipe": r.get("recipe") or get_recipe("deepseek").name,
             "bf16_val_loss": r["bf16"]["val_loss"], "fp8_val_loss": r["deepseek"]["val_loss"],
             "bf16_seconds": r["bf16"]["seconds"], "fp8_seconds": r["deepseek"]["seconds"],
-            "relative_gap": r["relative_gap"]}
+            "relative_gap": r["relative_gap"],
+            "seed_gaps": {int(k): v["relative_gap"] for k, v in seeds.items()},
+            "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap")}
 
 
 def train_rows(res: dict) -> list[dict]:
