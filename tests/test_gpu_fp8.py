@@ -236,3 +236,15 @@ def test_gpu_fp8_linear_on_the_fused_quantizers_equals_the_unfused_path(monkeypa
     assert status["error"] is None and status["ran"] == ["quant_block_dual", "quant_tile_dual"]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_quantizers_keep_a_nan_visible():
+    """A NaN in x stays NaN in both quantized layouts and in its row of the layer's output (the loss sees it)."""
+    tq = _fused_kernels()
+    x = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    x[3, 5] = float("nan")
+    q, _, qt, _ = tq.quant_tile_dual(x)
+    assert q[3, 5].float().isnan() and qt[5, 3].float().isnan() and not q[4].float().isnan().any()
+    w = torch.randn(128, 384, device="cuda", dtype=torch.bfloat16) * 0.05
+    assert g.fp8_linear(x, w)[3].float().isnan().all()

@@ -23,6 +23,10 @@ multiplication by the scalar's fp32 reciprocal (ATen BinaryDivTrueKernel.cu: "co
 CPU kernel divides; `recip_scale` (default: the input is on CUDA) follows the device, so the kernels match the
 eager quantizer wherever it runs (about half the scales differ by one ulp between the two forms).
 
+NaN: a NaN element stays NaN in q (the clamp propagates it) and so reaches the GEMM's output and the loss, as on
+the eager path; its tile's scale comes from the other elements on the GPU (the compiled amax drops NaNs, a
+second NaN-aware reduction per layout is not worth its cost), where torch's amax makes the whole tile NaN.
+
 `out_dtype` is the stored element type: E4M3 for training; float32 stores the clamped x / s before the cast,
 which is how the CPU tests check these kernels under TRITON_INTERPRET=1 (the interpreter's FP8 cast is wrong).
 This module imports triton; core.cuda.fp8_linear imports it only when a CUDA tensor arrives.
@@ -48,9 +52,15 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _max(a, b):
+    """max that returns NaN when either is NaN, like torch's clamp (Triton's default drops NaNs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _scale(amax, FLOOR: tl.constexpr, FMAX: tl.constexpr, RECIP: tl.constexpr):
     """Dequantization scale max(amax, FLOOR) / FMAX in fp32, divided or multiplied by 1/FMAX like torch eager."""
-    a = tl.maximum(amax, FLOOR)
+    a = _max(amax, FLOOR)
     if RECIP:
         s = a * (1.0 / FMAX)
     else:
@@ -61,7 +71,7 @@ def _scale(amax, FLOOR: tl.constexpr, FMAX: tl.constexpr, RECIP: tl.constexpr):
 @triton.jit
 def _scaled(x, s, FMAX: tl.constexpr):
     """clamp(x / s, -FMAX, FMAX) with a correctly rounded division (torch's fp32 `/`)."""
-    return tl.minimum(tl.maximum(tl.math.div_rn(x, s), -FMAX), FMAX)
+    return tl.minimum(_max(tl.math.div_rn(x, s), -FMAX), FMAX, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
