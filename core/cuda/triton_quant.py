@@ -21,7 +21,7 @@ round-to-nearest-even cast (Hopper's cvt.rn.satfinite; the clamp makes its satur
 One device difference is reproduced on purpose: torch's eager CUDA kernel divides a tensor by a Python scalar as a
 multiplication by the scalar's fp32 reciprocal (ATen BinaryDivTrueKernel.cu: "compute a * reciprocal(b)"), the
 CPU kernel divides; `recip_scale` (default: the input is on CUDA) follows the device, so the kernels match the
-eager quantizer wherever it runs (about half the scales differ by one ulp between the two forms).
+eager quantizer wherever it runs (1/448 is no binary fraction: the two forms often differ by one ulp).
 
 NaN: a NaN element stays NaN in q (the clamp propagates it) and so reaches the GEMM's output and the loss, as on
 the eager path; its tile's scale comes from the other elements on the GPU (the compiled amax drops NaNs, a
