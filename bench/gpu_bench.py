@@ -8,7 +8,8 @@
 Sections (results keys):
   peak       bf16 matmul TFLOP/s at 8192^3 (the MFU denominator) and the FP8 blockwise GEMM at the same size
   gemm       FP8 linear layer (core.cuda.fp8_linear: quantize + 1x128/128x128 GEMMs, Fprop+Dgrad+Wgrad) vs bf16
-             F.linear, forward+backward, at large shapes; plus the GEMM alone
+             F.linear, forward+backward, at large shapes; plus the GEMM alone, the layer on the compiled one-layout
+             quantizers (EVA_CUDA_TRITON=0) and the quantizers per call (fused cast-transpose vs compiled)
   train      a training step (bf16, fp32 masters, fused AdamW, MTP off) of the engine vs transformers'
              DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
              tokens/s, MFU, peak memory; configs "920M" and "100M"
@@ -130,22 +131,53 @@ def gemm(dev, smoke) -> list[dict]:
                 x.grad = w.grad = None
                 f(x, w).backward(dy)
             return run
+
+        def unfused(f):  # the same call on the compiled one-layout quantizers (EVA_CUDA_TRITON=0)
+            def run():
+                before = os.environ.get("EVA_CUDA_TRITON")
+                os.environ["EVA_CUDA_TRITON"] = "0"
+                try:
+                    return f()
+                finally:
+                    if before is None:
+                        del os.environ["EVA_CUDA_TRITON"]
+                    else:
+                        os.environ["EVA_CUDA_TRITON"] = before
+            return run
         reps = 2 if smoke else 10
         t_bf = timed(fwd_bwd(F.linear), reps)
         t_f8 = timed(fwd_bwd(g.fp8_linear), reps)
+        t_f8_unfused = timed(unfused(fwd_bwd(g.fp8_linear)), reps)
         with torch.no_grad():
             tf_bf = timed(lambda: F.linear(x, w), reps)
             tf_f8 = timed(lambda: g.fp8_linear(x, w), reps)
             xq, xs = g.quant_tile(x)
             wq, ws = g.quant_block(w)
             tg_f8 = timed(lambda: g.fp8_gemm(xq, xs, wq, ws, "block"), reps)
+            # quantizing an operand into both layouts its GEMMs read: fused pass vs compiled quantizers (+ copies)
+            tq = {f"quant_{name}_{kind}_ms": timed(run(lambda: quant(t)), reps) * 1e3
+                  for name, quant, t in (("x", g.quant_tile_both, x), ("w", g.quant_block_both, w))
+                  for kind, run in (("fused", lambda f: f), ("compiled", unfused))}
+            kernels = g._triton_quant() if x.is_cuda else None
+            if kernels is not None:  # the fused kernels' launch width (its default: kernels.NUM_WARPS)
+                for name, quant, t in (("x", kernels.quant_tile_dual, x), ("w", kernels.quant_block_dual, w)):
+                    tq[f"quant_{name}_fused_ms_by_warps"] = {
+                        nw: timed(lambda: quant(t, num_warps=nw), reps) * 1e3 for nw in (8, 16)}
+        fused = g.compile_status()["fused"]
         flops = 2 * m * k * n
         rows.append({"m": m, "k": k, "n": n, "bf16_fwd_bwd_ms": t_bf * 1e3, "fp8_fwd_bwd_ms": t_f8 * 1e3,
                      "fwd_bwd_speedup": t_bf / t_f8, "bf16_fwd_ms": tf_bf * 1e3, "fp8_fwd_ms": tf_f8 * 1e3,
                      "fwd_speedup": tf_bf / tf_f8, "gemm_only_speedup": tf_bf / tg_f8,
-                     "fp8_gemm_tflops": flops / tg_f8 / 1e12, "fp8_fwd_bwd_tflops": 3 * flops / t_f8 / 1e12})
+                     "fp8_gemm_tflops": flops / tg_f8 / 1e12, "fp8_fwd_bwd_tflops": 3 * flops / t_f8 / 1e12,
+                     "fp8_unfused_fwd_bwd_ms": t_f8_unfused * 1e3, "fused_over_unfused": t_f8_unfused / t_f8,
+                     "fused_quantizers_ran": fused["ran"], "fused_quantizers_error": fused["error"], **tq})
         print(f"  gemm {m}x{k}->{n}: fwd+bwd bf16 {t_bf * 1e3:.2f} ms, fp8 {t_f8 * 1e3:.2f} ms "
-              f"({t_bf / t_f8:.2f}x); fwd {tf_bf / tf_f8:.2f}x; GEMM alone {tf_bf / tg_f8:.2f}x", flush=True)
+              f"({t_bf / t_f8:.2f}x; unfused quantizers {t_f8_unfused * 1e3:.2f} ms, {t_bf / t_f8_unfused:.2f}x); "
+              f"fwd {tf_bf / tf_f8:.2f}x; GEMM alone {tf_bf / tg_f8:.2f}x; quantize x both layouts "
+              f"{tq['quant_x_fused_ms']:.3f} vs {tq['quant_x_compiled_ms']:.3f} ms, W {tq['quant_w_fused_ms']:.3f} vs "
+              f"{tq['quant_w_compiled_ms']:.3f} ms (fused vs compiled); fused ran {fused['ran']}, "
+              f"error {fused['error']}; by warps x {tq.get('quant_x_fused_ms_by_warps')} "
+              f"W {tq.get('quant_w_fused_ms_by_warps')}", flush=True)
         del x, w, dy
         free()
     return rows

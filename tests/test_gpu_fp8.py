@@ -6,9 +6,12 @@ same quantized inputs.
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+import core.cuda
 from core import fp8
 from core.config import PRESETS
 from core.cuda import fp8_linear as g
@@ -64,6 +67,50 @@ def test_fp8_linear_grads_follow_the_recipe():
     exact = dy.reshape(-1, 200).t() @ x.detach().reshape(-1, 320)
     assert fp8.calc_diff(w.grad, exact) < 1e-3
     assert w.grad.dtype == w.dtype and x.grad.shape == x.shape
+
+
+def test_both_layouts_on_the_cpu_are_core_fp8s_quantizers():
+    """quant_tile_both / quant_block_both (the fused quantizers' fallback, and the CPU path) give x and x^T in
+    1x128 tiles and W with W^T's blocks, bit-identical to core.fp8."""
+    x = torch.randn(200, 320, generator=torch.Generator().manual_seed(9)) * 3
+    q, s, qt, st = g.quant_tile_both(x)
+    for (a, sa), t in (((q, s), x), ((qt, st), x.t())):
+        a_ref, s_ref = fp8.quantize(t, "e4m3", "tile", 128)
+        assert torch.equal(_bits(a[:, : t.shape[1]]), _bits(a_ref)) and torch.equal(sa, s_ref)
+    wq, ws, wtq, wts = g.quant_block_both(x)
+    assert torch.equal(_bits(wtq), _bits(wq.t())) and torch.equal(wts, ws.t()) and wtq.is_contiguous()
+    assert len(g.quant_tile_both(x, transposed=False)) == 2
+
+
+def test_fp8_linear_quantizes_each_layout_once_and_none_for_inference(monkeypatch):
+    """With gradients: x and x^T in the forward, dy and dy^T in the backward, W once (its transpose is a copy of
+    the same blocks). Under no_grad only x and W: nothing is kept for a backward that will not run."""
+    calls = []
+    for name in ("quant_tile", "quant_block"):
+        monkeypatch.setattr(g, name, lambda t, f=getattr(g, name), n=name: calls.append(n) or f(t))
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(64, 256, generator=gen, requires_grad=True)
+    w = torch.randn(192, 256, generator=gen, requires_grad=True)
+    with torch.no_grad():
+        y0 = g.fp8_linear(x, w)
+    assert calls == ["quant_tile", "quant_block"]
+    calls.clear()
+    y = g.fp8_linear(x, w)
+    y.sum().backward()
+    assert sorted(calls) == ["quant_block"] + ["quant_tile"] * 4
+    assert torch.equal(y.detach(), y0)
+
+
+def test_fused_quantizers_fall_back_and_say_why(monkeypatch):
+    monkeypatch.setattr(g, "_TRITON", {})
+    monkeypatch.setenv("EVA_CUDA_TRITON", "0")
+    assert g._triton_quant() is None and g.compile_status()["fused"]["enabled"] is False
+    monkeypatch.delenv("EVA_CUDA_TRITON")
+    monkeypatch.delattr(core.cuda, "triton_quant", raising=False)
+    monkeypatch.setitem(sys.modules, "core.cuda.triton_quant", None)  # as if triton were missing
+    assert g._triton_quant() is None
+    status = g.compile_status()["fused"]
+    assert status["enabled"] and status["ran"] == [] and status["error"].startswith("import: ModuleNotFoundError")
 
 
 def test_recipe_switches_on_the_gpu_path():
@@ -136,3 +183,68 @@ def test_gpu_fp8_linear_matches_the_cpu_path():
         grads.append((y.detach().cpu(), xd.grad.cpu(), wd.grad.cpu()))
     for cpu, gpu in zip(*grads):
         assert fp8.calc_diff(gpu, cpu) < 1e-5
+
+
+def _fused_kernels():
+    pytest.importorskip("triton")
+    from core.cuda import triton_quant
+    return triton_quant
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(512, 1024), (200, 320), (5, 100), (384, 256)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_gpu_fused_quantizers_are_bit_identical_to_the_eager_ones(shape, dtype, contiguous):
+    """The Triton cast-transpose kernels (their own E4M3 cast, on the GPU) against the eager quantizers run on
+    the same CUDA tensor: q bits, scales and scale layouts of x, x^T, W and W^T."""
+    tq = _fused_kernels()
+    gen = torch.Generator().manual_seed(shape[0])
+    x = (torch.randn(shape[1], shape[0], generator=gen).t() if not contiguous else
+         torch.randn(*shape, generator=gen)) * 5
+    x = x.to("cuda", dtype)
+    assert x.is_contiguous() == contiguous
+    q, s, qt, st = tq.quant_tile_dual(x)
+    wq, ws, wtq, wts = tq.quant_block_dual(x)
+    w_ref = g._quant_block_eager(x)
+    pairs = [((q, s), g._quant_tile_eager(x)), ((qt, st), g._quant_tile_eager(x.t())), ((wq, ws), w_ref),
+             ((wtq, wts), (w_ref[0].t().contiguous(), w_ref[1].t().contiguous()))]
+    for (a, sa), (a_ref, sa_ref) in pairs:
+        assert a.dtype == torch.float8_e4m3fn and a.shape == a_ref.shape
+        assert torch.equal(_bits(a), _bits(a_ref)) and torch.equal(sa, sa_ref)
+        assert (sa.is_contiguous(), sa.t().is_contiguous()) == (sa_ref.is_contiguous(), sa_ref.t().is_contiguous())
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_linear_on_the_fused_quantizers_equals_the_unfused_path(monkeypatch):
+    """Same quantized operands (fused kernels vs the eager quantizers and transposed copies) -> the same GEMMs ->
+    the same output and gradients, bit for bit; and the fused kernels did run."""
+    _fused_kernels()
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 300, 1000, generator=gen).to("cuda", torch.bfloat16)
+    w = (torch.randn(700, 1000, generator=gen) * 0.03).to("cuda", torch.bfloat16)
+    dy = torch.randn(2, 300, 700, generator=gen).to("cuda", torch.bfloat16)
+    runs = []
+    for fused in ("0", "1"):
+        monkeypatch.setenv("EVA_CUDA_TRITON", fused)
+        monkeypatch.setenv("EVA_CUDA_COMPILE", fused)  # unfused: eager quantizers, the fused kernels' reference
+        xd, wd = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        y = g.fp8_linear(xd, wd)
+        y.backward(dy)
+        runs.append((y.detach(), xd.grad, wd.grad))
+    status = g.compile_status()["fused"]
+    assert status["error"] is None and status["ran"] == ["quant_block_dual", "quant_tile_dual"]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_quantizers_keep_a_nan_visible():
+    """A NaN in x stays NaN in both quantized layouts and in its row of the layer's output (the loss sees it)."""
+    tq = _fused_kernels()
+    x = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    x[3, 5] = float("nan")
+    q, _, qt, _ = tq.quant_tile_dual(x)
+    assert q[3, 5].float().isnan() and qt[5, 3].float().isnan() and not q[4].float().isnan().any()
+    w = torch.randn(128, 384, device="cuda", dtype=torch.bfloat16) * 0.05
+    assert g.fp8_linear(x, w)[3].float().isnan().all()

@@ -12,9 +12,11 @@ s = max(amax, 1e-4) / 448 (official inference/kernel.py `act_quant`), q = cast(c
 is a float64 dequantize-and-multiply, so everything but the hardware GEMM is tested without a GPU.
 
 On CUDA the GEMMs go through `torch.nn.functional.scaled_mm` with `ScalingType.BlockWise1x128` /
-`BlockWise128x128` (cuBLAS blockwise FP8, Hopper), and the quantizers run under `torch.compile` (one fused
-kernel per operand: eager amax/divide/cast costs about as much as the FP8 GEMM itself). Master weights stay
-fp32 in the trainer; the weight is quantized from its bf16 working copy every forward.
+`BlockWise128x128` (cuBLAS blockwise FP8, Hopper). Each operand is quantized in one pass that writes both
+layouts its GEMMs read (x and x^T, dy and dy^T, W and W^T: core.cuda.triton_quant's fused cast-transpose, as
+in DeepSeek's and TransformerEngine's FP8 training); without Triton (or with EVA_CUDA_TRITON=0) the quantizers
+run under `torch.compile`, once per layout (eager amax/divide/cast costs about as much as the FP8 GEMM itself).
+Master weights stay fp32 in the trainer; the weight is quantized from its bf16 working copy every forward.
 """
 from __future__ import annotations
 
@@ -28,8 +30,8 @@ from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, get_recipe
 from core.fp8.training import _skipped
 from core.gemm import Linear
 
-__all__ = ["BLOCK", "quant_tile", "quant_block", "fp8_gemm", "reference_gemm", "fp8_linear", "FP8LinearGPU",
-           "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
+__all__ = ["BLOCK", "quant_tile", "quant_block", "quant_tile_both", "quant_block_both", "fp8_gemm", "reference_gemm",
+           "fp8_linear", "FP8LinearGPU", "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
@@ -84,13 +86,18 @@ def _compiled(fn):
     return _COMPILED[fn.__name__]
 
 
+def _why(e: Exception) -> str:
+    """A failure in one line for compile_status."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
 def _run(fn, x):
     if not x.is_cuda:
         return fn(x)  # CPU: eager, bit-identical to core.fp8.quantize
     try:
         return _compiled(fn)(x)
     except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training: fall back to eager
-        _COMPILE_ERRORS[fn.__name__] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        _COMPILE_ERRORS[fn.__name__] = _why(e)
         return fn(x)
 
 
@@ -104,10 +111,66 @@ def quant_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _run(_quant_block_eager, w.detach())  # a Parameter would pin the compiled kernel to its shape
 
 
+# Fused cast-transpose quantizers (core.cuda.triton_quant): one pass writes an operand's two layouts on CUDA.
+_TRITON: dict = {}  # "module": triton_quant once imported; "error": why the fused kernels are off; "ran": names
+
+
+def _triton_quant():
+    """core.cuda.triton_quant when the fused kernels may run (EVA_CUDA_TRITON != "0", triton importable, no
+    earlier failure), else None. The switch is read at every call so a benchmark can time both paths."""
+    if os.environ.get("EVA_CUDA_TRITON", "1") == "0" or "error" in _TRITON:
+        return None
+    if "module" not in _TRITON:
+        try:
+            from core.cuda import triton_quant
+        except Exception as e:  # noqa: BLE001 - no (working) triton: the compiled quantizers still run
+            _TRITON["error"] = f"import: {_why(e)}"
+            return None
+        _TRITON["module"] = triton_quant
+    return _TRITON["module"]
+
+
+def _fused(name: str, x: torch.Tensor, transposed: bool):
+    """The fused quantizer `name` on x, or None (CPU tensor, switched off, or failed: the reason is kept)."""
+    tq = _triton_quant() if x.is_cuda else None
+    if tq is None:
+        return None
+    try:
+        out = getattr(tq, name)(x, transposed)
+    except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not stop training
+        _TRITON["error"] = f"{name}: {_why(e)}"
+        return None
+    _TRITON.setdefault("ran", set()).add(name)
+    return out
+
+
+def quant_tile_both(x: torch.Tensor, transposed: bool = True) -> tuple[torch.Tensor, ...]:
+    """(q, s) = quant_tile(x) for x [M, K] and, when `transposed`, also (qt, st) = quant_tile(x.t()): the 1x128
+    tiles of x^T along M (Wgrad's operand). On CUDA one fused Triton pass (core.cuda.triton_quant, bit-identical
+    to the eager quantizer); otherwise the two quantizers above (on a CPU, bit-identical to core.fp8)."""
+    out = _fused("quant_tile_dual", x, transposed)
+    if out is not None:
+        return out
+    return quant_tile(x) + quant_tile(x.t()) if transposed else quant_tile(x)
+
+
+def quant_block_both(w: torch.Tensor, transposed: bool = True) -> tuple[torch.Tensor, ...]:
+    """(q, s) = quant_block(w) for w [N, K] and, when `transposed`, also W^T's blocks (q.t(), s.t(), contiguous:
+    Dgrad's operand). On CUDA one fused Triton pass; otherwise quant_block and two transposed copies."""
+    out = _fused("quant_block_dual", w.detach(), transposed)
+    if out is not None:
+        return out
+    q, s = quant_block(w)
+    return (q, s, q.t().contiguous(), s.t().contiguous()) if transposed else (q, s)
+
+
 def compile_status() -> dict:
-    """Which quantizers run compiled on CUDA, and why any fell back to eager."""
+    """Which quantizers run compiled on CUDA and why any fell back to eager; whether the fused Triton
+    quantizers are switched on (EVA_CUDA_TRITON), which of them ran, and why they are off if they are."""
     return {"enabled": os.environ.get("EVA_CUDA_COMPILE", "1") != "0", "compiled": sorted(_COMPILED),
-            "errors": dict(_COMPILE_ERRORS)}
+            "errors": dict(_COMPILE_ERRORS),
+            "fused": {"enabled": os.environ.get("EVA_CUDA_TRITON", "1") != "0", "ran": sorted(_TRITON.get("ran", ())),
+                      "error": _TRITON.get("error")}}
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
@@ -230,41 +293,45 @@ def scale_layouts() -> dict:
 class _FP8LinearFn(torch.autograd.Function):
     """y = x W^T with Fprop, Dgrad and Wgrad as FP8 GEMMs (module docstring). x [..., K], W [N, K] -> [..., N].
 
-    Saved for backward: x in its own dtype (re-tiled along tokens for Wgrad) and the FP8 weight with its scales
-    (transposed once for Dgrad). dW is computed in fp32 and returned in W's dtype."""
+    The forward quantizes x and W once each into both layouts their GEMMs read (`quant_tile_both`,
+    `quant_block_both`: one fused pass each on CUDA) and saves only FP8 operands for backward: x^T in 1x128 tiles
+    along tokens (Wgrad) and W^T's 128x128 blocks (Dgrad), each only if that gradient is needed; the backward
+    quantizes dy once into both layouts. dW is computed in fp32 and returned in W's dtype."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
         k, n = x.shape[-1], weight.shape[0]
         x2 = x.reshape(-1, k)
-        xq, xs = quant_tile(x2)
-        wq, ws = quant_block(weight)
+        # forward runs under no_grad, where needs_input_grad still reports requires_grad: the caller's mode decides
+        need_dx, need_dw = ctx.needs_input_grad[:2] if grad_enabled else (False, False)
+        xq, xs, *xt = quant_tile_both(x2, need_dw)  # x^T [K, Mp]: 1x128 tiles along tokens
+        wq, ws, *wt = quant_block_both(weight, need_dx)  # W^T [Kp, Np]: the same blocks, transposed
         y = fp8_gemm(xq, xs, wq, ws, "block", x.dtype)
-        ctx.save_for_backward(x2, wq, ws)
-        ctx.meta = (x.shape, n, k, weight.dtype)
+        ctx.save_for_backward(*xt, *wt)
+        ctx.meta = (x.shape, n, k, weight.dtype, need_dx, need_dw)
         return y[:, :n].reshape(*x.shape[:-1], n)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x2, wq, ws = ctx.saved_tensors
-        shape, n, k, w_dtype = ctx.meta
+        shape, n, k, w_dtype, need_dx, need_dw = ctx.meta
+        saved = ctx.saved_tensors
+        xt, wt = (saved[:2], saved[2:]) if need_dw else ((), saved)
         dy2 = dy.reshape(-1, n)
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            gq, gs = quant_tile(dy2)  # [M, Np]: N padded like the weight's rows
-            dx = fp8_gemm(gq, gs, wq.t().contiguous(), ws.t().contiguous(), "block", dy.dtype)
-            dx = dx[:, :k].reshape(shape)
-        if ctx.needs_input_grad[1]:
-            gtq, gts = quant_tile(dy2.t())  # dy^T [N, Mp]: 1x128 tiles along tokens
-            xtq, xts = quant_tile(x2.t())  # x^T  [K, Mp]
-            dw = fp8_gemm(gtq, gts, xtq, xts, "tile", torch.float32).to(w_dtype)
-        return dx, dw
+        if need_dx:
+            gq, gs, *gt = quant_tile_both(dy2, need_dw)  # dy [M, Np] along N, dy^T [N, Mp] along tokens
+            dx = fp8_gemm(gq, gs, *wt, "block", dy.dtype)[:, :k].reshape(shape)
+        else:
+            gt = quant_tile(dy2.t())
+        if need_dw:
+            dw = fp8_gemm(*gt, *xt, "tile", torch.float32).to(w_dtype)
+        return dx, dw, None
 
 
 @torch.compiler.disable  # inside a compiled block (core.cuda.compile) it runs as written, between two graphs
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 linear layer (DeepSeek recipe, all three GEMMs in FP8); the bias, if any, is added in x's dtype."""
-    y = _FP8LinearFn.apply(x, weight)
+    y = _FP8LinearFn.apply(x, weight, torch.is_grad_enabled())
     return y if bias is None else y + bias
 
 

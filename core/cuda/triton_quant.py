@@ -1,0 +1,175 @@
+"""Fused FP8 cast-transpose quantizers (Triton): one pass over an operand writes both layouts its GEMMs read.
+
+DeepSeek-V3 §3.3 runs every Linear's three GEMMs in FP8 (see core.cuda.fp8_linear): Fprop reads x in 1x128 tiles
+along K and Wgrad reads x^T in 1x128 tiles along M; Dgrad reads dy along N and Wgrad reads dy^T along M; Fprop
+reads W in 128x128 blocks and Dgrad reads W^T in the same blocks. Quantizing each layout separately reads the
+operand twice and needs a transposed copy; here one Triton program per 128x128 block of the operand loads it
+once and writes
+
+    quant_tile_dual(x [M, K])  ->  q [M, Kp] + s [M, Kp/128]          (1x128 tiles along K, row amax)
+                                   qt [K, Mp] + st [K, Mp/128]        (1x128 tiles of x^T along M, column amax)
+    quant_block_dual(w [N, K]) ->  q [Np, Kp] + s [Np/128, Kp/128]     (128x128 blocks)
+                                   qt [Kp, Np] + st [Kp/128, Np/128]   (the same blocks transposed)
+
+the fused cast-transpose of DeepSeek's and TransformerEngine's FP8 training. Every output equals
+core.cuda.fp8_linear's `_quant_tile_eager(x)`, `_quant_tile_eager(x.t())`, `_quant_block_eager(w)` and its
+transpose bit for bit, padding and scale layouts included (s and st outer-dim-major, strides (1, rows): the
+layout cuBLAS's 1x128 scaling reads): fp32 arithmetic, zero padding, s = max(amax, AMAX_FLOOR) / 448,
+q = cast(clamp(x / s, -448, 448)) with an IEEE division (`div_rn`; Triton's `/` is approximate on fp32) and a
+round-to-nearest-even cast (Hopper's cvt.rn.satfinite; the clamp makes its saturation moot).
+
+One device difference is reproduced on purpose: torch's eager CUDA kernel divides a tensor by a Python scalar as a
+multiplication by the scalar's fp32 reciprocal (ATen BinaryDivTrueKernel.cu: "compute a * reciprocal(b)"), the
+CPU kernel divides; `recip_scale` (default: the input is on CUDA) follows the device, so the kernels match the
+eager quantizer wherever it runs (1/448 is no binary fraction: the two forms often differ by one ulp).
+
+NaN: a NaN element stays NaN in q (the clamp propagates it) and so reaches the GEMM's output and the loss, as on
+the eager path; its tile's scale comes from the other elements on the GPU (the compiled amax drops NaNs, a
+second NaN-aware reduction per layout is not worth its cost), where torch's amax makes the whole tile NaN.
+
+`out_dtype` is the stored element type: E4M3 for training; float32 stores the clamped x / s before the cast,
+which is how the CPU tests check these kernels under TRITON_INTERPRET=1 (the interpreter's FP8 cast is wrong).
+This module imports triton; core.cuda.fp8_linear imports it only when a CUDA tensor arrives.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+from core.fp8 import AMAX_FLOOR
+
+__all__ = ["BLOCK", "NUM_WARPS", "quant_tile_dual", "quant_block_dual"]
+
+BLOCK = 128
+_FP8 = torch.float8_e4m3fn
+_FMAX = float(torch.finfo(_FP8).max)  # 448
+# 8 warps: a 128x128 fp32 block is 64 values a thread (ptxas for sm_90a: 255 registers, ~100 bytes spilled;
+# 4 warps spill kilobytes, 16 warps use 128 registers); `num_warps` lets a benchmark compare
+NUM_WARPS = 8
+
+
+@triton.jit
+def _max(a, b):
+    """max that returns NaN when either is NaN, like torch's clamp (Triton's default drops NaNs)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _scale(amax, FLOOR: tl.constexpr, FMAX: tl.constexpr, RECIP: tl.constexpr):
+    """Dequantization scale max(amax, FLOOR) / FMAX in fp32, divided or multiplied by 1/FMAX like torch eager."""
+    a = _max(amax, FLOOR)
+    if RECIP:
+        s = a * (1.0 / FMAX)
+    else:
+        s = tl.math.div_rn(a, FMAX)
+    return s
+
+
+@triton.jit
+def _scaled(x, s, FMAX: tl.constexpr):
+    """clamp(x / s, -FMAX, FMAX) with a correctly rounded division (torch's fp32 `/`)."""
+    return tl.minimum(_max(tl.math.div_rn(x, s), -FMAX), FMAX, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _tile_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_m, stride_k,
+                      TRANSPOSED: tl.constexpr, RECIP: tl.constexpr, FLOOR: tl.constexpr, FMAX: tl.constexpr,
+                      B: tl.constexpr):
+    pid_m, pid_k = tl.program_id(0), tl.program_id(1)
+    rm = pid_m.to(tl.int64) * B + tl.arange(0, B)  # int64: M * Kp passes 2**31 at ~120k tokens x 18432
+    rk = pid_k.to(tl.int64) * B + tl.arange(0, B)
+    x = tl.load(x_ptr + rm[:, None] * stride_m + rk[None, :] * stride_k,
+                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)  # zero padding
+    ax = tl.abs(x)
+    # 1x128 tiles along K: one scale per row of the block
+    s = _scale(tl.max(ax, axis=1), FLOOR, FMAX, RECIP)
+    q = _scaled(x, s[:, None], FMAX)
+    row = rm < M
+    tl.store(q_ptr + rm[:, None] * Kp + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=row[:, None])
+    tl.store(s_ptr + pid_k * M + rm, s, mask=row)  # s [M, Kp/128], strides (1, M)
+    if TRANSPOSED:
+        # 1x128 tiles of x^T along M: one scale per column of the block, stored as rows of qt [K, Mp]
+        st = _scale(tl.max(ax, axis=0), FLOOR, FMAX, RECIP)
+        qt = tl.trans(_scaled(x, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))  # cast first: 1-byte transpose
+        col = rk < K
+        tl.store(qt_ptr + rk[:, None] * Mp + rm[None, :], qt, mask=col[:, None])
+        tl.store(st_ptr + pid_m * K + rk, st, mask=col)  # st [K, Mp/128], strides (1, K)
+
+
+@triton.jit
+def _block_dual_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Np, Kp, stride_n, stride_k,
+                       TRANSPOSED: tl.constexpr, RECIP: tl.constexpr, FLOOR: tl.constexpr, FMAX: tl.constexpr,
+                       B: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rn = pid_n.to(tl.int64) * B + tl.arange(0, B)
+    rk = pid_k.to(tl.int64) * B + tl.arange(0, B)
+    w = tl.load(w_ptr + rn[:, None] * stride_n + rk[None, :] * stride_k,
+                mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(tl.float32)
+    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FLOOR, FMAX, RECIP)
+    q = _scaled(w, s, FMAX).to(q_ptr.dtype.element_ty)
+    tl.store(q_ptr + rn[:, None] * Kp + rk[None, :], q)  # padded blocks: no mask
+    tl.store(s_ptr + pid_n * (Kp // B) + pid_k, s)  # s [Np/128, Kp/128] row-major
+    if TRANSPOSED:  # W^T reuses the block and its scale (why weights use 128x128 blocks)
+        tl.store(qt_ptr + rk[:, None] * Np + rn[None, :], tl.trans(q))
+        tl.store(st_ptr + pid_k * (Np // B) + pid_n, s)  # st [Kp/128, Np/128] row-major
+
+
+def _ceil(n: int) -> int:
+    return -(-n // BLOCK) * BLOCK
+
+
+def _quantize(kernel, x, transposed, out_dtype, recip_scale, num_warps, shapes, outer_major):
+    """Allocate q, s (and qt, st) of `shapes` (scales outer-dim-major when `outer_major`), run `kernel` with one
+    program per 128x128 block of x [R, C], return the outputs."""
+    dev = x.device
+    out = []
+    for i, shape in enumerate(shapes[: 4 if transposed else 2]):
+        if i % 2 == 0:
+            out.append(torch.empty(shape, dtype=out_dtype, device=dev))
+        elif outer_major:  # strides (1, rows)
+            out.append(torch.empty(shape[::-1], dtype=torch.float32, device=dev).t())
+        else:
+            out.append(torch.empty(shape, dtype=torch.float32, device=dev))
+    r, c = x.shape
+    rp, cp = _ceil(r), _ceil(c)
+    if rp and cp:  # else an empty operand: empty outputs
+        with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+            kernel[(rp // BLOCK, cp // BLOCK)](
+                x, *(out if transposed else out * 2), r, c, rp, cp, x.stride(0), x.stride(1), TRANSPOSED=transposed,
+                RECIP=x.is_cuda if recip_scale is None else recip_scale, FLOOR=AMAX_FLOOR, FMAX=_FMAX, B=BLOCK,
+                num_warps=num_warps)
+    return tuple(out)
+
+
+def _check_2d(t: torch.Tensor, fn: str, what: str) -> None:
+    if t.dim() != 2:
+        raise ValueError(f"{fn}: {what} must be 2-D, got shape {tuple(t.shape)}")
+
+
+def quant_tile_dual(x: torch.Tensor, transposed: bool = True, out_dtype: torch.dtype = _FP8,
+                    recip_scale: bool | None = None, num_warps: int = NUM_WARPS):
+    """1x128 tile quantization of x [M, K] (any strides; bf16/fp16/fp32), and of x^T when `transposed`.
+
+    Returns (q [M, Kp], s [M, Kp/128]) or (q, s, qt [K, Mp], st [K, Mp/128]); q/qt row-major in `out_dtype`,
+    s/st fp32 with strides (1, rows). Equal to `_quant_tile_eager(x)` and `_quant_tile_eager(x.t())`."""
+    _check_2d(x, "quant_tile_dual", "x [M, K]")
+    m, k = x.shape
+    mp, kp = _ceil(m), _ceil(k)
+    return _quantize(_tile_dual_kernel, x, transposed, out_dtype, recip_scale, num_warps,
+                     [(m, kp), (m, kp // BLOCK), (k, mp), (k, mp // BLOCK)], outer_major=True)
+
+
+def quant_block_dual(w: torch.Tensor, transposed: bool = True, out_dtype: torch.dtype = _FP8,
+                     recip_scale: bool | None = None, num_warps: int = NUM_WARPS):
+    """128x128 block quantization of a weight w [N, K], and of W^T (the Dgrad operand) when `transposed`.
+
+    Returns (q [Np, Kp], s [Np/128, Kp/128]) or (q, s, qt [Kp, Np], st [Kp/128, Np/128]), all contiguous.
+    Equal to `_quant_block_eager(w)`, its q.t().contiguous() and s.t().contiguous()."""
+    _check_2d(w, "quant_block_dual", "w [N, K]")
+    np_, kp = _ceil(w.shape[0]), _ceil(w.shape[1])
+    return _quantize(_block_dual_kernel, w.detach(), transposed, out_dtype, recip_scale, num_warps,
+                     [(np_, kp), (np_ // BLOCK, kp // BLOCK), (kp, np_), (kp // BLOCK, np_ // BLOCK)],
+                     outer_major=False)
