@@ -290,6 +290,20 @@ def scale_layouts() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- training
+def _pad_rows(q: torch.Tensor, s: torch.Tensor, mult: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [R, C] FP8 with its scales s [R, C/128] -> rows zero-padded to a multiple of `mult` (scale 1 on the pad).
+    cuBLAS's FP8 GEMM needs both dims of its second operand divisible by 16: Wgrad's x^T has K rows (any width)."""
+    r = q.shape[0]
+    rp = _ceil(r, mult)
+    if rp == r:
+        return q, s
+    qp = torch.zeros((rp, q.shape[1]), dtype=q.dtype, device=q.device)
+    qp[:r] = q
+    sp = torch.ones((rp, s.shape[1]), dtype=s.dtype, device=s.device)
+    sp[:r] = s
+    return qp, sp
+
+
 class _FP8LinearFn(torch.autograd.Function):
     """y = x W^T with Fprop, Dgrad and Wgrad as FP8 GEMMs (module docstring). x [..., K], W [N, K] -> [..., N].
 
@@ -324,7 +338,7 @@ class _FP8LinearFn(torch.autograd.Function):
         else:
             gt = quant_tile(dy2.t())
         if need_dw:
-            dw = fp8_gemm(*gt, *xt, "tile", torch.float32).to(w_dtype)
+            dw = fp8_gemm(*gt, *_pad_rows(*xt), "tile", torch.float32)[:, :k].to(w_dtype)
         return dx, dw, None
 
 

@@ -46,9 +46,9 @@ __all__ = ["BLOCK", "NUM_WARPS", "quant_tile_dual", "quant_block_dual"]
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
 _FMAX = float(torch.finfo(_FP8).max)  # 448
-# 8 warps: a 128x128 fp32 block is 64 values a thread (ptxas for sm_90a: 255 registers, ~100 bytes spilled;
-# 4 warps spill kilobytes, 16 warps use 128 registers); `num_warps` lets a benchmark compare
-NUM_WARPS = 8
+# 16 warps: a 128x128 fp32 block is 32 values a thread at 128 registers (8 warps: 255 registers and ~100 bytes
+# spilled; 4 warps spill kilobytes); 16 was the faster on the H200 (bench/gpu_bench.py `gemm`, docs/performance.md)
+NUM_WARPS = 16
 
 
 @triton.jit
