@@ -92,6 +92,27 @@ def fp8_frame(rows: list[dict]) -> pd.DataFrame:
     return df
 
 
+def _fp8_limits(big, lin: pd.DataFrame) -> str:
+    """What keeps the FP8 layer below its GEMM's speed-up, from the results (which quantizers ran)."""
+    slow = lin[lin["speedup"] < 1]
+    text = (f"**What limits FP8 here.** At {int(big['m']):,}×{int(big['k']):,}→{int(big['n']):,} the FP8 GEMM "
+            f"alone is {big['gemm_only_speedup']:.2f}× bf16, the whole layer {big['speedup']:.2f}×. ")
+    if big.get("fused_quantizers"):
+        text += ("Each operand (x, W and the incoming gradient) is read once by a fused kernel that writes both "
+                 "layouts its GEMMs need, the 1×128 tiles and the transposed tiles for Dgrad/Wgrad")
+        if big.get("unfused_speedup"):
+            text += f" (with two-pass quantizers and transposed copies instead: {big['unfused_speedup']:.2f}×)"
+        text += ("; those passes are memory-bound and still cost a share of the GEMM's gain, more so at small "
+                 "shapes where the GEMM itself is short")
+    else:
+        text += ("Every operand is first quantized (two compiled kernels, an amax reduction then the "
+                 "scale-and-cast) and Dgrad/Wgrad need transposed copies of the operands; these kernels eat the "
+                 "GEMM's gain")
+    if len(slow):
+        text += f"; at {len(slow)} of the {len(lin)} shapes the FP8 layer is slower than bf16"
+    return text + ". The profiles are in `docs/performance.md`."
+
+
 def fp8_section(lesson: bool = False, path: str | None = None) -> None:
     """FP8 vs bf16 on the GPU: linear layers (forward + backward) and training steps, then the loss gap."""
     r = _results(path)
@@ -126,17 +147,7 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
         g = lin["gemm_only_speedup"].astype(float)
         if g.notna().any():
             big = lin.loc[(lin["m"] * lin["k"] * lin["n"]).astype(float).idxmax()]
-            slow = lin[lin["speedup"] < 1]
-            st.markdown(
-                f"**What limits FP8 here.** At {int(big['m']):,}×{int(big['k']):,}→{int(big['n']):,} the FP8 GEMM "
-                f"alone is {big['gemm_only_speedup']:.2f}× bf16, the whole layer {big['speedup']:.2f}×: every "
-                "operand is first quantized (two compiled kernels, an amax reduction then the scale-and-cast) and "
-                "Dgrad/Wgrad need transposed copies of the operands, the quantized weight included. These kernels "
-                "eat the GEMM's gain"
-                + (f"; at {len(slow)} of the {len(lin)} shapes the FP8 layer is slower than bf16" if len(slow) else "")
-                + ". The FP8 training steps pay the same quantizers and transposed copies on every Linear (their "
-                "profile is in `docs/performance.md`). A single-pass quantizer that also writes the transposed "
-                "layout (a fused cast-transpose) is the missing piece.")
+            st.markdown(_fp8_limits(big, lin))
     lg = r["lossgap"]
     if lg:
         gap = pd.DataFrame([lg])

@@ -49,12 +49,16 @@ def fp8_rows(res: dict) -> list[dict]:
     the FP8 GEMM alone) and per training-step config (kind "step": its parameter count)."""
     rows = [{"what": f"linear {r['m']}x{r['k']}->{r['n']} fwd+bwd", "kind": "linear", "m": r["m"], "k": r["k"],
              "n": r["n"], "params": None, "bf16_ms": r["bf16_fwd_bwd_ms"], "fp8_ms": r["fp8_fwd_bwd_ms"],
-             "speedup": r["fwd_bwd_speedup"],
-             "gemm_only_speedup": r.get("gemm_only_speedup")} for r in res.get("gemm", [])]
+             "speedup": r["fwd_bwd_speedup"], "gemm_only_speedup": r.get("gemm_only_speedup"),
+             # the fused single-pass quantizers (core.cuda.triton_quant) ran; results before them have no such key
+             "fused_quantizers": bool(r.get("fused_quantizers_ran")),
+             "unfused_speedup": (r["bf16_fwd_bwd_ms"] / r["fp8_unfused_fwd_bwd_ms"]
+                                 if r.get("fp8_unfused_fwd_bwd_ms") else None)} for r in res.get("gemm", [])]
     for name, r in res.get("fp8step", {}).items():
         rows.append({"what": f"training step {name}", "kind": "step", "m": None, "k": None, "n": None,
                      "params": r.get("params"), "bf16_ms": r["bf16"]["step_ms"],
-                     "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None})
+                     "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None,
+                     "fused_quantizers": None, "unfused_speedup": None})
     return rows
 
 
