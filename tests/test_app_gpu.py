@@ -87,14 +87,44 @@ def test_fp8_speedup_bars_draw_the_committed_ratios():
 def test_fp8_loss_gap_shows_both_losses_and_the_verdict():
     row = results.lossgap_row(RES)
     fig = charts.fp8_loss_gap(row, gpu_view.TARGET_LOSS_GAP)
-    (pts,) = fig.data
-    assert list(pts.y) == [row["bf16_val_loss"], row["fp8_val_loss"]]
+    bf, f8 = fig.data
+    ys = list(bf.y) + list(f8.y)
+    assert list(bf.y) == [row["bf16_val_loss"]] and list(f8.y) == [row["fp8_val_loss"]]
+    assert row["recipe"] in f8.name
     title = fig.layout.title.text.replace("<br>", " ")
     assert f"{100 * row['relative_gap']:+.2f}%" in title
     assert ("outside" if abs(row["relative_gap"]) > gpu_view.TARGET_LOSS_GAP else "within") in title
     lo, hi = fig.layout.yaxis.range  # zoomed so a 1% gap is visible, with both points and the band inside
-    assert lo < min(pts.y) and hi > max(max(pts.y), row["bf16_val_loss"] * (1 + gpu_view.TARGET_LOSS_GAP))
+    assert lo < min(ys) and hi > max(max(ys), row["bf16_val_loss"] * (1 + gpu_view.TARGET_LOSS_GAP))
     assert "nats/byte" in fig.layout.yaxis.title.text
+
+
+def _seeded(losses: dict) -> dict:
+    """A results file whose lossgap section ran several seeds: {seed: (bf16 val loss, FP8 val loss)}."""
+    seeds = {str(k): {"bf16": {"val_loss": b, "seconds": 15.0}, "deepseek": {"val_loss": f, "seconds": 25.0},
+                      "relative_gap": f / b - 1} for k, (b, f) in losses.items()}
+    bf = [b for b, _ in losses.values()]
+    first = seeds[str(min(losses))]
+    return {"lossgap": {"config": "100M", "steps": 300, "batch": 16, "seq_len": 512, "lr": 3e-4, "seeds": seeds,
+                        "bf16": first["bf16"], "deepseek": first["deepseek"], "relative_gap": first["relative_gap"],
+                        "bf16_seed_spread": (max(bf) - min(bf)) / min(bf),
+                        "mean_relative_gap": sum(s["relative_gap"] for s in seeds.values()) / len(seeds)}}
+
+
+def test_loss_gap_over_seeds_is_read_against_the_seed_noise():
+    """Several seeds: one point pair per seed, the mean gap in the title, and no verdict when two bf16 seeds
+    already differ by more than the target (the gap is then noise either way); a quiet set of seeds is judged."""
+    noisy = results.lossgap_row(_seeded({0: (1.27, 1.265), 1: (1.211, 1.173), 2: (1.246, 1.2475)}))
+    fig = charts.fp8_loss_gap(noisy, gpu_view.TARGET_LOSS_GAP)
+    assert [len(t.y) for t in fig.data] == [3, 3] and list(fig.data[0].x) == ["seed 0", "seed 1", "seed 2"]
+    title = fig.layout.title.text.replace("<br>", " ")
+    assert f"{100 * noisy['mean_relative_gap']:+.2f}%" in title and "mean of 3 seeds" in title
+    assert "more than the 1% target" in title
+    assert gpu_view.loss_gap_verdict(noisy, gpu_view.TARGET_LOSS_GAP).startswith("not resolvable")
+    quiet = results.lossgap_row(_seeded({0: (1.250, 1.255), 1: (1.252, 1.262)}))
+    assert gpu_view.loss_gap_verdict(quiet, gpu_view.TARGET_LOSS_GAP) == "met"
+    assert "within the 1% target" in charts.fp8_loss_gap(quiet, gpu_view.TARGET_LOSS_GAP).layout.title.text.replace(
+        "<br>", " ")
 
 
 def test_decode_throughput_has_one_panel_per_batch_and_the_ratios():

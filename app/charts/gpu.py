@@ -61,32 +61,44 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
 
 
 def fp8_loss_gap(row: dict, target: float) -> go.Figure:
-    """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, with the band of losses
-    within `target` (relative) of bf16 shaded. row: `core.cuda.results.lossgap_row`."""
-    bf, f8 = row["bf16_val_loss"], row["fp8_val_loss"]
-    names = ["bf16", f"FP8 ({row.get('recipe', 'deepseek-gemm')} recipe)"]
+    """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, one pair per seed, with the
+    band of losses within `target` (relative) of each bf16 point shaded. row: `core.cuda.results.lossgap_row`."""
+    seeds = row.get("seed_losses") or {0: {"bf16": row["bf16_val_loss"], "fp8": row["fp8_val_loss"]}}
+    secs = {"bf16": row["bf16_seconds"], "fp8": row["fp8_seconds"]}
+    xs = [f"seed {k}" for k in seeds]
     fig = go.Figure()
-    fig.add_hrect(y0=bf, y1=bf * (1 + target), fillcolor=palette.FORMATS["bf16"], opacity=0.12, line_width=0)
-    hline(fig, bf * (1 + target), f"target: within {100 * target:g}% of bf16", color=palette.HIGHLIGHT)
-    fig.add_scatter(x=names, y=[bf, f8], mode="markers+text", showlegend=False,
-                    marker=dict(size=18, color=[palette.FORMATS["bf16"], palette.FORMATS["fp8"]]),
-                    text=[f"{bf:.4f}", f"{f8:.4f}"], textposition="top center", cliponaxis=False,
-                    customdata=[[row["bf16_seconds"]], [row["fp8_seconds"]]],
-                    hovertemplate="%{x}: %{y:.4f} nats/byte after " + f"{row['steps']} steps"
-                                  "<br>run took %{customdata[0]:.0f} s<extra></extra>")
-    gap = row["relative_gap"]
-    verdict = "within" if abs(gap) <= target else "outside"
-    title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps: "
-             f"{verdict} the {100 * target:g}% target")
-    sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens, same seed and batches; "
-           f"FP8 run {row['fp8_seconds']:.0f} s vs bf16 {row['bf16_seconds']:.0f} s")
-    if row.get("bf16_seed_spread") is not None:  # the noise floor the gap is read against
-        sub += (f"; over {len(row['seed_gaps'])} seeds the gap averages {100 * row['mean_relative_gap']:+.2f}% and "
-                f"two bf16 seeds differ by {100 * row['bf16_seed_spread']:.2f}%")
-    lo, hi = min(bf, f8), max(bf * (1 + target), f8)
-    pad = (hi - lo) * 0.6
+    for k, x in zip(seeds, xs):
+        bf = seeds[k]["bf16"]
+        fig.add_shape(type="rect", x0=xs.index(x) - 0.3, x1=xs.index(x) + 0.3, y0=bf, y1=bf * (1 + target),
+                      fillcolor=palette.FORMATS["bf16"], opacity=0.12, line_width=0)
+    for key, name in (("bf16", "bf16"), ("fp8", f"FP8 ({row.get('recipe', 'deepseek-gemm')} recipe)")):
+        ys = [v[key] for v in seeds.values()]
+        fig.add_scatter(x=xs, y=ys, mode="markers+text", name=name,
+                        marker=dict(size=16, color=palette.FORMATS[key], symbol="circle" if key == "bf16" else "diamond"),
+                        text=[f"{y:.3f}" for y in ys], textposition="middle right" if key == "fp8" else "middle left",
+                        cliponaxis=False,
+                        hovertemplate="%{x}, " + name + ": %{y:.4f} nats/byte after " + f"{row['steps']} steps"
+                                      f"<extra></extra>")
+    n = len(seeds)
+    gap = row["mean_relative_gap"] if n > 1 and row.get("mean_relative_gap") is not None else row["relative_gap"]
+    spread = row.get("bf16_seed_spread")
+    if spread is not None and spread > target:
+        verdict = f"the seeds alone move bf16 by {100 * spread:.1f}%, more than the {100 * target:g}% target"
+    else:
+        verdict = f"{'within' if abs(gap) <= target else 'outside'} the {100 * target:g}% target"
+    title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps"
+             + (f" (mean of {n} seeds)" if n > 1 else "") + f": {verdict}")
+    per_seed = ", ".join(f"{100 * g:+.1f}%" for g in (row.get("seed_gaps") or {}).values())
+    sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens"
+           + (f", lr {row['lr']:g}" if row.get("lr") else "") + "; per seed FP8 and bf16 saw the same batches"
+           + (f"; gap per seed {per_seed}" if n > 1 else "")
+           + f"; shaded: within {100 * target:g}% of bf16; one FP8 run {secs['fp8']:.0f} s vs bf16 {secs['bf16']:.0f} s")
+    ys = [v for d in seeds.values() for v in d.values()]
+    lo, hi = min(ys), max(max(ys), max(d["bf16"] for d in seeds.values()) * (1 + target))
+    pad = (hi - lo) * 0.3 + 1e-3
     fig.update_yaxes(range=[lo - pad, hi + pad])
-    return layout(fig, title, sub, None, "Validation loss (nats/byte)", height=380, legend=False, width_chars=85)
+    fig.update_xaxes(range=[-0.6, n - 0.4])
+    return layout(fig, title, sub, None, "Validation loss (nats/byte)", height=400, width_chars=85)
 
 
 def decode_throughput(df: pd.DataFrame) -> go.Figure:

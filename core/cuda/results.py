@@ -87,6 +87,8 @@ def lossgap_row(res: dict) -> dict | None:
             "bf16_seconds": r["bf16"]["seconds"], "fp8_seconds": r["deepseek"]["seconds"],
             "relative_gap": r["relative_gap"],
             "seed_gaps": {int(k): v["relative_gap"] for k, v in seeds.items()},
+            "seed_losses": {int(k): {"bf16": v["bf16"]["val_loss"], "fp8": v["deepseek"]["val_loss"]}
+                            for k, v in seeds.items()}, "lr": r.get("lr"),
             "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap")}
 
 
