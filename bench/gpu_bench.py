@@ -325,17 +325,18 @@ def _loss_run(mcfg, tcfg, emulate: bool = False) -> dict:
     return out
 
 
-def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False) -> dict:
+def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3) -> dict:
     """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
     weights and the batches): the gap between the two bf16 seeds is the noise floor the FP8 gap is read against.
     emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
     mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
     T = min(T, 512)
     from core.fp8 import get_recipe
-    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "recipe": get_recipe("deepseek").name,
+    out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "lr": lr, "recipe": get_recipe("deepseek").name,
            "seeds": {}}
     for seed in seeds:
-        row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed)) for p in ("bf16", "deepseek")}
+        row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed, lr=lr))
+               for p in ("bf16", "deepseek")}
         row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
         out["seeds"][str(seed)] = row
         print(f"  seed {seed}, {steps} steps: bf16 {row['bf16']['val_loss']:.4f}, fp8 {row['deepseek']['val_loss']:.4f}"
@@ -350,7 +351,7 @@ def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False) -> dict:
         print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}",
               flush=True)
     if emulated:
-        tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0])
+        tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0], lr=lr)
         out["emulated"] = {"fp32": _loss_run(mcfg, tc),
                            "deepseek": _loss_run(mcfg, tc.replace(precision="deepseek"), emulate=True)}
         e = out["emulated"]
@@ -428,6 +429,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-blocks", action="store_true",
                     help="train: also time the engine with EVA_CUDA_COMPILE_BLOCKS=1 (core.cuda.compile)")
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
+    ap.add_argument("--loss-lr", type=float, default=1e-3, help="peak learning rate of the loss-gap runs")
     ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")
     ap.add_argument("--loss-emulated", action="store_true",
                     help="lossgap: also fp32 and emulated-FP8 runs of the first seed (is the GPU path the reference?)")
@@ -468,7 +470,8 @@ def main(argv=None) -> int:
             elif sec == "fp8step":
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
-                res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated)
+                res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated,
+                                         args.loss_lr)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":
