@@ -116,7 +116,8 @@ layer = views.layer_choice(run if own_active else other) if live_layer else None
 if own_active:
     session.wait_first_record(run)
 
-    @st.fragment(run_every=views.POLL_S)
+    # the tab that started the run refreshes each second; tabs that joined it (a classroom) every two
+    @st.fragment(run_every=views.POLL_S if run.owner == session.session_key() else views.WATCH_POLL_S)
     def live(run=run):
         run.touch()
         if run.status == "queued":

@@ -4,7 +4,9 @@ schedule before a run, and the sidebar status shown on every other page while a 
 """
 from __future__ import annotations
 
+import collections
 import math
+import threading
 
 import pandas as pd
 import streamlit as st
@@ -20,7 +22,7 @@ from app.lab.worker import DEFAULT_PROMPT
 from core.published import V3_MTP_ACCEPTANCE
 
 POLL_S = 1.0           # owner's live view refresh (the first point comes with the Start response itself)
-WATCH_POLL_S = 2.0     # a watcher's refresh (cheaper: many watchers share the server)
+WATCH_POLL_S = 2.0     # a watcher's (or a joined tab's) refresh: cheaper, many of them share the server
 SIDEBAR_POLL_S = 2.0   # heartbeat + progress in the sidebar on other pages
 
 
@@ -116,36 +118,60 @@ def cell():
     return st.container(width=CELL_W)
 
 
+_FIGS: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
+_FIGS_LOCK = threading.Lock()
+FIG_CACHE_SIZE = 64  # (run, records so far, layer) entries: every tab following one run shares its figures
+
+
+def _live_figures(run: LabRun, recs: list[dict], layer: int | None, moe: bool) -> dict:
+    """The live charts' figures of `run` at len(recs) records, built once per server for every tab that follows
+    the run (thirty joined tabs polling each second would otherwise rebuild the same four figures thirty times).
+    Records only grow, so (run id, record count, layer) names one picture; the figures are never mutated after."""
+    heat = recs[:max(1, len(recs) // 15 * 15)] if run.active and len(recs) >= 15 else recs
+    k = (run.id, run.total_steps, len(recs), len(heat), layer, moe)
+    with _FIGS_LOCK:
+        if k in _FIGS:
+            _FIGS.move_to_end(k)
+            return _FIGS[k]
+    df = rec.records_frame(recs)
+    total = run.total_steps
+    figs = {"loss": ct.loss_curve(df, total)}
+    if moe:
+        steps = [r["step"] for r in heat if r.get("expert_loads")]
+        figs["maxvio"] = ct.maxvio_curve(df, total)
+        figs["load"] = ct.expert_load_heatmap(rec.relative_loads(heat, layer), steps, total, _layer_label(layer, run))
+        figs["bias"] = ct.bias_heatmap(rec.router_biases(heat, layer), steps, total, _layer_label(layer, run))
+    with _FIGS_LOCK:
+        _FIGS[k] = figs
+        while len(_FIGS) > FIG_CACHE_SIZE:
+            _FIGS.popitem(last=False)
+    return figs
+
+
 def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
     """Loss curve + MaxVio, expert-load and bias heatmaps of `run` (whatever it has recorded so far)."""
     recs = run.snapshot()
-    df = rec.records_frame(recs)
-    total = run.total_steps
     cfg = {"displaylogo": False}
     moe = rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
+    figs = _live_figures(run, recs, layer, moe)
     with grid():
         with cell():
-            st.plotly_chart(ct.loss_curve(df, total), key=f"{key}_loss", config=cfg)
+            st.plotly_chart(figs["loss"], key=f"{key}_loss", config=cfg)
             ui.lesson_note("The train loss (bold: moving average) falls fast at first, then slowly. The red "
                            "validation points are measured on held-out data: when they stop following the train "
                            "curve, the model starts to memorise.", lesson)
         with cell():
             if moe:
-                st.plotly_chart(ct.maxvio_curve(df, total), key=f"{key}_maxvio", config=cfg)
+                st.plotly_chart(figs["maxvio"], key=f"{key}_maxvio", config=cfg)
                 ui.lesson_note("MaxVio is how much the busiest expert exceeds the mean load. With the aux-loss-free "
                                "bias it falls within a few dozen steps; with balancing 'none' it stays high.", lesson)
             else:
                 st.info("Dense FFN: no router, so no expert load or biases to show.", icon=":material/info:")
-        if moe:
-            if run.active:  # the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
-                recs = recs[:max(1, len(recs) // 15 * 15)] if len(recs) >= 15 else recs
-            steps = [r["step"] for r in recs if r.get("expert_loads")]
+        if moe:  # while training the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
             with cell():
-                st.plotly_chart(ct.expert_load_heatmap(rec.relative_loads(recs, layer), steps, total,
-                                                       _layer_label(layer, run)), key=f"{key}_load", config=cfg)
+                st.plotly_chart(figs["load"], key=f"{key}_load", config=cfg)
             with cell():
-                st.plotly_chart(ct.bias_heatmap(rec.router_biases(recs, layer), steps, total,
-                                                _layer_label(layer, run)), key=f"{key}_bias", config=cfg)
+                st.plotly_chart(figs["bias"], key=f"{key}_bias", config=cfg)
 
 
 
