@@ -74,6 +74,7 @@ class Student:
     errors: list = field(default_factory=list)      # the app's exceptions, sessions without results
     harness: list = field(default_factory=list)     # AppTest failures in threads (not the app's)
     points: int = 0                                 # points of the loss curve it saw with the results (ws)
+    runs: tuple = (0, 0, 0)                         # script runs for it (ws): full, fragment, ended early
 
 
 def open_lab(s: Student, args):
@@ -280,6 +281,7 @@ async def ws_student(s: Student, delay: float, base: str, args) -> None:
         s.errors.append(f"{type(e).__name__}: {str(e)[:200]}")
     finally:
         s.errors += tab.errors
+        s.runs = (tab.full_runs, tab.fragment_runs, tab.interrupted)
         await tab.close()
 
 
@@ -332,7 +334,8 @@ def ws_scenario(name: str, queries: list[dict], args) -> dict:
     jobs = re.search(r"trained (\d+) run", line)
     out = summary(name, students, wall, int(jobs.group(1)) if jobs else -1, sampler, tree_now)
     out.update(client="ws", cpu_s=cpu, server_alive=alive, server_log=str(log),
-               points=sorted({s.points for s in students if s.points}))
+               points=sorted({s.points for s in students if s.points}),
+               script_runs={k: sum(s.runs[i] for s in students) for i, k in enumerate(("full", "fragment", "early"))})
     if not alive:
         out["errors"].append("the server process died")
     return out
@@ -358,7 +361,10 @@ def report(r: dict) -> str:
     if ws:
         c = r["cpu_s"]
         lines.append(f"  CPU during the scenario: server {c['server']:.0f} s, training worker {c['worker']:.0f} s, "
-                     f"this client (all {r['sessions']} tabs) {c['client']:.0f} s")
+                     f"this client (all {r['sessions']} tabs) {c['client']:.0f} s; the server ran "
+                     f"{r['script_runs']['full']} full script runs and {r['script_runs']['fragment']} fragment runs "
+                     f"for the tabs, and ended {r['script_runs']['early']} runs early for a newer request (a live view's "
+                     "rerun that outlasts its interval, st.rerun)")
         lines.append(f"  errors: {len(r['errors'])} {r['errors'][:3]}")
     else:
         lines.append(f"  errors: {len(r['errors'])} {r['errors'][:3]}; harness retries (AppTest races, not the app): "

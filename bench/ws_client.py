@@ -56,7 +56,8 @@ class Tab:
         self._full = True                           # the run in progress is a full run (not a fragment's)
         self.elements: dict[tuple, object] = {}    # what the page shows after the last finished run
         self.full_runs = 0                          # full runs finished
-        self.fragment_runs = 0
+        self.fragment_runs = 0                      # fragment runs finished
+        self.interrupted = 0                        # runs the server ended early for a newer rerun request
         self.errors: list[str] = []                 # exception elements, a lost connection
         self.closed = False
         self._changed = asyncio.Event()
@@ -192,6 +193,8 @@ class Tab:
             elif m.script_finished == ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY:
                 self.elements = self._building
                 self.fragment_runs += 1
+            elif m.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN:
+                self.interrupted += 1
             self._changed.set()
 
     async def _every(self, fragment_id: str, seconds: float) -> None:
