@@ -74,7 +74,7 @@ class Student:
     errors: list = field(default_factory=list)      # the app's exceptions, sessions without results
     harness: list = field(default_factory=list)     # AppTest failures in threads (not the app's)
     points: int = 0                                 # points of the loss curve it saw with the results (ws)
-    runs: tuple = (0, 0, 0)                         # script runs for it (ws): full, fragment, ended early
+    runs: tuple = (0, 0, 0)                         # script runs for it (ws): full, fragment, fragment ended early
 
 
 def open_lab(s: Student, args):
@@ -363,8 +363,8 @@ def report(r: dict) -> str:
         lines.append(f"  CPU during the scenario: server {c['server']:.0f} s, training worker {c['worker']:.0f} s, "
                      f"this client (all {r['sessions']} tabs) {c['client']:.0f} s; the server ran "
                      f"{r['script_runs']['full']} full script runs and {r['script_runs']['fragment']} fragment runs "
-                     f"for the tabs, and ended {r['script_runs']['early']} runs early for a newer request (a live view's "
-                     "rerun that outlasts its interval, st.rerun)")
+                     f"for the tabs, and ended {r['script_runs']['early']} fragment runs early for the next one (a live "
+                     "view's rerun that outlasts its interval)")
         lines.append(f"  errors: {len(r['errors'])} {r['errors'][:3]}")
     else:
         lines.append(f"  errors: {len(r['errors'])} {r['errors'][:3]}; harness retries (AppTest races, not the app): "

@@ -54,10 +54,11 @@ class Tab:
         self._max_age = 2                           # global.maxCachedMessageAge, from new_session
         self._building: dict[tuple, object] = {}   # delta path -> Element of the run in progress
         self._full = True                           # the run in progress is a full run (not a fragment's)
+        self._early = False                         # the last fragment run ended early
         self.elements: dict[tuple, object] = {}    # what the page shows after the last finished run
         self.full_runs = 0                          # full runs finished
         self.fragment_runs = 0                      # fragment runs finished
-        self.interrupted = 0                        # runs the server ended early for a newer rerun request
+        self.interrupted = 0                        # fragment runs the server ended early for a newer request
         self.errors: list[str] = []                 # exception elements, a lost connection
         self.closed = False
         self._changed = asyncio.Event()
@@ -153,6 +154,8 @@ class Tab:
         if kind == "new_session":
             ns = m.new_session
             self._full = not m.metadata.run.fragment_ids
+            self.interrupted += self._early and not self._full
+            self._early = False
             if self._full:  # a full run (also one the app asked for with st.rerun): the timers start again
                 for t in self._timers.values():
                     t.cancel()
@@ -193,8 +196,8 @@ class Tab:
             elif m.script_finished == ForwardMsg.FINISHED_FRAGMENT_RUN_SUCCESSFULLY:
                 self.elements = self._building
                 self.fragment_runs += 1
-            elif m.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN:
-                self.interrupted += 1
+            elif m.script_finished == ForwardMsg.FINISHED_EARLY_FOR_RERUN and not self._full:
+                self._early = True  # counted when the next run is a fragment's (not the app's st.rerun)
             self._changed.set()
 
     async def _every(self, fragment_id: str, seconds: float) -> None:
