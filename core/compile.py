@@ -132,7 +132,8 @@ def compile_blocks(model: nn.Module) -> dict:
 def graph_breaks(layer: nn.Module, x: torch.Tensor) -> dict:
     """Trace one decoder block's training forward with `torch._dynamo.explain` (no code generation): {"graphs",
     "breaks", "reasons": the break reasons, one line each}. A dense block must give one graph; a MoE block only
-    the deliberate break around `Experts.forward` (see the module doc)."""
+    the deliberate break around `Experts.forward` (see the module doc). Isolates the layer's experts, as
+    `compile_blocks` does (they then run under `torch.compiler.disable`, eager as before)."""
     from core import gemm
 
     gemm.fp32_backend()

@@ -19,14 +19,6 @@ TINY = PRESETS["tiny"]
 needs_cxx = pytest.mark.skipif(cpp_compiler() is None, reason="torch.compile on CPU needs a C++ compiler")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
-
-
 @pytest.mark.parametrize("nope", [0, 5])  # 5: the rope slice at an odd offset (the eager path copies it)
 def test_real_rope_equals_the_complex_rotation_with_gradients(nope):
     """(cos, sin) from `RotaryEmbedding.cos_sin` through the real-arithmetic rotation == the complex multiply of the
@@ -108,6 +100,7 @@ def test_compiled_training_matches_eager(backend):
     linear enters the graphs as an opaque op)."""
     if backend == "onednn" and not gemm.onednn_available():
         pytest.skip("this torch build / CPU has no oneDNN fp32 linear")
+    torch.set_num_threads(1)  # tiny tensors (conftest restores the count after this module)
     one_moe_block = TINY.replace(num_hidden_layers=1, first_k_dense_replace=0)  # the dense block: traced above
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=16, warmup=1, eval_every=0, dataset="synthetic", mtp=False)
     with gemm.using(backend):
