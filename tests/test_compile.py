@@ -4,6 +4,8 @@ What a user of `--compile` depends on: the compiled blocks train the same number
 rounding), the only graph break is the deliberate one around the routed experts, the RoPE the graphs run equals
 the eager complex rotation, and a bad setting is refused with a message naming the knob.
 """
+import json
+
 import pytest
 import torch
 
@@ -112,3 +114,27 @@ def test_compiled_training_matches_eager(backend):
     assert eager[-1]["compiled"] is None
     st = compiled[-1]["compiled"]
     assert st["blocks"] == 1 and st["compiled_calls"] == 3 and st["eager_calls"] == 0 and not st["errors"]
+
+
+def test_a_compiler_failure_falls_back_to_eager_and_says_so(monkeypatch, capsys, tmp_path):
+    """If inductor fails, the run still trains (eager, the same losses), the records carry the error and the CLI
+    warns naming --compile."""
+    import core.compile
+
+    def broken_compile(fn, **kw):
+        def run(*a, **k):
+            raise RuntimeError("no code generation for this")
+        return run
+
+    monkeypatch.setattr(core.compile, "_ERRORS", {})  # this process's other tests keep their compiled blocks
+    monkeypatch.setattr(core.compile.torch, "compile", broken_compile)
+    args = ["--preset", "tiny", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--eval-every", "0",
+            "--device", "cpu", "--quiet", "--threads", "1"]
+    assert main(args + ["--json", str(tmp_path / "eager.json")]) == 0
+    assert main(args + ["--compile", "--json", str(tmp_path / "compiled.json")]) == 0
+    assert "warning: --compile: compiling failed" in capsys.readouterr().err
+    eager, compiled = (json.loads((tmp_path / f).read_text()) for f in ("eager.json", "compiled.json"))
+    assert [r["loss"] for r in eager] == [r["loss"] for r in compiled]
+    st = compiled[-1]["compiled"]
+    assert st["compiled_calls"] == 0 and st["eager_calls"] > 0
+    assert "RuntimeError: no code generation for this" in next(iter(st["errors"].values()))
