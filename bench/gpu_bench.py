@@ -3,7 +3,7 @@
     python bench/gpu_bench.py --out docs/gpu_results.json            # everything (~8 min on an H200)
     python bench/gpu_bench.py --only gemm,decode --out /tmp/r.json     # some sections
     python bench/gpu_bench.py --smoke --out /tmp/r.json                # tiny shapes, runs on a CPU (tests the bench)
-    python bench/gpu_bench.py --only train --compiled-blocks --out r.json   # ... also with core.cuda.compile
+    python bench/gpu_bench.py --only train --compiled-blocks --out r.json   # ... also with compiled blocks (core.compile)
 
 Sections (results keys):
   peak       bf16 matmul TFLOP/s at 8192^3 (the MFU denominator) and the FP8 blockwise GEMM at the same size
@@ -43,7 +43,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench.train_throughput import HFTrainer, step_flops  # noqa: E402
 from core.config import ModelConfig  # noqa: E402
 from core.cuda import fp8_linear as g  # noqa: E402
-from core.cuda.compile import compile_errors  # noqa: E402
+from core.compile import compile_errors  # noqa: E402
 from core.cuda.device import describe_device  # noqa: E402
 from core.data import pydoc_dataset  # noqa: E402
 from core.train import TrainConfig, TrainRun  # noqa: E402
@@ -236,16 +236,8 @@ def interleaved(steppers: dict, batches, warmup: int) -> dict:
 
 
 def _ours(mcfg, tcfg, compiled: bool = False):
-    """The engine's TrainRun and a step function; compiled=True builds it with EVA_CUDA_COMPILE_BLOCKS=1."""
-    old = os.environ.get("EVA_CUDA_COMPILE_BLOCKS")
-    os.environ["EVA_CUDA_COMPILE_BLOCKS"] = "1" if compiled else "0"
-    try:
-        run = TrainRun(mcfg, tcfg)
-    finally:
-        if old is None:
-            os.environ.pop("EVA_CUDA_COMPILE_BLOCKS", None)
-        else:
-            os.environ["EVA_CUDA_COMPILE_BLOCKS"] = old
+    """The engine's TrainRun and a step function; compiled=True compiles its decoder blocks (core.compile)."""
+    run = TrainRun(mcfg, tcfg.replace(compile=compiled))
     return run, (lambda x, y: run.step((x, y))["loss"])
 
 
@@ -427,7 +419,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on a CPU; checks the bench itself)")
     ap.add_argument("--compiled-blocks", action="store_true",
-                    help="train: also time the engine with EVA_CUDA_COMPILE_BLOCKS=1 (core.cuda.compile)")
+                    help="train: also time the engine with its decoder blocks compiled (core.compile, --compile)")
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
     ap.add_argument("--loss-lr", type=float, default=1e-3, help="peak learning rate of the loss-gap runs")
     ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")

@@ -16,6 +16,7 @@ Then bf16: ours in bf16 mode (bf16 compute, fp32 master weights) vs transformers
 CPU bf16 autocast.
 
     python bench/train_throughput.py                   # speed, fp32 and bf16  (~1 min)
+    python bench/train_throughput.py --fp32-only --compile   # ... fp32, and ours with compiled blocks too
     python bench/train_throughput.py --quality         # 300-step recipe on pydoc: val nats/byte (fp32, bf16)
     python bench/train_throughput.py --quality --hf    # ... and transformers on the same batches
     python bench/train_throughput.py --quality --seeds 0 1 2   # per seed, then means (runs vary ~0.02 by seed)
@@ -187,6 +188,18 @@ def interleaved(steppers: dict, batches, warmup: int) -> dict[str, list[float]]:
     return times
 
 
+def compiled_stepper(mcfg: ModelConfig, tcfg: TrainConfig, batch) -> tuple:
+    """`--compile`: our engine with its decoder blocks compiled (core.compile), and the seconds of its first step
+    (tracing + inductor code generation + one step), taken before the timed interleaved steps."""
+    run = TrainRun(mcfg, tcfg.replace(compile=True))
+    t = time.perf_counter()
+    rec = run.step(batch)
+    first = time.perf_counter() - t
+    if rec["compiled"]["errors"]:
+        print(f"compilation failed, the compiled line runs eager: {rec['compiled']['errors']}")
+    return (lambda x, y: run.step((x, y))), first
+
+
 def speed(args) -> None:
     mcfg = PRESETS["mini"]
     B, T = args.batch, args.seq_len
@@ -217,6 +230,8 @@ def speed(args) -> None:
                 "ours+mtp": lambda x, y: ours_mtp.step((x, y))}
     if gemm.fp32_backend() != "torch":
         steppers["ours_torch"] = on_torch_gemms
+    if args.compile:
+        steppers["ours_compiled"], first_step_s = compiled_stepper(mcfg, tcfg, batches[0])
     t32 = interleaved(steppers, batches, args.warmup)
     again = fp32_peaks()  # before and after the steps: the best of both
     peaks = {k: max(v, again[k]) for k, v in peaks.items()}
@@ -238,6 +253,13 @@ def speed(args) -> None:
           f"{'' if 'ours_torch' in med else '; the same run as the line above'})")
     print(f"ours fp32 + MTP   : {tok / med['ours+mtp']:8.0f} tokens/s  MFU "
           f"{flops_mtp / med['ours+mtp'] / 1e9 / peak32:5.1%}   (transformers has no MTP)")
+    if args.compile:
+        c = med["ours_compiled"]
+        gain = med["ours"] - c  # seconds a compiled step saves
+        pays = f"pays after ~{(first_step_s - c) / gain:.0f} steps" if gain > 0 else "never pays at this speed"
+        print(f"ours fp32 compiled: {tok / c:8.0f} tokens/s  MFU {flops / c / 1e9 / peak32:5.1%}   ratio "
+              f"{med['hf'] / c:.2f}x  ({med['ours'] / c:.2f}x ours eager; first step {first_step_s:.0f} s, of which "
+              f"~{first_step_s - c:.0f} s compiling: {pays})")
     if args.fp32_only:
         return
 
@@ -331,6 +353,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--fp32-only", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="speed, fp32: also time our engine with compiled decoder blocks (core.compile) and print the "
+                         "compile time")
     ap.add_argument("--quality", action="store_true", help="300-step quality run instead of speed")
     ap.add_argument("--hf", action="store_true", help="with --quality: train transformers on the same batches")
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])

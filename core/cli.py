@@ -98,7 +98,7 @@ def _arg_parser() -> argparse.ArgumentParser:
         kw = {"default": f.default, "help": f.metadata.get("help", "")}
         if f.name == "betas":
             ap.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kw)
-        elif f.name == "mtp":
+        elif f.name in ("mtp", "compile"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name in ("alpha", "max_time_s"):
             ap.add_argument(flag, type=float, **kw)
@@ -166,6 +166,9 @@ def run_and_write(run: TrainRun, args: argparse.Namespace) -> int:
         if s["mtp_acceptance"] is not None:
             print(f"MTP draft acceptance: {s['mtp_acceptance']:.1%} ({s['mtp_accepted']}/{s['mtp_drafts']})",
                   file=sys.stderr)
+    compiled = run.records[-1].get("compiled") if run.records else None
+    if compiled and compiled["errors"] and lead:
+        print(f"warning: --compile: compiling failed, these blocks ran eager: {compiled['errors']}", file=sys.stderr)
     if run.records and code == 0 and lead:
         last = run.records[-1]
         print(json.dumps(json_safe({"steps": run.step_count, "loss": last["loss"], "val_loss": last["val_loss"],

@@ -231,7 +231,21 @@ def _lp(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torc
 
     w must be dense, row- or column-major: oneDNN runs any other strides (e.g. the transpose of a column slice)
     on its unoptimised reference kernel (orders of magnitude slower), so those are copied first. x may have any strides (the op makes it contiguous)."""
+    if torch.compiler.is_compiling():  # inside a compiled block (core.compile): the opaque op below
+        return torch.ops.eva.onednn_linear(x, _dense(w), b)
     return torch.ops.mkldnn._linear_pointwise(x, _dense(w), b, "none", [], "")
+
+
+# The same oneDNN call as an opaque custom op for torch.compile: inductor's own lowering of `_linear_pointwise`
+# expects weights it has prepacked itself (freezing) and fails on ours; an opaque op is called as it is.
+_LIB = torch.library.Library("eva", "FRAGMENT")
+_LIB.define("onednn_linear(Tensor x, Tensor w, Tensor? b) -> Tensor")
+_LIB.impl("onednn_linear", lambda x, w, b: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""), "CPU")
+
+
+@torch.library.register_fake("eva::onednn_linear")
+def _onednn_linear_fake(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def _dense(w: torch.Tensor) -> torch.Tensor:

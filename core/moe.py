@@ -349,7 +349,7 @@ class MoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])
         r = self.gate(x)
         y = self.experts(x, r.indices, r.weights)
-        loads = torch.bincount(r.indices.reshape(-1), minlength=self.gate.n_experts)
+        loads = expert_loads(r.indices, self.gate.n_experts)
         b, s = (shape[0], shape[1]) if len(shape) == 3 else (1, x.shape[0])
         self.last_routing = MoERouting(weights=r.weights, indices=r.indices, scores=r.scores, logits=r.logits,
                                        group_mask=r.group_mask, loads=loads, batch_size=b, seq_len=s)
@@ -360,8 +360,12 @@ class MoE(nn.Module):
 
 # -------------------------------------------------------------------------------------------------- balancing
 def expert_loads(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """c_i: how many token slots picked expert i. indices [..., K] -> [E] int64 (sum = T*K)."""
-    return torch.bincount(indices.reshape(-1), minlength=n_experts)
+    """c_i: how many token slots picked expert i. indices [..., K] -> [E] int64 (sum = T*K).
+
+    A scatter-add into E counters rather than `bincount`, whose output length depends on the data: this one has a
+    fixed shape, so a compiled block (core.compile) keeps it inside its graph."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 @torch.no_grad()

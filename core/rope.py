@@ -169,7 +169,9 @@ class RotaryEmbedding(nn.Module):
     can't silently drop the imaginary part; it follows the device of the caller's tensor.
 
     forward(start_pos, seq_len) -> complex64 [seq_len, dim/2]; `cos_sin(...)` gives the real pair
-    (cos, sin) [seq_len, dim/2] (already multiplied by `a`).
+    (cos, sin) [seq_len, dim/2] (already multiplied by `a`; the real and imaginary parts of the same table).
+    Under `torch.compile` forward returns that (cos, sin) pair instead: inductor has no code generation for
+    complex tensors, and `apply_rotary_interleaved` takes either form.
     """
 
     def __init__(self, cfg, dim: int | None = None, initial_len: int = 256):
@@ -180,6 +182,7 @@ class RotaryEmbedding(nn.Module):
         self.attention_factor = rope_attention_factor(cfg)
         self._initial_len = max(1, min(int(initial_len), self.max_position_embeddings))
         self._cache: torch.Tensor | None = None
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None  # real views of _cache's table, fp32
 
     @property
     def cached_len(self) -> int:
@@ -204,14 +207,19 @@ class RotaryEmbedding(nn.Module):
             if length > self.max_position_embeddings >= end:
                 length = self.max_position_embeddings  # don't overshoot the configured context
             self._cache = self._build(length, device)
+            self._cos_sin = (self._cache.real.contiguous(), self._cache.imag.contiguous())
         return self._cache[start_pos:end]
 
-    def forward(self, start_pos: int = 0, seq_len: int = 1, device=None) -> torch.Tensor:
+    def forward(self, start_pos: int = 0, seq_len: int = 1, device=None):
+        if torch.compiler.is_compiling():  # a compiled graph gets the real pair (no complex tensors in it)
+            return self.cos_sin(start_pos, seq_len, device)
         return self.freqs_cis(start_pos, seq_len, device)
 
     def cos_sin(self, start_pos: int = 0, seq_len: int = 1, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.freqs_cis(start_pos, seq_len, device)
-        return f.real, f.imag
+        """(cos, sin) fp32 [seq_len, dim/2]: a * cos(p theta_i), a * sin(p theta_i) (contiguous, no complex view)."""
+        self.freqs_cis(start_pos, seq_len, device)  # builds / grows the table
+        end = int(start_pos) + int(seq_len)
+        return self._cos_sin[0][start_pos:end], self._cos_sin[1][start_pos:end]
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, attention_factor={self.attention_factor:.6g}, cached_len={self.cached_len}"
@@ -240,24 +248,45 @@ class _Rotate(torch.autograd.Function):
         return _complex_rotate(dy, f.conj()), None
 
 
-def apply_rotary_interleaved(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+def _real_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The same rotation in real arithmetic: pairs (a, b) = (x[2i], x[2i+1]) -> (a c - b s, a s + b c).
+
+    x: fp32 [..., d]; cos, sin: broadcastable to [..., d/2] -> fp32 [..., d]. What compiled graphs run: inductor
+    fuses it (and its autograd backward) into the surrounding kernels; it cannot generate code for complex
+    tensors. Eager CPU keeps the complex multiply, one kernel per direction (faster there: docs/performance.md).
+    """
+    a, b = x.unflatten(-1, (x.shape[-1] // 2, 2)).unbind(-1)
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, freqs_cis) -> torch.Tensor:
     """Rotate interleaved pairs: view x's last dim as d/2 complex numbers, multiply by freqs_cis (official form).
 
     x: [B, T, H, d] or [B, T, d] (any float dtype; computed in fp32, returned in x's dtype).
-    freqs_cis: complex [T, d/2] (or already broadcastable to x's complex view, e.g. [B, T, 1, d/2]).
-    One complex multiply forward and one backward, bit-identical to the rotation spelled out in real arithmetic
-    (4 strided muls, 2 adds and a stack) and faster on CPU (docs/performance.md).
+    freqs_cis: complex [T, d/2] (or already broadcastable to x's complex view, e.g. [B, T, 1, d/2]), or the real
+    pair (cos, sin) of such a table (`RotaryEmbedding.cos_sin`).
+    Eager: one complex multiply forward and one backward, bit-identical to the rotation spelled out in real
+    arithmetic (4 strided muls, 2 adds and a stack) and faster on CPU (docs/performance.md). Under
+    `torch.compile` (or given (cos, sin)): that real arithmetic (`_real_rotate`), equal within fp32 rounding.
     """
     dtype = x.dtype
     d = x.shape[-1]
     if d % 2:
         raise ValueError(f"rotary dim must be even, got {d}")
-    f = freqs_cis
-    if f.dim() == 2:
-        if f.shape[0] != x.shape[1]:
-            raise ValueError(f"freqs_cis covers {f.shape[0]} positions but x has {x.shape[1]}")
-        f = f.view(1, f.shape[0], *([1] * (x.dim() - 3)), f.shape[1])
+    real = isinstance(freqs_cis, (tuple, list))
+    if not real and torch.compiler.is_compiling():
+        real, freqs_cis = True, (freqs_cis.real, freqs_cis.imag)
+    pieces = []
+    for f in (freqs_cis if real else (freqs_cis,)):
+        if f.dim() == 2:
+            if f.shape[0] != x.shape[1]:
+                raise ValueError(f"freqs_cis covers {f.shape[0]} positions but x has {x.shape[1]}")
+            f = f.view(1, f.shape[0], *([1] * (x.dim() - 3)), f.shape[1])
+        pieces.append(f)
     xf = x.float()
+    if real:
+        return _real_rotate(xf, *pieces).to(dtype)
+    f = pieces[0]
     if torch.is_grad_enabled() and xf.requires_grad:
         return _Rotate.apply(xf, f).to(dtype)
     return _complex_rotate(xf, f).to(dtype)

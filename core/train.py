@@ -53,6 +53,7 @@ import torch
 
 from core import gemm
 from core.checkpoint import save_hf
+from core.compile import block_status, compile_blocks, cpp_compiler, cuda_opt_in
 from core.config import ATTENTION_TYPES, ModelConfig, get_preset
 from core.cuda.device import DEVICES, resolve_device
 from core.data import DATASETS, TOKENIZER, TokenDataset, get_dataset
@@ -82,12 +83,12 @@ DEFAULT_ALPHA = {"aux_loss": 1e-3, "both": 1e-4}
 #: expert_loads [layer][expert] token-slot counts of this batch (main MoE layers); max_vio (MaxVio_batch, mean
 #: over those layers) and max_vio_layers; router_bias [layer][expert] after this step's update; fp8 (FP8Stats
 #: summary: overflow_count, flushed_to_zero_count, amax_max, ... for FP8 recipes, else None); fp32_gemm (the library
-#: that ran fp32 CPU GEMMs and why: `core.gemm.choice()`); error (set only
-#: on the final record of a diverged run).
+#: that ran fp32 CPU GEMMs and why: `core.gemm.choice()`); compiled (None: the blocks ran eager; else the compiled
+#: blocks, training forwards run compiled / eager so far, compiler errors: `core.compile.block_status`); error (set only on the final record of a diverged run).
 RECORD_FIELDS = (
     "step", "loss", "lm_loss", "mtp_loss", "balance_loss", "aux_loss", "z_loss", "val_loss", "lr", "grad_norm",
     "tokens_per_s", "tokens", "elapsed_s", "expert_loads", "max_vio", "max_vio_layers", "router_bias", "fp8",
-    "fp32_gemm", "error",
+    "fp32_gemm", "compiled", "error",
 )
 
 
@@ -150,6 +151,8 @@ class TrainConfig:
     log_every: int = _h("CLI: write/print a record every N steps", default=1)
     max_time_s: float | None = _h("stop after this many seconds", default=None)
     device: str = _h(f"one of {DEVICES} (auto: cuda when a GPU is visible)", default="cpu")
+    compile: bool = _h("torch.compile the decoder blocks' training forward (core.compile; CPU needs a C++ "
+                       "compiler; fp32 / bf16 only; pays off only for long runs: docs/performance.md)", default=False)
 
     def __post_init__(self):
         self.validate()
@@ -247,6 +250,14 @@ class TrainConfig:
             raise TrainConfigError("mtp_lambda", "must be > 0 when mtp is on (turn mtp off to train without MTP)")
         if self.kv_heads is not None:
             integer("kv_heads", 1)
+        if not isinstance(self.compile, bool):
+            raise TrainConfigError("compile", f"must be true or false, got {self.compile!r}")
+        if self.compile and self.precision not in ("fp32", "bf16"):
+            raise TrainConfigError("compile", f"compiles fp32 and bf16 runs only; precision={self.precision!r} "
+                                              "(an FP8 recipe) runs eager: leave --compile off")
+        if self.compile and resolve_device(self.device).type == "cpu" and cpp_compiler() is None:
+            raise TrainConfigError("compile", "on the CPU torch.compile needs a C++ compiler (g++ / clang++ on PATH, "
+                                              "or $CXX); none was found: install one or leave --compile off")
 
 
 #: The training lab's default run: the `mini` model (MLA, MoE, MTP, fp32) on the synthetic domains, 150 steps of
@@ -305,9 +316,8 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
     elif cfg.fp8_recipe is not None:
         from core.fp8 import convert_to_fp8
         convert_to_fp8(model, cfg.fp8_recipe)
-    if model.lm_head.weight.is_cuda:
-        from core.cuda.compile import compile_blocks
-        compile_blocks(model)  # opt-in (EVA_CUDA_COMPILE_BLOCKS=1): slower than eager on the H200, see there
+    if cfg.compile or (model.lm_head.weight.is_cuda and cuda_opt_in()):
+        compile_blocks(model)  # core.compile: whole decoder blocks, training path only
     return model
 
 
@@ -546,6 +556,7 @@ class TrainRun:
             router_bias=[moe.gate.e_score_correction_bias.tolist() for moe in self.main_moes
                          if moe.gate.e_score_correction_bias is not None],
             fp8=fp8, fp32_gemm=gemm.choice(),  # which library ran the fp32 CPU GEMMs, and why (core.gemm)
+            compiled=block_status(self.model),  # None: eager
         )
         return rec
 

@@ -82,21 +82,15 @@ def test_gpu_fp32_moe_forward_matches_the_cpu_model():
     assert _forward_pair(TrainConfig(**SHORT), "fp32") < 1e-3
 
 
-def test_compiled_blocks_are_opt_in_and_keep_parameter_names(monkeypatch):
-    """core.cuda.compile: off unless EVA_CUDA_COMPILE_BLOCKS=1; when on, the wrapped forwards leave the state-dict
-    names alone and the no-grad path (evaluation, decoding) runs the modules as written (nothing is compiled)."""
-    from core.cuda.compile import compile_blocks
-    from core.model import DeepSeekV3
-    model = DeepSeekV3(PRESETS["tiny"]).eval()
-    names = list(model.state_dict())
-    x = torch.randint(0, 256, (1, 8))
-    with torch.no_grad():
-        ref = model(x)
+def test_cuda_compiled_blocks_stay_opt_in(monkeypatch):
+    """core.compile on CUDA: a run compiles its blocks with --compile or EVA_CUDA_COMPILE_BLOCKS=1, never by default
+    (slower than eager on the H200 with the complex RoPE: docs/performance.md); on a CPU only --compile does."""
+    from core.compile import cuda_opt_in
+    from core.train import build_model, resolve_model_config
     monkeypatch.delenv("EVA_CUDA_COMPILE_BLOCKS", raising=False)
-    assert compile_blocks(model) == {"compiled": 0, "enabled": False}
+    assert not cuda_opt_in()
     monkeypatch.setenv("EVA_CUDA_COMPILE_BLOCKS", "1")
-    out = compile_blocks(model)
-    assert out["enabled"] and out["compiled"] > 0
-    assert list(model.state_dict()) == names
-    with torch.no_grad():
-        assert torch.equal(model(x), ref)
+    assert cuda_opt_in()
+    cfg = TrainConfig(**{**SHORT, "device": "cpu"})
+    model = build_model(resolve_model_config(PRESETS["tiny"], cfg), cfg)
+    assert not any("forward" in vars(m) for m in model.modules())  # the variable acts on CUDA runs only

@@ -342,7 +342,7 @@ class _FP8LinearFn(torch.autograd.Function):
         return dx, dw, None
 
 
-@torch.compiler.disable  # inside a compiled block (core.cuda.compile) it runs as written, between two graphs
+@torch.compiler.disable  # inside a compiled block (core.compile) it runs as written, between two graphs
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """FP8 linear layer (DeepSeek recipe, all three GEMMs in FP8); the bias, if any, is added in x's dtype."""
     y = _FP8LinearFn.apply(x, weight, torch.is_grad_enabled())

@@ -47,7 +47,7 @@ def run(args) -> int:
     """Train on every rank with `core.cli.run_and_write`; returns the exit code (2 for a bad setting)."""
     from core.cli import build_configs, run_and_write
     from core.parallel.trainer import DistributedTrainRun
-    from core.train import resolve_model_config
+    from core.train import TrainConfigError, resolve_model_config
 
     world, rank = world_from_env()
     plan = ParallelPlan(args.dp, args.ep)
@@ -55,6 +55,8 @@ def run(args) -> int:
         model_cfg, cfg = build_configs(args)
         mcfg = resolve_model_config(model_cfg, cfg)
         validate_plan(plan, world, mcfg.n_routed_experts, cfg.batch_size, cfg.precision)
+        if cfg.compile:  # core.compile wraps one process's blocks; FSDP and the EP all-to-all hooks are not traced
+            raise TrainConfigError("compile", "compiles one-process runs only; leave --compile off with --dp/--ep")
     except ValueError as e:  # ParallelError, ConfigError, TrainConfigError: each names its knob
         _say(rank, f"error: {e}")
         return 2
