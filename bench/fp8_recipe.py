@@ -1,5 +1,6 @@
 """FP8 loss gap vs fp32, per recipe and per switch of the V3 report's recipe (core.fp8.SWITCHES), on the
-training lab's default run (core.train.APP_DEFAULT: mini model, synthetic domains, 150 steps of 8 x 64 tokens).
+training lab's default run (core.train.APP_DEFAULT: mini model, synthetic domains, 150 steps of 4 x 64 tokens;
+the table in docs/performance.md was measured when the default was 8 x 64).
 
     python bench/fp8_recipe.py                      # seeds 0 1, one process per run (all cores)
     python bench/fp8_recipe.py --seeds 0 --jobs 2   # fewer runs / processes

@@ -15,6 +15,8 @@ import time
 
 import pytest
 from apptest_helpers import HANG_S
+
+from core.train import APP_DEFAULT
 from test_e2e_browser import LOAD_TIMEOUT_MS, SHOTS, browser, full_screenshot, server, wait_ready  # noqa: F401  (fixtures)
 
 EXC = "[data-testid='stException']"
@@ -130,7 +132,8 @@ def test_default_run_timing(server, browser):  # noqa: F811
     _wait_results(page, 60)
     t_results = time.perf_counter()
     load = os.getloadavg()
-    print(f"\ndefault lab run (150 × 8 × 64): first point {t_first - t_click:.2f} s, last point "
+    d = APP_DEFAULT
+    print(f"\ndefault lab run ({d.steps} × {d.batch_size} × {d.seq_len}): first point {t_first - t_click:.2f} s, last point "
           f"{t_last - t_click:.1f} s, results shown {t_results - t_click:.1f} s after the click; "
           f"load average {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores")
     full_screenshot(page, SHOTS / "training-default-after.png", 1400)
