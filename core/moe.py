@@ -25,7 +25,7 @@ from torch import nn
 
 from core.config import ModelConfig
 from core.gemm import grouped_linear, linear, segment_granule
-from core.layers import MLP, swiglu
+from core.layers import MLP, swiglu_packed
 
 __all__ = [
     "RouterOutput", "MoERouting", "Router", "Experts", "MoE", "EXPERT_IMPLS",
@@ -378,8 +378,7 @@ class Experts(nn.Module):
         gu = mm(xs, w_gu)  # [S, 2I]
         if fp8 is not None:
             gu = fp8.quant_grad(gu)
-        gate, up = gu.chunk(2, dim=-1)
-        h = swiglu(gate, up, ws)  # [S, I] = silu(gate) * up * routing weight
+        h = swiglu_packed(gu, ws)  # [S, I] = silu(gate) * up * routing weight
         if fp8 is not None:
             h, w_d = fp8.quant_act(h), fp8.quant_weight(w_d)
         out = mm(h, w_d)  # [S, H]
