@@ -16,6 +16,8 @@ class _RMSNormFunction(torch.autograd.Function):
     Forward (transformers' semantics): x_hat = x * rstd in fp32, rstd = (mean(x^2) + eps)^-1/2, rounded to x's
     dtype; y = weight * x_hat.
     Backward (fp32 inside): gw = g * weight; dx = rstd * (gw - x_hat * mean(gw * x_hat)); dweight = sum(g * x_hat).
+    p = g * x_hat serves both reductions: dweight = column sums of p, mean(gw * x_hat) = (p @ weight) / dim (a
+    matrix-vector product instead of another elementwise pass); dx is built in place in gw's buffer.
     """
 
     @staticmethod
@@ -29,10 +31,11 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_hat, weight, rstd = ctx.saved_tensors
-        gf, xh = g.float(), x_hat.float()
-        gw = gf * weight.float()
-        dx = torch.addcmul(gw, xh, (gw * xh).mean(-1, keepdim=True), value=-1).mul_(rstd)
-        dweight = (gf * xh).flatten(0, -2).sum(0)
+        gf, xh, wf = g.float(), x_hat.float(), weight.float()
+        p = (gf * xh).flatten(0, -2)  # [N, dim]
+        dweight = p.sum(0)
+        mean_gw_xh = torch.mv(p, wf).view(rstd.shape).div_(wf.numel())  # [..., 1]
+        dx = (gf * wf).addcmul_(xh, mean_gw_xh, value=-1).mul_(rstd)
         return dx.to(x_hat.dtype), dweight.to(weight.dtype), None
 
 
