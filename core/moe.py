@@ -250,7 +250,8 @@ class _Dispatch(torch.autograd.Function):
 
 class _Combine(torch.autograd.Function):
     """y[t] = sum_k rows[pos[t, k]]: sorted slot rows [S', H] -> tokens [T, H] (`token_sum`). Backward: the
-    gather dy[tok] (a pad row's gradient is then some token's; it meets a zero routing weight and adds nothing)."""
+    gather dy[tok] in the rows' dtype (cast first: bf16 rows gather half the bytes of the fp32 sum's gradient; a
+    pad row's gradient is then some token's, which meets a zero routing weight and adds nothing)."""
 
     @staticmethod
     def forward(ctx, rows: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -261,7 +262,7 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         (tok,) = ctx.saved_tensors
-        return dy.index_select(0, tok).to(ctx.dtype), None, None
+        return dy.to(ctx.dtype).index_select(0, tok), None, None
 
 
 def dispatch(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -338,7 +339,7 @@ class Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        n_tokens, hidden = hidden_states.shape
+        n_tokens = hidden_states.shape[0]
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         perm = torch.argsort(flat, stable=True)  # slot order grouped by expert, token order within an expert
