@@ -16,6 +16,8 @@ Then bf16: ours in bf16 mode (bf16 compute, fp32 master weights) vs transformers
 CPU bf16 autocast.
 
     python bench/train_throughput.py                   # speed, fp32 and bf16  (~1 min)
+    python bench/train_throughput.py --fp32-only --profile 6   # ... then where the time of 6 fp32 steps goes,
+                                                       # ours and transformers on torch's GEMMs (torch.profiler)
     python bench/train_throughput.py --fp32-only --compile   # ... fp32, and ours with compiled blocks too
     python bench/train_throughput.py --quality         # 300-step recipe on pydoc: val nats/byte (fp32, bf16)
     python bench/train_throughput.py --quality --hf    # ... and transformers on the same batches
@@ -173,6 +175,46 @@ class HFTrainer:
         return tot / cnt
 
 
+# ---------------------------------------------------------------------------------------------- profile
+GEMM_OPS = ("aten::mm", "aten::bmm", "aten::baddbmm", "aten::addmm", "aten::_grouped_mm", "mkldnn::_linear_pointwise")
+
+
+def profile_ops(step, batches) -> dict[str, float]:
+    """torch.profiler (CPU) over one step per batch: self time per aten op in ms per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for x, y in batches:
+            step(x, y)
+    per_op: dict[str, float] = {}
+    for e in prof.key_averages():
+        per_op[e.key] = per_op.get(e.key, 0.0) + e.self_cpu_time_total / 1e3 / len(batches)
+    return dict(sorted(per_op.items(), key=lambda kv: -kv[1]))
+
+
+def where_time_goes(profiles: dict[str, dict[str, float]], top: int = 12) -> None:
+    """Print GEMM vs the rest per model, then the largest non-GEMM ops side by side (ms per step)."""
+    names = list(profiles)
+    tot = {k: sum(p.values()) for k, p in profiles.items()}
+    gemm_ms = {k: sum(v for op, v in p.items() if op in GEMM_OPS) for k, p in profiles.items()}
+
+    def row(label: str, values: list[str]) -> str:
+        return f"  {label[:32]:32s}" + "".join(f"{v:>20s}" for v in values)
+
+    print("\n== where the time goes: torch.profiler self CPU time, ms per step (profiling inflates small ops)")
+    print(row("", names))
+    print(row("GEMMs", [f"{gemm_ms[n]:.1f} ({gemm_ms[n] / tot[n]:.0%})" for n in names]))
+    print(row("everything else", [f"{tot[n] - gemm_ms[n]:.1f} ({1 - gemm_ms[n] / tot[n]:.0%})" for n in names]))
+    print(row("total", [f"{tot[n]:.1f}" for n in names]))
+    rest: dict[str, float] = {}
+    for p in profiles.values():
+        for op, v in p.items():
+            if op not in GEMM_OPS:
+                rest[op] = max(rest.get(op, 0.0), v)
+    print(f"  GEMMs = {', '.join(GEMM_OPS)}; the largest other ops:")
+    for op in sorted(rest, key=lambda o: -rest[o])[:top]:
+        print(row(op, [f"{profiles[n].get(op, 0.0):.1f}" for n in names]))
+
+
 # ---------------------------------------------------------------------------------------------- modes
 def interleaved(steppers: dict, batches, warmup: int) -> dict[str, list[float]]:
     """Run one step of every stepper per batch, rotating the order; return per-step seconds after warm-up."""
@@ -238,7 +280,9 @@ def speed(args) -> None:
     peak32 = max(peaks.values())
     med = {k: statistics.median(v) for k, v in t32.items()}
     ch = gemm.choice()
-    print(f"\n== fp32 ({args.steps} interleaved steps, median) on {ch['cpu'] or 'an unknown CPU'}; ours runs its "
+    cpu = gemm.cpu_info()
+    print(f"\n== fp32 ({args.steps} interleaved steps, median) on {ch['cpu'] or 'an unknown CPU'} ({cpu.vendor or '?'}"
+          f", family {cpu.family}, AVX-512 {'yes' if 'avx512f' in cpu.flags else 'no'}); ours runs its "
           f"GEMMs on {ch['backend']!r} (core.gemm; {gemm.ENV_VAR}={ch['setting']}: {ch['reason']})")
     print("matmul peak " + ", ".join(f"{k} {v:.0f}" for k, v in peaks.items())
           + f" GFLOP/s; MFU against the best, {peak32:.0f}"
@@ -253,6 +297,16 @@ def speed(args) -> None:
           f"{'' if 'ours_torch' in med else '; the same run as the line above'})")
     print(f"ours fp32 + MTP   : {tok / med['ours+mtp']:8.0f} tokens/s  MFU "
           f"{flops_mtp / med['ours+mtp'] / 1e9 / peak32:5.1%}   (transformers has no MTP)")
+    same = "ours_torch" not in med
+    print(f"ratio vs transformers on {ch['cpu'] or 'an unknown CPU'}: equal BLAS (both on torch's GEMMs) "
+          f"{med['hf'] / eq:.2f}x; with the backend this machine gets ({ch['backend']}) {med['hf'] / med['ours']:.2f}x"
+          + (" (the same run: auto picks torch's GEMMs here)" if same else ""))
+    if args.profile:
+        with gemm.using("torch"):  # equal BLAS: both models on torch's GEMMs
+            run = ours if same else ours_torch
+            profs = {"ours": profile_ops(lambda x, y: run.step((x, y)), batches[:args.profile]),
+                     "transformers": profile_ops(hf.step, batches[:args.profile])}
+        where_time_goes(profs)
     if args.compile:
         c = med["ours_compiled"]
         gain = med["ours"] - c  # seconds a compiled step saves
@@ -353,6 +407,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--fp32-only", action="store_true")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the fp32 speed run: profile N steps of each model on torch's GEMMs (speed)")
     ap.add_argument("--compile", action="store_true",
                     help="speed, fp32: also time our engine with compiled decoder blocks (core.compile) and print the "
                          "compile time")
@@ -366,6 +422,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="with --balance")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="with --quality: one run per seed, and means")
     args = ap.parse_args()
+    if not 0 <= args.profile <= args.warmup + args.steps:
+        ap.error(f"--profile must be between 0 and --warmup + --steps ({args.warmup + args.steps}), got {args.profile}")
     torch.set_num_threads(args.threads)
     if args.quality:
         quality(args)

@@ -16,6 +16,8 @@ class _RMSNormFunction(torch.autograd.Function):
     Forward (transformers' semantics): x_hat = x * rstd in fp32, rstd = (mean(x^2) + eps)^-1/2, rounded to x's
     dtype; y = weight * x_hat.
     Backward (fp32 inside): gw = g * weight; dx = rstd * (gw - x_hat * mean(gw * x_hat)); dweight = sum(g * x_hat).
+    p = g * x_hat serves both reductions: dweight = column sums of p, mean(gw * x_hat) = (p @ weight) / dim (a
+    matrix-vector product instead of another elementwise pass); dx is built in place in gw's buffer.
     """
 
     @staticmethod
@@ -29,10 +31,11 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         x_hat, weight, rstd = ctx.saved_tensors
-        gf, xh = g.float(), x_hat.float()
-        gw = gf * weight.float()
-        dx = torch.addcmul(gw, xh, (gw * xh).mean(-1, keepdim=True), value=-1).mul_(rstd)
-        dweight = (gf * xh).flatten(0, -2).sum(0)
+        gf, xh, wf = g.float(), x_hat.float(), weight.float()
+        p = (gf * xh).flatten(0, -2)  # [N, dim]
+        dweight = p.sum(0)
+        mean_gw_xh = torch.mv(p, wf).view(rstd.shape).div_(wf.numel())  # [..., 1]
+        dx = (gf * wf).addcmul_(xh, mean_gw_xh, value=-1).mul_(rstd)
         return dx.to(x_hat.dtype), dweight.to(weight.dtype), None
 
 
@@ -71,6 +74,26 @@ def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor |
     return h.mul_(weight) if weight is not None else h
 
 
+def _swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None,
+                     need_dw: bool, dg: torch.Tensor | None = None, du: torch.Tensor | None = None):
+    """(d gate, d up, d weight) of h = silu(gate) * up (* weight), silu recomputed; `dg` / `du`: buffers (e.g. the
+    two halves of one [S, 2I] gradient) to write the first two into instead of new tensors."""
+    s = F.silu(gate)
+    dw = None
+    if weight is not None:
+        if need_dw:
+            dw = (s * up).mul_(dh).sum_to_size(weight.shape)
+        dh = dh * weight  # a fresh tensor: safe to reuse in place below
+        du = torch.mul(dh, s, out=du) if du is not None else dh * s
+        dgate_in = dh.mul_(up)
+    else:
+        du = torch.mul(dh, s, out=du) if du is not None else dh * s
+        dgate_in = dh * up
+    if dg is not None:
+        return torch.ops.aten.silu_backward.grad_input(dgate_in, gate, grad_input=dg), du, dw
+    return torch.ops.aten.silu_backward(dgate_in, gate), du, dw
+
+
 class _SwiGLU(torch.autograd.Function):
     """h = silu(gate) * up (* weight), with a hand-written backward that reuses its buffers instead of autograd's
     per-op temporaries; bit-identical to autograd (the same products in the same order)."""
@@ -83,25 +106,43 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
-        s = F.silu(gate)
-        dw = None
-        if weight is not None:
-            if ctx.needs_input_grad[2]:
-                dw = (s * up).mul_(dh).sum_to_size(weight.shape)
-            dh = dh * weight  # a fresh tensor: safe to reuse in place below
-            du = dh * s
-            dg = torch.ops.aten.silu_backward(dh.mul_(up), gate)
-        else:
-            du = dh * s
-            dg = torch.ops.aten.silu_backward(dh * up, gate)
-        return dg, du, dw
+        return _swiglu_backward(dh, gate, up, weight, ctx.needs_input_grad[2])
+
+
+class _PackedSwiGLU(torch.autograd.Function):
+    """`_SwiGLU` on one [..., 2I] tensor holding gate | up (an expert GEMM's output): its gradient is written into
+    one [..., 2I] buffer, where separate gate / up gradients would be concatenated by the chunk's backward."""
+
+    @staticmethod
+    def forward(ctx, gate_up: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(gate_up, weight)
+        return _swiglu_forward(*gate_up.chunk(2, dim=-1), weight)
+
+    @staticmethod
+    def backward(ctx, dh: torch.Tensor):
+        gate_up, weight = ctx.saved_tensors
+        d = torch.empty_like(gate_up)
+        dg, du = d.chunk(2, dim=-1)
+        _, _, dw = _swiglu_backward(dh, *gate_up.chunk(2, dim=-1), weight, ctx.needs_input_grad[1], dg, du)
+        return d, dw
+
+
+def _grad_needed(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up, times `weight` (broadcast, e.g. routing weights [S, 1]) if given. gate, up: [..., I]."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gate, up, weight)):
+    if _grad_needed(gate, up, weight):
         return _SwiGLU.apply(gate, up, weight)
     return _swiglu_forward(gate, up, weight)
+
+
+def swiglu_packed(gate_up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`swiglu` of the two halves of gate_up [..., 2I] (gate first, as the experts' `gate_up_proj` rows) -> [..., I]."""
+    if _grad_needed(gate_up, weight):
+        return _PackedSwiGLU.apply(gate_up, weight)
+    return _swiglu_forward(*gate_up.chunk(2, dim=-1), weight)
 
 
 class MLP(nn.Module):

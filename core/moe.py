@@ -25,10 +25,11 @@ from torch import nn
 
 from core.config import ModelConfig
 from core.gemm import grouped_linear, linear, segment_granule
-from core.layers import MLP, swiglu
+from core.layers import MLP, swiglu_packed
 
 __all__ = [
     "RouterOutput", "MoERouting", "Router", "Experts", "MoE", "EXPERT_IMPLS",
+    "slot_positions", "token_sum", "dispatch", "combine",
     "update_bias", "sequence_balance_loss", "switch_aux_loss", "router_z_loss", "expert_loads",
     "load_metrics",
 ]
@@ -200,6 +201,80 @@ def _pad_segments(perm: torch.Tensor, counts: torch.Tensor, granule: int, fill: 
     return out, padded
 
 
+def slot_positions(perm: torch.Tensor, n_slots: int, top_k: int) -> torch.Tensor:
+    """Where each token's K slots sit in the sorted (possibly padded) slot order: [T, K] int64, ascending per token.
+
+    perm [S'] slot ids t*K + k sorted by expert, pad entries >= n_slots (`_pad_segments`); T = n_slots // K.
+    Ascending positions = the token's experts in ascending id, the order `index_add` over the sorted rows sums in.
+    """
+    pos = torch.empty(n_slots, dtype=torch.long, device=perm.device)
+    rows = torch.arange(perm.numel(), device=perm.device)
+    if perm.numel() != n_slots:  # padded (CPU only): drop the pad entries first
+        real = perm < n_slots
+        perm, rows = perm[real], rows[real]
+    pos[perm] = rows
+    return pos.view(-1, top_k).sort(dim=1).values
+
+
+def token_sum(rows: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor, gather: bool | None = None) -> torch.Tensor:
+    """Sum every token's K slot rows: rows [S', H] in sorted slot order -> [T, H] (fp32 for bf16/fp16 rows: one
+    rounding to the model dtype later instead of K). Each token's slots are added in ascending expert order.
+
+    tok [S'] token of each sorted row (pad rows: any token; their rows must be exactly 0), pos [T, K] from
+    `slot_positions`. CPU: `index_add` (sequential, so deterministic, and faster there than gather + sum).
+    CUDA: a gather by the inverse permutation and `.view(T, K, H).sum(1)`, deterministic, where `index_add` runs
+    atomics (nondeterministic; ~10% of a bf16 GPU step, docs/performance.md "GPU (H200)"); it also skips the
+    pad rows. Both add a token's slots in the same order; `gather` forces one (None: by device).
+    """
+    acc = torch.float32 if rows.dtype in (torch.bfloat16, torch.float16) else rows.dtype
+    n_tokens, top_k = pos.shape
+    if rows.is_cuda if gather is None else gather:
+        return rows.index_select(0, pos.reshape(-1)).view(n_tokens, top_k, rows.shape[-1]).sum(1, dtype=acc)
+    return rows.new_zeros(n_tokens, rows.shape[-1], dtype=acc).index_add_(0, tok, rows.to(acc))
+
+
+class _Dispatch(torch.autograd.Function):
+    """xs = x[tok]: token rows [T, H] -> sorted slot rows [S', H]. Backward: each token's K slot gradients summed
+    by `token_sum` (fp32 accumulation, cast back to x's dtype), not autograd's `index_add_` in x's dtype."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tok, pos)
+        return x.index_select(0, tok)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        tok, pos = ctx.saved_tensors
+        return token_sum(g, tok, pos).to(g.dtype), None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y[t] = sum_k rows[pos[t, k]]: sorted slot rows [S', H] -> tokens [T, H] (`token_sum`). Backward: the
+    gather dy[tok] in the rows' dtype (cast first: bf16 rows gather half the bytes of the fp32 sum's gradient; a
+    pad row's gradient is then some token's, which meets a zero routing weight and adds nothing)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(tok)
+        ctx.dtype = rows.dtype
+        return token_sum(rows, tok, pos)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (tok,) = ctx.saved_tensors
+        return dy.to(ctx.dtype).index_select(0, tok), None, None
+
+
+def dispatch(x: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [T, H] -> x[tok] [S', H] (see `_Dispatch`)."""
+    return _Dispatch.apply(x, tok, pos)
+
+
+def combine(rows: torch.Tensor, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """rows [S', H] -> per-token sums [T, H] (see `_Combine`, `token_sum`)."""
+    return _Combine.apply(rows, tok, pos)
+
+
 class Experts(nn.Module):
     """The N_r routed SwiGLU experts as fused 3-D weights (transformers v5 `DeepseekV3Experts` layout).
 
@@ -211,8 +286,9 @@ class Experts(nn.Module):
         = sum_k w_{t,k} FFN_{idx_{t,k}}(x_t)   (the routed sum of V3 eq. 12)
 
     Dispatch (no capacity, no dropping, as V3): the T*K token slots are sorted by expert with a stable argsort;
-    the rows are gathered once (`index_select`, whose backward is a cheap `index_add_`), each expert's contiguous
-    segment is multiplied by its weights, and the outputs are summed back per token with `index_add`. When the
+    the rows are gathered once (`dispatch`), each expert's contiguous segment is multiplied by its weights, and
+    the outputs are summed back per token (`combine`; both are autograd Functions whose backward is the other's
+    forward, the per-token sum deterministic on every device and in fp32 for bf16, see `token_sum`). When the
     expert GEMMs run on oneDNN (CPU bf16/fp16, and fp32 on core.gemm's oneDNN backend) each segment is padded to
     a multiple of 32 rows (pad rows carry routing weight 0) so that oneDNN sees a bounded set of GEMM shapes
     (`core.gemm.segment_granule`).
@@ -263,7 +339,7 @@ class Experts(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        n_tokens, hidden = hidden_states.shape
+        n_tokens = hidden_states.shape[0]
         top_k = top_k_index.shape[-1]
         flat = top_k_index.reshape(-1)
         perm = torch.argsort(flat, stable=True)  # slot order grouped by expert, token order within an expert
@@ -276,7 +352,8 @@ class Experts(nn.Module):
             perm, counts = _pad_segments(perm, counts, granule, fill=flat.numel())
             slot_weights = torch.cat([slot_weights, slot_weights.new_zeros(1)])
         tok = torch.div(perm, top_k, rounding_mode="floor").clamp_(max=n_tokens - 1)  # token of each sorted slot
-        xs = hidden_states.index_select(0, tok).to(dtype)  # [S, H]
+        pos = slot_positions(perm, flat.numel(), top_k)  # [T, K] sorted row of each slot
+        xs = dispatch(hidden_states, tok, pos).to(dtype)  # [S, H]
         ws = slot_weights.index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
 
         if self.resolved_impl() == "grouped_mm":
@@ -296,23 +373,19 @@ class Experts(nn.Module):
             gu = fp8.gemm(fp8.combine_grad(xs), w_gu, sizes, mm, "expert_up")  # [S, 2I]
             h, recompute = fp8.swiglu(gu, ws)  # [S, I]
             out = fp8.combine(fp8.gemm(h, w_d, sizes, mm, "expert_down", x_recompute=recompute))  # [S, H]
-            return out.new_zeros(n_tokens, hidden).index_add(0, tok, out).to(hidden_states.dtype)
+            return combine(out, tok, pos).to(hidden_states.dtype)
         if fp8 is not None:
             xs, w_gu = fp8.quant_act(xs), fp8.quant_weight(w_gu)
         gu = mm(xs, w_gu)  # [S, 2I]
         if fp8 is not None:
             gu = fp8.quant_grad(gu)
-        gate, up = gu.chunk(2, dim=-1)
-        h = swiglu(gate, up, ws)  # [S, I] = silu(gate) * up * routing weight
+        h = swiglu_packed(gu, ws)  # [S, I] = silu(gate) * up * routing weight
         if fp8 is not None:
             h, w_d = fp8.quant_act(h), fp8.quant_weight(w_d)
         out = mm(h, w_d)  # [S, H]
         if fp8 is not None:
             out = fp8.quant_grad(out)
-        if out.dtype in (torch.bfloat16, torch.float16):
-            out = out.float()  # sum the K slots in fp32 (one rounding to the model dtype, not K)
-        y = out.new_zeros(n_tokens, hidden).index_add(0, tok, out)  # sum the K slots of every token
-        return y.to(hidden_states.dtype)
+        return combine(out, tok, pos).to(hidden_states.dtype)  # the K slots of every token summed (fp32 for bf16)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, impl={self.impl}"

@@ -313,7 +313,7 @@ def test_rmsnorm_training_backward_matches_autograd(dtype):
 def test_swiglu_backward_equals_autograd(dtype, weighted):
     """The hand-written SwiGLU (experts and MLPs) gives autograd's values and gradients through
     silu(gate) * up * weight: bit-identical (same products, same order)."""
-    from core.layers import swiglu
+    from core.layers import swiglu, swiglu_packed
     g = torch.Generator().manual_seed(1)
     gate, up = (torch.randn(37, 24, generator=g).to(dtype).requires_grad_() for _ in range(2))
     w = torch.rand(37, 1, generator=g).to(dtype).requires_grad_() if weighted else None
@@ -326,6 +326,14 @@ def test_swiglu_backward_equals_autograd(dtype, weighted):
         assert a.dtype == dtype and torch.equal(a, b)
     with torch.no_grad():
         assert torch.equal(swiglu(gate, up, w), ref)
+    # the experts' form: one [S, 2I] gate | up tensor, whose gradient comes back as one tensor
+    gu = torch.cat([gate, up], dim=-1).detach().requires_grad_()
+    inputs = (gu, w) if weighted else (gu,)
+    ref = torch.nn.functional.silu(gu[:, :24]) * gu[:, 24:] * (w if weighted else 1)
+    ours = swiglu_packed(gu, w)
+    assert torch.equal(ours, ref)
+    for a, b in zip(torch.autograd.grad(ours, inputs, dh), torch.autograd.grad(ref, inputs, dh)):
+        assert a.dtype == dtype and torch.equal(a, b)
 
 
 def test_padded_expert_segments_are_exact(monkeypatch):

@@ -21,7 +21,7 @@ from core.fp8.quant import FP8Stats, make_scalers, quant_act, quant_output_grad,
 from core.fp8.recipe import FP8Recipe, get_recipe, operand_specs, swiglu_cache_spec
 from core.fp8.scaling import DelayedScaler
 from core.gemm import Linear, linear
-from core.layers import swiglu
+from core.layers import swiglu, swiglu_packed
 
 __all__ = [
     "fp8_gemm_train", "fp8_linear", "FP8Ops", "FP8Linear", "DEFAULT_SKIP", "site_of",
@@ -210,7 +210,7 @@ class FP8Ops:
         projection's Wgrad); otherwise recompute is None and autograd keeps gu."""
         spec = swiglu_cache_spec(self.recipe)
         if spec is None:
-            return swiglu(*gu.chunk(2, dim=-1), weight), None
+            return swiglu_packed(gu, weight), None
         cached = quantize_spec(gu.detach(), spec, self.recipe.overflow, None, self.stats, self.name, "swiglu_cache")[0]
         w = weight.detach()
         return _SwiGLUFromCache.apply(gu, weight, cached), lambda: swiglu(*cached.chunk(2, dim=-1), w)

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core import moe
+
 __all__ = ["AllToAll", "CommStats", "apply_expert_parallel", "is_expert_parallel"]
 
 
@@ -130,23 +132,22 @@ def apply_expert_parallel(experts: nn.Module, group, stats: CommStats | None = N
             stats.tokens += n_tokens
         in_splits = counts.view(ep, local).sum(1).tolist()
         out_splits = recv_counts.view(ep, local).sum(1).tolist()
-        x_recv = AllToAll.apply(hidden.index_select(0, tok), out_splits, in_splits, group, stats, "dispatch_bytes")
+        pos = moe.slot_positions(order, flat.numel(), top_k)
+        x_recv = AllToAll.apply(moe.dispatch(hidden, tok, pos), out_splits, in_splits, group, stats, "dispatch_bytes")
         w_recv = AllToAll.apply(weights.reshape(-1).index_select(0, order), out_splits, in_splits, group, stats,
                                 "meta_bytes")
         # received rows: source-rank-major, each source's rows sorted by local expert -> one local id per row;
         # Experts.forward sorts them again (stably) by expert, so within an expert the global token order holds.
         local_ids = torch.repeat_interleave(torch.arange(local, device=idx.device).repeat(ep), recv_counts)
-        module._ep_ctx = (tok, in_splits, out_splits, n_tokens, hidden.dtype)
+        module._ep_ctx = (tok, pos, in_splits, out_splits, hidden.dtype)
         return (x_recv, local_ids.unsqueeze(-1), w_recv.unsqueeze(-1)), {}
 
     def combine(module, args, kwargs, out):
-        tok, in_splits, out_splits, n_tokens, dtype = module._ep_ctx
+        tok, pos, in_splits, out_splits, dtype = module._ep_ctx
         module._ep_ctx = None
         back = AllToAll.apply(out, in_splits, out_splits, group, stats, "combine_bytes")  # [S, H] in `order`
-        acc = back.float() if back.dtype in (torch.bfloat16, torch.float16) else back
-        # index_add in slot order sorted by global expert: the order core.moe.Experts sums a token's K slots in
-        y = acc.new_zeros(n_tokens, acc.shape[-1]).index_add(0, tok, acc)
-        return y.to(dtype)
+        # rows sorted by global expert: core.moe's combine sums a token's K slots in that order, as one process does
+        return moe.combine(back, tok, pos).to(dtype)
 
     experts.register_forward_pre_hook(dispatch, with_kwargs=True)
     experts.register_forward_hook(combine, with_kwargs=True)
