@@ -120,32 +120,43 @@ def cell():
 
 _FIGS: "collections.OrderedDict[tuple, dict]" = collections.OrderedDict()
 _FIGS_LOCK = threading.Lock()
-FIG_CACHE_SIZE = 64  # (run, records so far, layer) entries: every tab following one run shares its figures
+FIG_CACHE_SIZE = 64  # figures shared by every session: a run's live charts per record count, knobs' previews
+
+
+def _shared(key: tuple, build):
+    """`build()` once per server for `key`, then the same objects for every session (a small LRU). Plotly figures
+    built here are only read afterwards: st.plotly_chart serialises a copy."""
+    with _FIGS_LOCK:
+        if key in _FIGS:
+            _FIGS.move_to_end(key)
+            return _FIGS[key]
+    value = build()
+    with _FIGS_LOCK:
+        _FIGS[key] = value
+        while len(_FIGS) > FIG_CACHE_SIZE:
+            _FIGS.popitem(last=False)
+    return value
 
 
 def _live_figures(run: LabRun, recs: list[dict], layer: int | None, moe: bool) -> dict:
     """The live charts' figures of `run` at len(recs) records, built once per server for every tab that follows
     the run (thirty joined tabs polling each second would otherwise rebuild the same four figures thirty times).
-    Records only grow, so (run id, record count, layer) names one picture; the figures are never mutated after."""
+    Records only grow, so (run id, record count, layer) names one picture."""
     heat = recs[:max(1, len(recs) // 15 * 15)] if run.active and len(recs) >= 15 else recs
-    k = (run.id, run.total_steps, len(recs), len(heat), layer, moe)
-    with _FIGS_LOCK:
-        if k in _FIGS:
-            _FIGS.move_to_end(k)
-            return _FIGS[k]
-    df = rec.records_frame(recs)
-    total = run.total_steps
-    figs = {"loss": ct.loss_curve(df, total)}
-    if moe:
-        steps = [r["step"] for r in heat if r.get("expert_loads")]
-        figs["maxvio"] = ct.maxvio_curve(df, total)
-        figs["load"] = ct.expert_load_heatmap(rec.relative_loads(heat, layer), steps, total, _layer_label(layer, run))
-        figs["bias"] = ct.bias_heatmap(rec.router_biases(heat, layer), steps, total, _layer_label(layer, run))
-    with _FIGS_LOCK:
-        _FIGS[k] = figs
-        while len(_FIGS) > FIG_CACHE_SIZE:
-            _FIGS.popitem(last=False)
-    return figs
+
+    def build() -> dict:
+        df = rec.records_frame(recs)
+        total = run.total_steps
+        figs = {"loss": ct.loss_curve(df, total)}
+        if moe:
+            steps = [r["step"] for r in heat if r.get("expert_loads")]
+            label = _layer_label(layer, run)
+            figs["maxvio"] = ct.maxvio_curve(df, total)
+            figs["load"] = ct.expert_load_heatmap(rec.relative_loads(heat, layer), steps, total, label)
+            figs["bias"] = ct.bias_heatmap(rec.router_biases(heat, layer), steps, total, label)
+        return figs
+
+    return _shared(("live", run.id, run.total_steps, len(recs), len(heat), layer, moe), build)
 
 
 def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
@@ -395,7 +406,8 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
     with exp:
         if not exp.open:
             return
-        d = compute.overview.overview(json.dumps(mcfg.to_hf(), sort_keys=True), cfg.seq_len, "fp32")
+        cfg_json = json.dumps(mcfg.to_hf(), sort_keys=True)
+        d = compute.overview.overview(cfg_json, cfg.seq_len, "fp32")
         c = d["counts"]
         with ui.cards():
             ui.number_with_formula("Parameters", human_count(c["total"]), r"N_{\text{total}}", width=250,
@@ -404,15 +416,19 @@ def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
                                    detail=f"{100 * c['activated'] / c['total']:.0f}% of the weights")
             ui.number_with_formula("Tokens per step", f"{cfg.batch_size * cfg.seq_len:,}", r"B \times T", width=250,
                                    detail=f"{cfg.steps} steps; validation every {cfg.eval_every}")
+
+        def build():  # the same knobs give the same two figures: a classroom opening one step builds them once
+            lrs = rec.lr_table([lr_at(i, cfg) for i in range(cfg.steps)])
+            return ct.lab_params(d["params"], c), ct.lr_schedule(lrs, cfg.warmup), lrs
+
+        params_fig, lr_fig, lrs = _shared(("preview", cfg_json, repr(cfg)), build)
         with grid():
             with cell():
-                ui.chart(ct.lab_params(d["params"], c), d["params"].drop(columns=["formula"]),
+                ui.chart(params_fig, d["params"].drop(columns=["formula"]),
                          "lab model parameters", key="tr_params", lesson=lesson,
                          notice="Routed experts hold most weights, but each token activates only its top-k of them.")
             with cell():
-                lrs = rec.lr_table([lr_at(i, cfg) for i in range(cfg.steps)])
-                ui.chart(ct.lr_schedule(lrs, cfg.warmup), lrs, "learning rate schedule", key="tr_lr_chart",
-                         lesson=lesson)
+                ui.chart(lr_fig, lrs, "learning rate schedule", key="tr_lr_chart", lesson=lesson)
 
 
 # ====================================================================== sidebar status (every other page)
