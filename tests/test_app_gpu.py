@@ -43,9 +43,12 @@ def test_fp8_page_states_the_missed_targets_and_the_limit():
     at = open_page("pages/fp8.py")
     captions = " ".join(c.value for c in at.caption)
     assert "Target: **≥ 1.4× — missed**" in captions and "Target: **≥ 1.3× — missed**" in captions
-    assert "Target: **within 1% — missed**" in captions
+    verdict = gpu_view.loss_gap_verdict(results.lossgap_row(RES), gpu_view.TARGET_LOSS_GAP)
+    assert f"Target: **within 1% — {verdict}**" in captions
     text = " ".join(m.value for m in at.markdown)
-    assert "What limits FP8 here" in text and "transposed" in text and "quantized" in text
+    assert "What limits FP8 here" in text and "transposed" in text
+    fused = any(r.get("fused_quantizers_ran") for r in RES["gemm"])
+    assert ("fused kernel" if fused else "quantized") in text  # the limit named from the results, not typed in
 
 
 def test_mla_page_explains_batch_one():
@@ -89,11 +92,15 @@ def test_fp8_loss_gap_shows_both_losses_and_the_verdict():
     fig = charts.fp8_loss_gap(row, gpu_view.TARGET_LOSS_GAP)
     bf, f8 = fig.data
     ys = list(bf.y) + list(f8.y)
-    assert list(bf.y) == [row["bf16_val_loss"]] and list(f8.y) == [row["fp8_val_loss"]]
+    assert bf.y[0] == row["bf16_val_loss"] and f8.y[0] == row["fp8_val_loss"]  # the first seed's pair first
+    assert len(bf.y) == len(f8.y) == max(1, len(row["seed_gaps"]))
     assert row["recipe"] in f8.name
     title = fig.layout.title.text.replace("<br>", " ")
-    assert f"{100 * row['relative_gap']:+.2f}%" in title
-    assert ("outside" if abs(row["relative_gap"]) > gpu_view.TARGET_LOSS_GAP else "within") in title
+    gap = row["mean_relative_gap"] if len(row["seed_gaps"]) > 1 else row["relative_gap"]
+    assert f"{100 * gap:+.2f}%" in title
+    noisy = (row["bf16_seed_spread"] or 0) > gpu_view.TARGET_LOSS_GAP
+    assert ("more than the 1% target" if noisy else
+            "outside" if abs(gap) > gpu_view.TARGET_LOSS_GAP else "within") in title
     lo, hi = fig.layout.yaxis.range  # zoomed so a 1% gap is visible, with both points and the band inside
     assert lo < min(ys) and hi > max(max(ys), row["bf16_val_loss"] * (1 + gpu_view.TARGET_LOSS_GAP))
     assert "nats/byte" in fig.layout.yaxis.title.text
