@@ -237,6 +237,35 @@ def test_a_run_link_reproduces_the_run_in_another_session(idle_server, tmp_path)
     assert [r["max_vio"] for r in run_b.records] == [r["max_vio"] for r in run_a.records]
 
 
+def test_simultaneous_starts_of_the_same_knobs_train_once(idle_server):
+    """A classroom: twenty sessions press Start on the same knobs at the same instant (threads released together).
+    The manager joins or starts under one lock, so exactly one run trains and the nineteen others follow it; before,
+    two Starts could both miss the join and the second found the server busy and queued a copy."""
+    import threading
+    from app.lab.manager import LabRun
+    from app.lab.store import run_id, run_spec
+    mcfg, cfg = knobs.lab_config(LONG, 0)
+    spec = run_spec(mcfg, cfg, knobs.sample_prompt(LONG))
+    gate, out = threading.Barrier(20), []
+
+    def press(i):
+        run = LabRun(owner=f"student-{i}", number=1, knobs=dict(LONG), model_cfg=mcfg, train_cfg=cfg,
+                     prompt=knobs.sample_prompt(LONG), session_id=None, spec=spec, key=run_id(spec))
+        gate.wait()
+        out.append(idle_server.start_or_join(run, queue=True))
+
+    threads = [threading.Thread(target=press, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    outcomes = sorted(o for o, _, _ in out)
+    assert outcomes == ["joined"] * 19 + ["started"], outcomes
+    trained = {id(r) for _, _, r in out}
+    assert len(trained) == 1 and not idle_server.queue, "every session follows the one run; nothing is queued"
+    assert len(idle_server.active.viewers) == 20
+
+
 def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
     a = lab(LONG)
     a.button(key="tr_start").click().run()

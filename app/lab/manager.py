@@ -245,17 +245,34 @@ class RunManager:
     def join(self, run: LabRun) -> tuple[LabRun, int] | None:
         """If a run with `run.key` is training or queued, add `run`'s session as a viewer of it and return
         (that run, its queue position or 0); else None."""
+        with self.lock:
+            return self._join_locked(run)
+
+    def _join_locked(self, run: LabRun) -> tuple[LabRun, int] | None:
         if not run.key:
             return None
-        with self.lock:
-            for pos, other in enumerate([self.active] + self.queue):
-                if other is not None and other.key == run.key and other.active:
-                    other.viewers.add(run.owner)
-                    if run.session_id:
-                        other.session_ids.add(run.session_id)
-                    other.touch()
-                    return other, pos
+        for pos, other in enumerate([self.active] + self.queue):
+            if other is not None and other.key == run.key and other.active:
+                other.viewers.add(run.owner)
+                if run.session_id:
+                    other.session_ids.add(run.session_id)
+                other.touch()
+                return other, pos
         return None
+
+    def start_or_join(self, run: LabRun, queue: bool = False) -> tuple[str, int, LabRun]:
+        """`join`, else the same knobs' run finished a moment ago ("stored"), else `request` — under one lock, so
+        that Starts of the same knobs arriving together (a classroom) never train the run twice.
+        Returns (outcome, queue position or 0, the run this session follows)."""
+        with self.lock:
+            joined = self._join_locked(run)
+            if joined is not None:
+                return "joined", joined[1], joined[0]
+            done = self._recent.get(run.key) if run.key else None
+            if done is not None:
+                return "stored", 0, done
+            outcome, pos = self._request_locked(run, queue)
+            return outcome, pos, run
 
     def leave(self, run: LabRun, viewer: str, session_id: str | None = None) -> bool:
         """`viewer` stops following `run`. Returns True when it was the last viewer (the caller then cancels the
@@ -286,19 +303,22 @@ class RunManager:
         ("busy", 0) when not, or ("full", 0) when the queue is full. (Joining a run with the same key is `join`,
         asked first by the session.)"""
         with self.lock:
-            self._drop_stale_queue()
-            if self.active is None and not self.queue:
-                self._start(run)
-                return "started", 0
-            if not queue:
-                return "busy", 0
-            if run in self.queue:
-                return "queued", self.queue.index(run) + 1
-            if len(self.queue) >= MAX_QUEUE:
-                return "full", 0
-            run.status = "queued"
-            self.queue.append(run)
-            return "queued", len(self.queue)
+            return self._request_locked(run, queue)
+
+    def _request_locked(self, run: LabRun, queue: bool) -> tuple[str, int]:
+        self._drop_stale_queue()
+        if self.active is None and not self.queue:
+            self._start(run)
+            return "started", 0
+        if not queue:
+            return "busy", 0
+        if run in self.queue:
+            return "queued", self.queue.index(run) + 1
+        if len(self.queue) >= MAX_QUEUE:
+            return "full", 0
+        run.status = "queued"
+        self.queue.append(run)
+        return "queued", len(self.queue)
 
     def position(self, run: LabRun) -> int:
         with self.lock:

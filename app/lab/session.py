@@ -183,18 +183,20 @@ def start(knobs: dict, seed: int, queue: bool = False, again: bool = False) -> t
             return "stored", 0, run
     run = LabRun(owner=session_key(), number=n, knobs=dict(knobs), model_cfg=mcfg, train_cfg=cfg,
                  prompt=prompt, session_id=_runtime_session_id(), spec=spec, key=key)
-    joined = mgr.join(run)
-    if joined is not None:
-        other, pos = joined
-        st.session_state.setdefault(_NUMS, {})[other.id] = _next_number()
-        st.session_state[_CUR] = other
-        return "joined", pos, other
     try:
         from core.calc import param_counts
         run.n_params = param_counts(mcfg)
     except Exception:  # pragma: no cover
         pass
-    outcome, pos = mgr.request(run, queue=queue)
+    outcome, pos, other = mgr.start_or_join(run, queue=queue)  # one lock: simultaneous Starts train once
+    if outcome == "joined":
+        st.session_state.setdefault(_NUMS, {})[other.id] = _next_number()
+        st.session_state[_CUR] = other
+        return "joined", pos, other
+    if outcome == "stored":  # finished between the store lookup above and now
+        run = _finished_copy(other, _next_number())
+        st.session_state[_CUR] = run
+        return "stored", 0, run
     if outcome in ("started", "queued"):
         st.session_state[_COUNT] = n
         st.session_state[_CUR] = run
