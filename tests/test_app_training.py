@@ -237,7 +237,7 @@ def test_a_run_link_reproduces_the_run_in_another_session(idle_server, tmp_path)
     assert [r["max_vio"] for r in run_b.records] == [r["max_vio"] for r in run_a.records]
 
 
-def test_simultaneous_starts_of_the_same_knobs_train_once(idle_server):
+def test_simultaneous_starts_of_the_same_knobs_train_once(idle_server, monkeypatch):
     """A classroom: twenty sessions press Start on the same knobs at the same instant (threads released together).
     The manager joins or starts under one lock, so exactly one run trains and the nineteen others follow it; before,
     two Starts could both miss the join and the second found the server busy and queued a copy."""
@@ -247,6 +247,13 @@ def test_simultaneous_starts_of_the_same_knobs_train_once(idle_server):
     mcfg, cfg = knobs.lab_config(LONG, 0)
     spec = run_spec(mcfg, cfg, knobs.sample_prompt(LONG))
     gate, out = threading.Barrier(20), []
+    started = []
+
+    def fake_start(run):  # the lock logic is under test, not the worker: mark the run started, send nothing
+        idle_server.active, run.status = run, "starting"
+        started.append(run)
+
+    monkeypatch.setattr(idle_server, "_start", fake_start)
 
     def press(i):
         run = LabRun(owner=f"student-{i}", number=1, knobs=dict(LONG), model_cfg=mcfg, train_cfg=cfg,
@@ -263,7 +270,8 @@ def test_simultaneous_starts_of_the_same_knobs_train_once(idle_server):
     assert outcomes == ["joined"] * 19 + ["started"], outcomes
     trained = {id(r) for _, _, r in out}
     assert len(trained) == 1 and not idle_server.queue, "every session follows the one run; nothing is queued"
-    assert len(idle_server.active.viewers) == 20
+    assert len(started) == 1 and len(idle_server.active.viewers) == 20
+    idle_server.active, started[0].status = None, "stopped"  # nothing ran: free the manager for the next test
 
 
 def test_second_concurrent_start_is_refused_politely_then_queued(idle_server):
