@@ -93,14 +93,11 @@ def fp8_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def loss_gap_verdict(lg: dict, target: float) -> str:
-    """"met" / "missed" for the loss-gap target, or why a run cannot decide it: when two bf16 runs that differ
-    only in the seed already differ by more than the target, a gap of that size is noise, either way."""
-    n = len(lg.get("seed_gaps") or {})
-    spread = lg.get("bf16_seed_spread")
-    if spread is not None and spread > target:
-        return (f"not resolvable here: bf16 runs of {n} seeds differ by {100 * spread:.1f}%, more than the target "
-                "itself")
-    return _verdict(abs(lg["mean_relative_gap"] if n > 1 else lg["relative_gap"]), target, above=False)
+    """"met" / "missed" for the loss-gap target, or why a run cannot decide it (`charts.gap_is_noise`)."""
+    if charts.gap_is_noise(lg, target):
+        return (f"not resolvable here: bf16 runs of {len(lg['seed_gaps'])} seeds differ by "
+                f"{100 * lg['bf16_seed_spread']:.1f}%, more than the target itself")
+    return _verdict(abs(lg["gap"]), target, above=False)
 
 
 def _fp8_limits(big, lin: pd.DataFrame) -> str:
@@ -146,9 +143,8 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
         lg = r["lossgap"]
         if lg:
             n = len(lg["seed_gaps"])
-            gap = lg["mean_relative_gap"] if n > 1 else lg["relative_gap"]
             ui.number_with_formula("FP8 validation-loss gap" + (f", mean of {n} seeds" if n > 1 else ""),
-                                   f"{100 * gap:+.2f}%", r"L_{\text{FP8}} / L_{\text{bf16}} - 1",
+                                   f"{100 * lg['gap']:+.2f}%", r"L_{\text{FP8}} / L_{\text{bf16}} - 1",
                                    paper=f"within {100 * TARGET_LOSS_GAP:g}% — {loss_gap_verdict(lg, TARGET_LOSS_GAP)}",
                                    paper_label="Target", detail=f"after {lg['steps']} steps, config {lg['config']}")
     if not df.empty:

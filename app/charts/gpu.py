@@ -60,6 +60,12 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
     return layout(fig, title, sub, "Speed-up of FP8 over bf16 (×)", None, height=140 + 46 * n, width_chars=85)
 
 
+def gap_is_noise(row: dict, target: float) -> bool:
+    """True when bf16 runs that differ only in the seed already differ by more than `target`: a loss gap of that
+    size is then noise, either way. row: `core.cuda.results.lossgap_row`."""
+    return (row.get("bf16_seed_spread") or 0.0) > target
+
+
 def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, one pair per seed, with the
     band of losses within `target` (relative) of each bf16 point shaded. row: `core.cuda.results.lossgap_row`."""
@@ -80,10 +86,10 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
                         hovertemplate="%{x}, " + name + ": %{y:.4f} nats/byte after " + f"{row['steps']} steps"
                                       f"<extra></extra>")
     n = len(seeds)
-    gap = row["mean_relative_gap"] if n > 1 and row.get("mean_relative_gap") is not None else row["relative_gap"]
-    spread = row.get("bf16_seed_spread")
-    if spread is not None and spread > target:
-        verdict = f"the seeds alone move bf16 by {100 * spread:.1f}%, more than the {100 * target:g}% target"
+    gap = row["gap"]
+    if gap_is_noise(row, target):
+        verdict = (f"the seeds alone move bf16 by {100 * row['bf16_seed_spread']:.1f}%, more than the "
+                   f"{100 * target:g}% target")
     else:
         verdict = f"{'within' if abs(gap) <= target else 'outside'} the {100 * target:g}% target"
     title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps"

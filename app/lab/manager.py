@@ -242,13 +242,9 @@ class RunManager:
                 return mem
         return self.store.get(key)
 
-    def join(self, run: LabRun) -> tuple[LabRun, int] | None:
-        """If a run with `run.key` is training or queued, add `run`'s session as a viewer of it and return
-        (that run, its queue position or 0); else None."""
-        with self.lock:
-            return self._join_locked(run)
-
     def _join_locked(self, run: LabRun) -> tuple[LabRun, int] | None:
+        """If a run with `run.key` is training or queued, add `run`'s session as a viewer of it and return
+        (that run, its queue position or 0); else None. The caller holds the lock."""
         if not run.key:
             return None
         for pos, other in enumerate([self.active] + self.queue):
@@ -300,8 +296,8 @@ class RunManager:
 
     def request(self, run: LabRun, queue: bool = False) -> tuple[str, int]:
         """Start `run` now if the server is free: ("started", 0); otherwise ("queued", position) when `queue`,
-        ("busy", 0) when not, or ("full", 0) when the queue is full. (Joining a run with the same key is `join`,
-        asked first by the session.)"""
+        ("busy", 0) when not, or ("full", 0) when the queue is full. (The session asks `start_or_join`, which joins
+        a run with the same key first, under the same lock.)"""
         with self.lock:
             return self._request_locked(run, queue)
 

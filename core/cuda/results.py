@@ -75,7 +75,7 @@ def lossgap_row(res: dict) -> dict | None:
     """Validation loss of bf16 vs FP8 after the same training run, or None if not measured: config, steps, tokens
     per batch, the FP8 recipe's name, both losses and the relative gap (FP8 / bf16 - 1) of the first seed; with
     several seeds also `seed_gaps` {seed: gap}, `bf16_seed_spread` (the noise floor: relative distance between the
-    bf16 runs of different seeds) and `mean_relative_gap` (None when one seed was run)."""
+    bf16 runs of different seeds) and `mean_relative_gap` (None when one seed was run); `gap` is the one to show: the mean, or the single run's."""
     r = res.get("lossgap")
     if not r:
         return None
@@ -89,7 +89,10 @@ def lossgap_row(res: dict) -> dict | None:
             "seed_gaps": {int(k): v["relative_gap"] for k, v in seeds.items()},
             "seed_losses": {int(k): {"bf16": v["bf16"]["val_loss"], "fp8": v["deepseek"]["val_loss"]}
                             for k, v in seeds.items()}, "lr": r.get("lr"),
-            "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap")}
+            "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap"),
+            # the gap to show and judge: the mean over the seeds when there are several, else the one run's
+            "gap": r["mean_relative_gap"] if len(seeds) > 1 and r.get("mean_relative_gap") is not None
+            else r["relative_gap"]}
 
 
 def train_rows(res: dict) -> list[dict]:
