@@ -93,11 +93,16 @@ def fp8_frame(rows: list[dict]) -> pd.DataFrame:
 
 
 def loss_gap_verdict(lg: dict, target: float) -> str:
-    """"met" / "missed" for the loss-gap target, or why a run cannot decide it (`charts.gap_is_noise`)."""
-    if charts.gap_is_noise(lg, target):
-        return (f"not resolvable here: bf16 runs of {len(lg['seed_gaps'])} seeds differ by "
-                f"{100 * lg['bf16_seed_spread']:.1f}%, more than the target itself")
-    return _verdict(abs(lg["gap"]), target, above=False)
+    """"met" / "missed" for the loss-gap target when the seeds' 95% interval decides it
+    (`core.cuda.results.gap_verdict`), else why the runs cannot decide it."""
+    v = results.gap_verdict(lg, target)
+    if v == "unresolved":
+        lo, hi = lg["gap_interval"]
+        return (f"not resolvable with {len(lg['seed_gaps'])} seeds: the 95% interval of the mean gap, "
+                f"{100 * lo:+.2f}% … {100 * hi:+.2f}%, crosses ±{100 * target:g}%")
+    if v == "one run":
+        return _verdict(abs(lg["gap"]), target, above=False) + " (one seed: no noise estimate)"
+    return "met" if v == "within" else "missed"
 
 
 def _fp8_limits(big, lin: pd.DataFrame) -> str:

@@ -15,8 +15,8 @@ Sections (results keys):
              tokens/s, MFU, peak memory; configs "920M" and "100M"
   fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096)
   lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap,
-             for seeds 0 and 1 (the bf16 seed-to-seed spread is the noise floor); --loss-emulated adds fp32 and
-             the emulated (fake-quantized, core.fp8) FP8 of the first seed
+             per seed (--loss-seeds, run --loss-procs at a time); the mean gap and its 95% interval over the seeds;
+             --loss-emulated adds fp32 and the emulated (fake-quantized, core.fp8) FP8 of the first seed
   decode     one DeepSeek-V3 MLA layer (hidden 7168, 128 heads): absorbed (latent cache) vs naive (per-head K/V)
              decode tokens/s and cache bytes, contexts 4k-32k, batch 1 and 8
   profile    top CUDA kernels of one engine step (920M bf16) from torch.profiler
@@ -317,31 +317,57 @@ def _loss_run(mcfg, tcfg, emulate: bool = False) -> dict:
     return out
 
 
-def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3) -> dict:
-    """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
-    weights and the batches): the gap between the two bf16 seeds is the noise floor the FP8 gap is read against.
-    emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
+def _loss_shape(smoke) -> tuple:
+    """(model config, batch, seq_len) of the loss-gap runs: the 100M config at 512 tokens a sequence."""
     mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
-    T = min(T, 512)
+    return mcfg, B, min(T, 512)
+
+
+def _seed_pair(job: tuple) -> tuple[int, dict]:
+    """bf16 and FP8 runs of one seed (a worker of `lossgap`; module-level so a spawned process can run it)."""
+    seed, steps, lr, smoke, dev_type = job
+    dev = torch.device(dev_type)
+    mcfg, B, T = _loss_shape(smoke)
+    row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed, lr=lr)) for p in ("bf16", "deepseek")}
+    row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
+    return seed, row
+
+
+def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3, procs: int = 1) -> dict:
+    """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
+    weights and the batches). The per-seed gaps are paired, so their mean's 95% interval
+    (`core.cuda.results.mean_interval`) is what the runs can decide about a target. `procs` > 1 runs the seeds in
+    that many spawned processes on the same GPU (a 100M model's step is launch-bound: the GPU has room for several).
+    emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
+    mcfg, B, T = _loss_shape(smoke)
     from core.fp8 import get_recipe
     out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "lr": lr, "recipe": get_recipe("deepseek").name,
-           "seeds": {}}
-    for seed in seeds:
-        row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed, lr=lr))
-               for p in ("bf16", "deepseek")}
-        row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
+           "seeds": {}, "procs": procs}
+    jobs = [(seed, steps, lr, smoke, dev.type) for seed in seeds]
+    t0 = time.perf_counter()
+    if procs > 1:
+        import multiprocessing as mp
+        with mp.get_context("spawn").Pool(min(procs, len(jobs))) as pool:
+            pairs = pool.map(_seed_pair, jobs, chunksize=1)
+    else:
+        pairs = map(_seed_pair, jobs)
+    for seed, row in pairs:
         out["seeds"][str(seed)] = row
         print(f"  seed {seed}, {steps} steps: bf16 {row['bf16']['val_loss']:.4f}, fp8 {row['deepseek']['val_loss']:.4f}"
               f" ({row['relative_gap']:+.2%}; {row['bf16']['seconds']:.0f} s / {row['deepseek']['seconds']:.0f} s)",
               flush=True)
+    out["wall_s"] = time.perf_counter() - t0
     first = out["seeds"][str(seeds[0])]
     out["bf16"], out["deepseek"], out["relative_gap"] = first["bf16"], first["deepseek"], first["relative_gap"]
     if len(seeds) > 1:
         bf = [out["seeds"][str(s)]["bf16"]["val_loss"] for s in seeds]
         out["bf16_seed_spread"] = (max(bf) - min(bf)) / min(bf)
         out["mean_relative_gap"] = statistics.mean(out["seeds"][str(s)]["relative_gap"] for s in seeds)
-        print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}",
-              flush=True)
+        from core.cuda.results import mean_interval
+        _, lo, hi = mean_interval(out["seeds"][str(s)]["relative_gap"] for s in seeds)
+        out["gap_interval_95"] = [lo, hi]
+        print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}"
+              f" (95% interval {lo:+.2%} .. {hi:+.2%}); {out['wall_s']:.0f} s for {len(seeds)} seeds", flush=True)
     if emulated:
         tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0], lr=lr)
         out["emulated"] = {"fp32": _loss_run(mcfg, tc),
@@ -423,11 +449,15 @@ def main(argv=None) -> int:
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
     ap.add_argument("--loss-lr", type=float, default=1e-3, help="peak learning rate of the loss-gap runs")
     ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")
+    ap.add_argument("--loss-procs", type=int, default=1,
+                    help="lossgap: run the seeds in this many processes at once on the one GPU (>= 1)")
     ap.add_argument("--loss-emulated", action="store_true",
                     help="lossgap: also fp32 and emulated-FP8 runs of the first seed (is the GPU path the reference?)")
     args = ap.parse_args(argv)
     only = [s for s in args.only.split(",") if s]
     bad = [s for s in only if s not in SECTIONS]
+    if args.loss_procs < 1:
+        ap.error(f"--loss-procs must be >= 1, got {args.loss_procs}")
     if bad:
         ap.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -463,7 +493,7 @@ def main(argv=None) -> int:
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
                 res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated,
-                                         args.loss_lr)
+                                         args.loss_lr, args.loss_procs)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":

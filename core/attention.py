@@ -212,6 +212,26 @@ def _causal_mask(t: int, s: int, start_pos: int, device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+_TAKES_DV: dict[tuple, bool] = {}
+
+
+@torch.compiler.assume_constant_result  # shapes are static under core.compile: the answer is a trace-time constant
+def sdpa_takes_dv(device: torch.device, dtype: torch.dtype, q_shape: tuple, dv: int, grad: bool) -> bool:
+    """True when torch's SDPA dispatcher picks a fused kernel that takes V's head dim `dv` unequal to q/k's (cuDNN
+    attention on Hopper does), so causal_attention need not zero-pad V to Dq. Asked once per (device, dtype, q
+    shape, dv, grad) on empty tensors of those shapes; False on a CPU and wherever the dispatcher would choose
+    another kernel (flash needs equal head dims, the memory-efficient kernel is several times slower)."""
+    key = (str(device), dtype, tuple(q_shape), dv, grad)
+    if key not in _TAKES_DV:
+        ok = False
+        if torch.device(device).type == "cuda" and q_shape[-1] != dv:
+            q = torch.empty(q_shape, device=device, dtype=dtype, requires_grad=grad)
+            v = torch.empty((*q_shape[:-1], dv), device=device, dtype=dtype, requires_grad=grad)
+            ok = torch._fused_sdp_choice(q, q, v, None, 0.0, True) == int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)
+        _TAKES_DV[key] = bool(ok)
+    return _TAKES_DV[key]
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Causal softmax attention over a whole sequence (training / prefill without a cache).
 
@@ -222,12 +242,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """
     b, h, t, d = q.shape
     if q.is_cuda:
-        # CUDA: one fused flash kernel (cuDNN / flash). Those need equal q/k/v head dims, so V is zero-padded to
-        # Dq (192 for V3) and the pad columns of the output, exactly zero, are dropped.
+        # CUDA: one fused kernel. cuDNN takes Dv != Dq as it is (`sdpa_takes_dv`); flash needs equal head dims, so
+        # elsewhere V is zero-padded to Dq (192 for V3) and the pad columns of the output, exactly zero, dropped.
         dv = v.shape[-1]
-        if dv != d:
-            v = F.pad(v, (0, d - dv))
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)[..., :dv]
+        if dv == d or sdpa_takes_dv(q.device, q.dtype, tuple(q.shape), dv, q.requires_grad):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, F.pad(v, (0, d - dv)), is_causal=True, scale=scale)[..., :dv]
     mask = torch.full((t, t), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     scores = torch.baddbmm(mask, q.reshape(b * h, t, d), k.reshape(b * h, t, d).transpose(1, 2), alpha=scale)
     o = torch.bmm(scores.softmax(dim=-1), v.reshape(b * h, t, v.shape[-1]))

@@ -41,3 +41,13 @@ def test_rows_from_a_results_dict(tmp_path):
     (row,) = results.decode_rows(loaded)
     assert row["speedup"] == 46.0 and row["naive_cache_bytes"] == 700
     assert results.fp8_rows(loaded) == [] and results.train_rows(loaded) == []
+
+
+def test_mean_interval_is_the_student_t_interval():
+    """The loss gap's verdict rests on this interval: mean -/+ t(0.975, n-1) * s / sqrt(n)."""
+    m, lo, hi = results.mean_interval([1.0, 2.0, 3.0])  # s = 1, t(0.975, 2) = 4.303
+    assert m == 2.0 and lo == pytest.approx(2 - 4.303 / 3 ** 0.5) and hi == pytest.approx(2 + 4.303 / 3 ** 0.5)
+    assert results.mean_interval([0.5]) is None
+    stats = pytest.importorskip("scipy.stats")
+    for df, t in enumerate(results.T_975, start=1):
+        assert t == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)

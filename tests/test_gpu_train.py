@@ -94,3 +94,24 @@ def test_cuda_compiled_blocks_stay_opt_in(monkeypatch):
     cfg = TrainConfig(**{**SHORT, "device": "cpu"})
     model = build_model(resolve_model_config(PRESETS["tiny"], cfg), cfg)
     assert not any("forward" in vars(m) for m in model.modules())  # the variable acts on CUDA runs only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [256, 77])
+def test_gpu_attention_without_v_padding_equals_the_padded_kernel(t):
+    """MLA's V head dim (128) differs from q/k's (192): where cuDNN takes that as it is (`sdpa_takes_dv`), the
+    unpadded call must give the output and gradients of the zero-padded one (what ran before; flash needs it)."""
+    import torch.nn.functional as F
+    from core.attention import causal_attention, sdpa_takes_dv
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k = (torch.randn(2, 4, t, 192, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_() for _ in "qk")
+    v = torch.randn(2, 4, t, 128, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    go = torch.randn(2, 4, t, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    out = causal_attention(q, k, v, 0.07)
+    grads = torch.autograd.grad(out, (q, k, v), go)
+    ref = F.scaled_dot_product_attention(q, k, F.pad(v, (0, 64)), is_causal=True, scale=0.07)[..., :128]
+    ref_grads = torch.autograd.grad(ref, (q, k, v), go)
+    assert isinstance(sdpa_takes_dv(q.device, q.dtype, tuple(q.shape), 128, True), bool)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=5e-2)

@@ -9,6 +9,7 @@ from plotly.subplots import make_subplots
 
 from app import palette
 from app.charts.layout import hline, layout, vline
+from core.cuda.results import gap_verdict
 from core.units import human_bytes, tokens
 
 _O = palette.OKABE_ITO
@@ -60,12 +61,6 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
     return layout(fig, title, sub, "Speed-up of FP8 over bf16 (×)", None, height=140 + 46 * n, width_chars=85)
 
 
-def gap_is_noise(row: dict, target: float) -> bool:
-    """True when bf16 runs that differ only in the seed already differ by more than `target`: a loss gap of that
-    size is then noise, either way. row: `core.cuda.results.lossgap_row`."""
-    return (row.get("bf16_seed_spread") or 0.0) > target
-
-
 def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, one pair per seed, with the
     band of losses within `target` (relative) of each bf16 point shaded. row: `core.cuda.results.lossgap_row`."""
@@ -87,13 +82,16 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
                                       f"<extra></extra>")
     n = len(seeds)
     gap = row["gap"]
-    if gap_is_noise(row, target):
-        verdict = (f"the seeds alone move bf16 by {100 * row['bf16_seed_spread']:.1f}%, more than the "
-                   f"{100 * target:g}% target")
-    else:
-        verdict = f"{'within' if abs(gap) <= target else 'outside'} the {100 * target:g}% target"
+    verdict = gap_verdict(row, target)
+    ci = row.get("gap_interval")
+    span = f" (95% interval {100 * ci[0]:+.2f}% … {100 * ci[1]:+.2f}%)" if ci else ""
+    verdict = {"within": f"within the {100 * target:g}% target",
+               "outside": f"outside the {100 * target:g}% target",
+               "unresolved": f"{n} seeds cannot tell whether it is within {100 * target:g}%",
+               "one run": f"one seed, {'within' if abs(gap) <= target else 'outside'} {100 * target:g}% "
+                          "(no noise estimate)"}[verdict]
     title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps"
-             + (f" (mean of {n} seeds)" if n > 1 else "") + f": {verdict}")
+             + (f", mean of {n} seeds{span}" if n > 1 else "") + f": {verdict}")
     per_seed = ", ".join(f"{100 * g:+.1f}%" for g in (row.get("seed_gaps") or {}).values())
     sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens"
            + (f", lr {row['lr']:g}" if row.get("lr") else "") + "; per seed FP8 and bf16 saw the same batches"

@@ -4,13 +4,16 @@
     label(res)                          # "NVIDIA H200 · torch 2.11.0+cu130 · CUDA 13.0 · transformers 5.17.0 · 2026-12-01"
     fp8_rows(res), decode_rows(res), train_rows(res)   # flat rows
     lossgap_row(res)                    # one dict (or None) (lists of dicts) for tables and charts
+    gap_verdict(lossgap_row(res), 0.01) # "within" / "outside" / "unresolved" / "one run": the loss gap vs a target
 
 Pure Python (json + the standard library): importing it needs no GPU.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 
 DEFAULT_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                             "docs", "gpu_results.json")
@@ -75,12 +78,15 @@ def lossgap_row(res: dict) -> dict | None:
     """Validation loss of bf16 vs FP8 after the same training run, or None if not measured: config, steps, tokens
     per batch, the FP8 recipe's name, both losses and the relative gap (FP8 / bf16 - 1) of the first seed; with
     several seeds also `seed_gaps` {seed: gap}, `bf16_seed_spread` (the noise floor: relative distance between the
-    bf16 runs of different seeds) and `mean_relative_gap` (None when one seed was run); `gap` is the one to show: the mean, or the single run's."""
+    bf16 runs of different seeds), `mean_relative_gap` (None when one seed was run) and `gap_interval` (lo, hi): the
+    95% interval of that mean (`mean_interval`; None for one seed); `gap` is the one to show: the mean, or the single
+    run's."""
     r = res.get("lossgap")
     if not r:
         return None
     from core.fp8 import get_recipe
     seeds = r.get("seeds") or {}
+    ci = mean_interval(v["relative_gap"] for v in seeds.values())
     return {"config": r["config"], "steps": r["steps"], "batch": r["batch"], "seq_len": r["seq_len"],
             "recipe": r.get("recipe") or get_recipe("deepseek").name,
             "bf16_val_loss": r["bf16"]["val_loss"], "fp8_val_loss": r["deepseek"]["val_loss"],
@@ -92,7 +98,42 @@ def lossgap_row(res: dict) -> dict | None:
             "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap"),
             # the gap to show and judge: the mean over the seeds when there are several, else the one run's
             "gap": r["mean_relative_gap"] if len(seeds) > 1 and r.get("mean_relative_gap") is not None
-            else r["relative_gap"]}
+            else r["relative_gap"],
+            "gap_interval": ci[1:] if ci else None}
+
+
+# Student's t 0.975 quantiles (two-sided 95%) for 1..30 degrees of freedom, from any t table (e.g. the NIST/SEMATECH
+# e-Handbook of Statistical Methods, §1.3.6.7.2); beyond 30 the normal quantile 1.960 is within 4%.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_interval(xs) -> tuple[float, float, float] | None:
+    """(mean, lo, hi): the mean of `xs` and its two-sided 95% Student-t confidence interval, mean -/+ t * s / sqrt(n)
+    with s the sample standard deviation; None for fewer than two values."""
+    xs = [float(x) for x in xs]
+    if len(xs) < 2:
+        return None
+    m = statistics.fmean(xs)
+    half = (T_975[len(xs) - 2] if len(xs) - 1 <= len(T_975) else 1.960) * statistics.stdev(xs) / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
+def gap_verdict(row: dict, target: float) -> str:
+    """The loss-gap target read against the seed noise. row: `lossgap_row`. The gaps of the seeds are paired (FP8
+    and bf16 of one seed saw the same initial weights and batches), so their mean's 95% interval says what the runs
+    can decide: "within" when the whole interval lies inside +-target, "outside" when it lies wholly beyond it,
+    "unresolved" when it straddles a bound (more seeds or steps needed), "one run" when a single seed ran (no noise
+    estimate: its gap alone decides nothing)."""
+    ci = row.get("gap_interval")
+    if ci is None:
+        return "one run"
+    lo, hi = ci
+    if -target <= lo and hi <= target:
+        return "within"
+    if lo > target or hi < -target:
+        return "outside"
+    return "unresolved"
 
 
 def train_rows(res: dict) -> list[dict]:
