@@ -46,6 +46,7 @@ from core.cuda import fp8_linear as g  # noqa: E402
 from core.compile import compile_errors  # noqa: E402
 from core.cuda.device import describe_device  # noqa: E402
 from core.data import pydoc_dataset  # noqa: E402
+from core.layers import fused_swiglu_status  # noqa: E402
 from core.train import TrainConfig, TrainRun  # noqa: E402
 
 SECTIONS = ("peak", "gemm", "train", "fp8step", "lossgap", "decode", "profile")
@@ -506,6 +507,7 @@ def main(argv=None) -> int:
         res["meta"]["fp8_quantizers"] = g.compile_status()
         res["meta"]["fp8_scale_layouts"] = g.scale_layouts()
         res["meta"]["compiled_block_errors"] = compile_errors()
+        res["meta"]["fused_swiglu"] = fused_swiglu_status()
         save()
     return 1 if res.get("errors") else 0
 

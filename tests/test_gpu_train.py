@@ -50,6 +50,9 @@ def test_gpu_training_loss_is_finite_and_falls(precision):
     losses = _losses(precision)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) / 3 < losses[0] - 0.5
+    from core.layers import fused_swiglu_status
+    status = fused_swiglu_status()  # the routed experts' SwiGLU ran as the fused Triton kernels
+    assert status["error"] is None and status["ran"], status
 
 
 @pytest.mark.gpu
