@@ -352,8 +352,15 @@ class _MasterWeights:
         return self._map.get(id(p), p)
 
     def grads_to_master(self) -> None:
+        has = [(p, m) for p, m in zip(self.low, self.master) if p.grad is not None]
         for p, m in zip(self.low, self.master):
-            m.grad = None if p.grad is None else p.grad.float()
+            if p.grad is None:
+                m.grad = None
+            elif m.grad is None:
+                m.grad = torch.empty_like(m)
+        if has:  # one multi-tensor kernel, not a copy launch per parameter (the exact bf16 -> fp32 widening)
+            torch._foreach_copy_([m.grad for _, m in has], [p.grad for p, _ in has])
+        for p in self.low:
             p.grad = None
 
     @torch.no_grad()
