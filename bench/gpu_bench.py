@@ -10,6 +10,9 @@ Sections (results keys):
   gemm       FP8 linear layer (core.cuda.fp8_linear: quantize + 1x128/128x128 GEMMs, Fprop+Dgrad+Wgrad) vs bf16
              F.linear, forward+backward, at large shapes; plus the GEMM alone, the layer on the compiled one-layout
              quantizers (EVA_CUDA_TRITON=0) and the quantizers per call (fused cast-transpose vs compiled)
+  quant      the fused FP8 quantizers' launch knobs (core.cuda.triton_quant: rows per chunk, warps, pipeline
+             stages; the previous one-shot kernel is one setting) on x/dy (bf16) and W (fp32) of the large shapes:
+             ms, GB/s and the ratio to a copy of as many bytes, each setting's outputs checked bit-identical
   train      a training step (bf16, fp32 masters, fused AdamW, MTP off) of the engine vs transformers'
              DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
              tokens/s, MFU, peak memory; configs "920M" and "100M"
@@ -49,7 +52,7 @@ from core.data import pydoc_dataset  # noqa: E402
 from core.layers import fused_swiglu_status  # noqa: E402
 from core.train import TrainConfig, TrainRun  # noqa: E402
 
-SECTIONS = ("peak", "gemm", "train", "fp8step", "lossgap", "decode", "profile")
+SECTIONS = ("peak", "gemm", "quant", "train", "fp8step", "lossgap", "decode", "profile")
 
 
 def _model(hidden, layers, heads, q_rank, kv_rank, experts, top_k, moe_i, groups, dense_i=None, dense_layers=0,
@@ -155,15 +158,11 @@ def gemm(dev, smoke) -> list[dict]:
             xq, xs = g.quant_tile(x)
             wq, ws = g.quant_block(w)
             tg_f8 = timed(lambda: g.fp8_gemm(xq, xs, wq, ws, "block"), reps)
-            # quantizing an operand into both layouts its GEMMs read: fused pass vs compiled quantizers (+ copies)
-            tq = {f"quant_{name}_{kind}_ms": timed(run(lambda: quant(t)), reps) * 1e3
-                  for name, quant, t in (("x", g.quant_tile_both, x), ("w", g.quant_block_both, w))
+            # quantizing an operand into both layouts its GEMMs read: fused pass vs compiled quantizers (+ copies);
+            # the fused kernels' launch knobs are swept in the section `quant`
+            tq = {f"quant_{name}_{kind}_ms": timed(run(lambda: quantize(t)), reps) * 1e3
+                  for name, quantize, t in (("x", g.quant_tile_both, x), ("w", g.quant_block_both, w))
                   for kind, run in (("fused", lambda f: f), ("compiled", unfused))}
-            kernels = g._triton_quant() if x.is_cuda else None
-            if kernels is not None:  # the fused kernels' launch width (its default: kernels.NUM_WARPS)
-                for name, quant, t in (("x", kernels.quant_tile_dual, x), ("w", kernels.quant_block_dual, w)):
-                    tq[f"quant_{name}_fused_ms_by_warps"] = {
-                        nw: timed(lambda: quant(t, num_warps=nw), reps) * 1e3 for nw in (8, 16)}
         fused = g.compile_status()["fused"]
         flops = 2 * m * k * n
         rows.append({"m": m, "k": k, "n": n, "bf16_fwd_bwd_ms": t_bf * 1e3, "fp8_fwd_bwd_ms": t_f8 * 1e3,
@@ -177,11 +176,116 @@ def gemm(dev, smoke) -> list[dict]:
               f"fwd {tf_bf / tf_f8:.2f}x; GEMM alone {tf_bf / tg_f8:.2f}x; quantize x both layouts "
               f"{tq['quant_x_fused_ms']:.3f} vs {tq['quant_x_compiled_ms']:.3f} ms, W {tq['quant_w_fused_ms']:.3f} vs "
               f"{tq['quant_w_compiled_ms']:.3f} ms (fused vs compiled); fused ran {fused['ran']}, "
-              f"error {fused['error']}; by warps x {tq.get('quant_x_fused_ms_by_warps')} "
-              f"W {tq.get('quant_w_fused_ms_by_warps')}", flush=True)
+              f"error {fused['error']}", flush=True)
         del x, w, dy
         free()
     return rows
+
+
+#: quant: operands of the fused quantizers (core.cuda.triton_quant), both layouts each: activations / gradients
+#: in bf16 (1x128 tiles of x and x^T; 16384x18432 is the dy of the 16384x7168->18432 layer) and fp32 master
+#: weights (128x128 blocks of W and W^T)
+QUANT_X = [(16384, 7168), (16384, 18432), (8192, 4096)]
+QUANT_W = [(18432, 7168), (4096, 4096)]
+#: the launch knobs swept (sub, num_warps, num_stages); (128, 16, 1) is the previous one-shot kernel
+QUANT_KNOBS = [(16, 2, 1), (16, 4, 1), (32, 4, 1), (32, 8, 1), (32, 4, 2), (32, 4, 3), (64, 4, 1), (64, 8, 1),
+               (64, 8, 2), (128, 8, 1), (128, 16, 1)]
+QUANT_ONE_SHOT = (128, 16, 1)
+
+
+def _per_call_s(fn, n: int, reps: int) -> tuple[float, str]:
+    """Seconds per call of fn: n calls captured in a CUDA graph and replayed (no Python launch time: the kernel's
+    own cost), median of `reps` replays; on a CPU, or if capture fails, a loop of n calls."""
+    if torch.cuda.is_available():
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(n):
+                    fn()
+            return timed(graph.replay, reps) / n, "cuda_graph"
+        except Exception as e:  # noqa: BLE001 - the loop still gives a (launch-inclusive) figure
+            print(f"  (CUDA graph capture failed: {type(e).__name__}: {e}; timing a loop)", flush=True)
+            torch.cuda.synchronize()
+    return timed(lambda: [fn() for _ in range(n)], reps) / n, "loop"
+
+
+def _quant_case(kind, quant, t, knobs, out_dtype, n, reps) -> dict:
+    """One operand: every knob setting's time, bandwidth (bytes read + written) against a copy of as many bytes
+    timed the same way, and whether its outputs equal the default setting's bit for bit."""
+    ref = quant(t, True, out_dtype)
+    moved = t.numel() * t.element_size() + sum(o.numel() * o.element_size() for o in ref)
+    src = torch.empty(moved // 2, dtype=torch.uint8, device=t.device)
+    dst = torch.empty_like(src)
+    t_copy, method = _per_call_s(lambda: dst.copy_(src), n, reps)  # reads and writes `moved` bytes in all
+    del src, dst
+
+    def bits(o):
+        return o.view(torch.uint8) if o.element_size() == 1 else o
+
+    row = {"kind": kind, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""), "bytes": moved,
+           "copy_ms": t_copy * 1e3, "copy_gbps": moved / t_copy / 1e9, "timing": method, "settings": []}
+    for sub, nw, ns in knobs:
+        kw = dict(sub=sub, num_warps=nw, num_stages=ns)
+        try:
+            out = quant(t, True, out_dtype, **kw)
+            same = all(torch.equal(bits(a), bits(b)) for a, b in zip(out, ref))
+            del out
+            sec, _ = _per_call_s(lambda: quant(t, True, out_dtype, **kw), n, reps)
+            row["settings"].append({**kw, "ms": sec * 1e3, "gbps": moved / sec / 1e9, "of_copy": t_copy / sec,
+                                    "identical": same})
+        except Exception as e:  # noqa: BLE001 - a setting that fails to build must not end the sweep
+            row["settings"].append({**kw, "error": f"{type(e).__name__}: {e}"[:500]})
+        free()
+    ok = [s for s in row["settings"] if "ms" in s]
+    if ok:
+        best = min(ok, key=lambda s: s["ms"])
+        row["best"] = {k: best[k] for k in ("sub", "num_warps", "num_stages", "ms", "of_copy")}
+        one = [s for s in ok if (s["sub"], s["num_warps"], s["num_stages"]) == QUANT_ONE_SHOT]
+        if one:
+            row["best_over_one_shot"] = one[0]["ms"] / best["ms"]
+    print(f"  quant {kind} {row['dtype']} {t.shape[0]}x{t.shape[1]}: {moved / 1e6:.0f} MB moved, copy "
+          f"{t_copy * 1e3:.3f} ms ({row['copy_gbps']:.0f} GB/s, {method})\n"
+          f"    {'sub':>4} {'warps':>5} {'stages':>6} {'ms':>8} {'GB/s':>7} {'of copy':>7}  identical", flush=True)
+    for s in row["settings"]:
+        head = f"    {s['sub']:>4} {s['num_warps']:>5} {s['num_stages']:>6}"
+        print(f"{head} {s['ms']:>8.3f} {s['gbps']:>7.0f} {s['of_copy']:>7.2f}  {s['identical']}" if "ms" in s else
+              f"{head}  failed: {s['error']}", flush=True)
+    return row
+
+
+def quant(dev, smoke) -> dict:
+    """The fused quantizers' launch knobs swept (quant_tile_dual on x, quant_block_dual on W, both layouts).
+    On a CPU they run only under Triton's interpreter (TRITON_INTERPRET=1; fp32 outputs, its FP8 cast is wrong)."""
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    if dev.type != "cuda" and not interp:
+        why = "needs CUDA (or TRITON_INTERPRET=1 on a CPU)"
+    else:
+        kernels = g._triton_quant()
+        why = None if kernels is not None else f"triton_quant unavailable: {g.compile_status()['fused']['error']}"
+    if why:
+        print(f"  skipped: {why}", flush=True)
+        return {"skipped": why}
+    out_dtype = torch.float8_e4m3fn if dev.type == "cuda" else torch.float32
+    xs, ws = ([(200, 320)], [(256, 384)]) if smoke else (QUANT_X, QUANT_W)
+    knobs = [(32, 4, 1), QUANT_ONE_SHOT] if smoke else QUANT_KNOBS
+    n, reps = (1, 1) if smoke else (10, 10)
+    default = {"tile": (kernels.TILE_SUB, kernels.TILE_WARPS, kernels.TILE_STAGES),
+               "block": (kernels.BLOCK_SUB, kernels.BLOCK_WARPS, kernels.BLOCK_STAGES)}
+    rows = []
+    for kind, quantizer, shapes, dtype in (("tile", kernels.quant_tile_dual, xs, torch.bfloat16),
+                                           ("block", kernels.quant_block_dual, ws, torch.float32)):
+        for shape in shapes:
+            t = torch.randn(*shape, device=dev, dtype=dtype) * (1 if kind == "tile" else 0.02)
+            rows.append(_quant_case(kind, quantizer, t, knobs, out_dtype, n, reps))
+            del t
+            free()
+    return {"default": default, "rows": rows,
+            "all_identical": all(s.get("identical", False) for r in rows for s in r["settings"])}
 
 
 def _batches(n, B, T, dev, vocab):
@@ -488,6 +592,8 @@ def main(argv=None) -> int:
                       flush=True)
             if sec == "gemm":
                 res["gemm"] = gemm(dev, args.smoke)
+            elif sec == "quant":
+                res["quant"] = quant(dev, args.smoke)
             elif sec == "train":
                 res["train"] = train(dev, args.smoke, peak_tflops, args.compiled_blocks)
             elif sec == "fp8step":

@@ -216,6 +216,25 @@ def test_gpu_fused_quantizers_are_bit_identical_to_the_eager_ones(shape, dtype, 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("knobs", [dict(sub=16, num_warps=2), dict(sub=64, num_warps=8, num_stages=2),
+                                   dict(sub=128, num_warps=16)])
+def test_gpu_fused_quantizer_launch_knobs_keep_every_bit(knobs):
+    """Chunk size, warps and pipelining (sub=128: the one-shot kernel) change no output bit on the GPU: each
+    setting against the defaults and the eager quantizers, bf16 strided and fp32, shapes off the 128 grid."""
+    tq = _fused_kernels()
+    gen = torch.Generator().manual_seed(5)
+    for shape, dtype in (((300, 700), torch.bfloat16), ((130, 129), torch.float32)):
+        x = (torch.randn(shape[1], shape[0], generator=gen).t() * 5).to("cuda", dtype)
+        for quant in (tq.quant_tile_dual, tq.quant_block_dual):
+            out, ref = quant(x, **knobs), quant(x)
+            for i, (a, b) in enumerate(zip(out, ref)):  # q (E4M3 bits), s, qt, st
+                assert torch.equal(_bits(a), _bits(b)) if i % 2 == 0 else torch.equal(a, b)
+        q, s, qt, st = tq.quant_tile_dual(x, **knobs)
+        for (a, sa), (a_ref, sa_ref) in (((q, s), g._quant_tile_eager(x)), ((qt, st), g._quant_tile_eager(x.t()))):
+            assert torch.equal(_bits(a), _bits(a_ref)) and torch.equal(sa, sa_ref)
+
+
+@pytest.mark.gpu
 def test_gpu_fp8_linear_on_the_fused_quantizers_equals_the_unfused_path(monkeypatch):
     """Same quantized operands (fused kernels vs the eager quantizers and transposed copies) -> the same GEMMs ->
     the same output and gradients, bit for bit; and the fused kernels did run."""

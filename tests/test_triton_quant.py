@@ -87,6 +87,34 @@ def test_block_dual_equals_the_eager_quantizer_and_its_transpose(shape, dtype, c
     assert q.is_contiguous() and qt.is_contiguous() and st.is_contiguous()
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("knobs", [dict(sub=16), dict(sub=64, num_warps=8, num_stages=3), dict(sub=128)])
+def test_launch_knobs_never_change_an_output(shape, knobs):
+    """Every chunk size (sub=128: the one-shot design) writes the same bits as the defaults and the eager
+    quantizers, in both layouts, for bf16 and fp32, strided or not, shapes not multiples of 128 nor of sub."""
+    for dtype, contiguous in ((torch.bfloat16, False), (torch.float32, True)):
+        x = _input(shape, dtype, contiguous, seed=shape[0] * 3 + shape[1])
+        tile, block = tq.quant_tile_dual(x, True, torch.float32, **knobs), tq.quant_block_dual(x, True, torch.float32,
+                                                                                              **knobs)
+        for out, ref in ((tile, tq.quant_tile_dual(x, True, torch.float32)),
+                         (block, tq.quant_block_dual(x, True, torch.float32))):
+            assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(out, ref))
+        _same(tile[:2], g._quant_tile_eager(x))
+        _same(tile[2:], g._quant_tile_eager(x.t()))
+        q_ref, s_ref = g._quant_block_eager(x)
+        _same(block[:2], (q_ref, s_ref))
+        _same(block[2:], (q_ref.t().contiguous(), s_ref.t().contiguous()))
+
+
+def test_launch_knobs_are_validated():
+    x = torch.zeros(4, 4)
+    for fn, kw, msg in ((tq.quant_tile_dual, dict(sub=48), r"quant_tile_dual: sub must be one of"),
+                        (tq.quant_block_dual, dict(num_warps=3), r"quant_block_dual: num_warps must be one of"),
+                        (tq.quant_tile_dual, dict(num_stages=0), r"quant_tile_dual: num_stages must be an integer")):
+        with pytest.raises(ValueError, match=msg):
+            fn(x, **kw)
+
+
 def test_one_layout_only_and_empty_inputs():
     x = _input((200, 320), torch.bfloat16, True, seed=3)
     q, s = tq.quant_tile_dual(x, False, torch.float32)

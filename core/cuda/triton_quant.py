@@ -3,8 +3,8 @@
 DeepSeek-V3 §3.3 runs every Linear's three GEMMs in FP8 (see core.cuda.fp8_linear): Fprop reads x in 1x128 tiles
 along K and Wgrad reads x^T in 1x128 tiles along M; Dgrad reads dy along N and Wgrad reads dy^T along M; Fprop
 reads W in 128x128 blocks and Dgrad reads W^T in the same blocks. Quantizing each layout separately reads the
-operand twice and needs a transposed copy; here one Triton program per 128x128 block of the operand loads it
-once and writes
+operand twice and needs a transposed copy; here one Triton program per 128x128 block of the operand reads it
+(a second pass re-reads it from L2, below) and writes
 
     quant_tile_dual(x [M, K])  ->  q [M, Kp] + s [M, Kp/128]          (1x128 tiles along K, row amax)
                                    qt [K, Mp] + st [K, Mp/128]        (1x128 tiles of x^T along M, column amax)
@@ -17,6 +17,17 @@ transpose bit for bit, padding and scale layouts included (s and st outer-dim-ma
 layout cuBLAS's 1x128 scaling reads): fp32 arithmetic, zero padding, s = max(amax, AMAX_FLOOR) / 448,
 q = cast(clamp(x / s, -448, 448)) with an IEEE division (`div_rn`; Triton's `/` is approximate on fp32) and a
 round-to-nearest-even cast (Hopper's cvt.rn.satfinite; the clamp makes its saturation moot).
+
+Chunks, not the whole block: the kernels are memory-bound, so what matters is how many bytes are in flight per
+SM. A whole 128x128 fp32 block in registers takes a 512-thread program about the whole register file: one
+program per SM, its load, math and stores in series. So a program walks its block in chunks of `sub` rows
+(`sub`=128 is that one-shot design, kept as a setting): a 1x128 tile of x needs only its own row, so the first
+pass quantizes `sub` full rows at a time; a tile of x^T needs a whole column of the block and nothing else, so
+the second pass re-reads the block (32-64 kB, just read: meant to hit L2) `sub` full columns at a time and
+writes them as `sub` whole rows of qt. A weight block's one scale needs the whole block: one chunked pass for the
+amax, one to cast and write both layouts. Small chunks at few warps leave many programs resident per SM, whose
+loads overlap one another's math and stores; `num_stages` > 1 also software-pipelines the chunk loops (tl.range).
+The chunking changes no value: amax is a max, exact in any order, and every element sees the same fp32 operations.
 
 One device difference is reproduced on purpose: torch's eager CUDA kernel divides a tensor by a Python scalar as a
 multiplication by the scalar's fp32 reciprocal (ATen BinaryDivTrueKernel.cu: "compute a * reciprocal(b)"), the
@@ -41,14 +52,20 @@ import triton.language as tl
 
 from core.fp8 import AMAX_FLOOR
 
-__all__ = ["BLOCK", "NUM_WARPS", "quant_tile_dual", "quant_block_dual"]
+__all__ = ["BLOCK", "TILE_SUB", "TILE_WARPS", "TILE_STAGES", "BLOCK_SUB", "BLOCK_WARPS", "BLOCK_STAGES",
+           "quant_tile_dual", "quant_block_dual"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
 _FMAX = float(torch.finfo(_FP8).max)  # 448
-# 16 warps: a 128x128 fp32 block is 32 values a thread at 128 registers (8 warps: 255 registers and ~100 bytes
-# spilled; 4 warps spill kilobytes); 16 was the faster on the H200 (bench/gpu_bench.py `gemm`, docs/performance.md)
-NUM_WARPS = 16
+#: Launch knobs (keyword arguments of quant_tile_dual / quant_block_dual; no setting changes a result).
+#: sub: rows (tile kernel: rows, then columns, of x^T) a program handles at once, a power of two <= 128;
+#: BLOCK means the one-shot design (the whole block in registers, loaded once). num_warps: warps per program.
+#: num_stages: software-pipelining depth of the chunk loops (tl.range; 1 = none).
+TILE_SUB, TILE_WARPS, TILE_STAGES = 32, 4, 1
+BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES = 32, 4, 1
+SUBS = (8, 16, 32, 64, 128)
+WARPS = (1, 2, 4, 8, 16, 32)
 
 
 @triton.jit
@@ -75,45 +92,88 @@ def _scaled(x, s, FMAX: tl.constexpr):
 
 
 @triton.jit
+def _load(ptr, r, c, R, C, stride_r, stride_c):
+    """x[r, c] in fp32 (r, c: int64 index vectors), zero outside [R, C] (the padding of the last tiles)."""
+    return tl.load(ptr + r[:, None] * stride_r + c[None, :] * stride_c,
+                   mask=(r[:, None] < R) & (c[None, :] < C), other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _tile_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_m, stride_k,
                       TRANSPOSED: tl.constexpr, RECIP: tl.constexpr, FLOOR: tl.constexpr, FMAX: tl.constexpr,
-                      B: tl.constexpr):
+                      B: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
-    rm = pid_m.to(tl.int64) * B + tl.arange(0, B)  # int64: M * Kp passes 2**31 at ~120k tokens x 18432
-    rk = pid_k.to(tl.int64) * B + tl.arange(0, B)
-    x = tl.load(x_ptr + rm[:, None] * stride_m + rk[None, :] * stride_k,
-                mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0).to(tl.float32)  # zero padding
-    ax = tl.abs(x)
-    # 1x128 tiles along K: one scale per row of the block
-    s = _scale(tl.max(ax, axis=1), FLOOR, FMAX, RECIP)
-    q = _scaled(x, s[:, None], FMAX)
-    row = rm < M
-    tl.store(q_ptr + rm[:, None] * Kp + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=row[:, None])
-    tl.store(s_ptr + pid_k * M + rm, s, mask=row)  # s [M, Kp/128], strides (1, M)
-    if TRANSPOSED:
-        # 1x128 tiles of x^T along M: one scale per column of the block, stored as rows of qt [K, Mp]
-        st = _scale(tl.max(ax, axis=0), FLOOR, FMAX, RECIP)
-        qt = tl.trans(_scaled(x, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))  # cast first: 1-byte transpose
-        col = rk < K
-        tl.store(qt_ptr + rk[:, None] * Mp + rm[None, :], qt, mask=col[:, None])
-        tl.store(st_ptr + pid_m * K + rk, st, mask=col)  # st [K, Mp/128], strides (1, K)
+    m0 = pid_m.to(tl.int64) * B  # int64: M * Kp passes 2**31 at ~120k tokens x 18432
+    k0 = pid_k.to(tl.int64) * B
+    if SUB == B:  # one shot: the block loaded once, both layouts from registers
+        rm, rk = m0 + tl.arange(0, B), k0 + tl.arange(0, B)
+        x = _load(x_ptr, rm, rk, M, K, stride_m, stride_k)
+        s = _scale(tl.max(tl.abs(x), axis=1), FLOOR, FMAX, RECIP)  # 1x128 tiles along K: a scale per row
+        tl.store(q_ptr + rm[:, None] * Kp + rk[None, :], _scaled(x, s[:, None], FMAX).to(q_ptr.dtype.element_ty),
+                 mask=(rm < M)[:, None])
+        tl.store(s_ptr + pid_k * M + rm, s, mask=rm < M)  # s [M, Kp/128], strides (1, M)
+        if TRANSPOSED:  # 1x128 tiles of x^T along M: a scale per column, stored as rows of qt [K, Mp]
+            st = _scale(tl.max(tl.abs(x), axis=0), FLOOR, FMAX, RECIP)
+            qt = tl.trans(_scaled(x, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))  # cast first: 1-byte transpose
+            tl.store(qt_ptr + rk[:, None] * Mp + rm[None, :], qt, mask=(rk < K)[:, None])
+            tl.store(st_ptr + pid_m * K + rk, st, mask=rk < K)  # st [K, Mp/128], strides (1, K)
+    else:
+        # a row's tile needs only that row: SUB full rows at a time, each chunk self-contained
+        rk = k0 + tl.arange(0, B)
+        for i in tl.range(0, B // SUB, num_stages=STAGES):
+            rm = m0 + i * SUB + tl.arange(0, SUB)
+            x = _load(x_ptr, rm, rk, M, K, stride_m, stride_k)
+            s = _scale(tl.max(tl.abs(x), axis=1), FLOOR, FMAX, RECIP)
+            tl.store(q_ptr + rm[:, None] * Kp + rk[None, :],
+                     _scaled(x, s[:, None], FMAX).to(q_ptr.dtype.element_ty), mask=(rm < M)[:, None])
+            tl.store(s_ptr + pid_k * M + rm, s, mask=rm < M)
+        if TRANSPOSED:
+            # a column's tile needs all 128 rows of it and nothing else: SUB full columns at a time (the block
+            # is read again, from L2), each written as SUB whole 128-byte rows of qt
+            rm = m0 + tl.arange(0, B)
+            for j in tl.range(0, B // SUB, num_stages=STAGES):
+                rk = k0 + j * SUB + tl.arange(0, SUB)
+                x = _load(x_ptr, rm, rk, M, K, stride_m, stride_k)
+                st = _scale(tl.max(tl.abs(x), axis=0), FLOOR, FMAX, RECIP)
+                qt = tl.trans(_scaled(x, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))
+                tl.store(qt_ptr + rk[:, None] * Mp + rm[None, :], qt, mask=(rk < K)[:, None])
+                tl.store(st_ptr + pid_m * K + rk, st, mask=rk < K)
 
 
 @triton.jit
 def _block_dual_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, N, K, Np, Kp, stride_n, stride_k,
                        TRANSPOSED: tl.constexpr, RECIP: tl.constexpr, FLOOR: tl.constexpr, FMAX: tl.constexpr,
-                       B: tl.constexpr):
+                       B: tl.constexpr, SUB: tl.constexpr, STAGES: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    rn = pid_n.to(tl.int64) * B + tl.arange(0, B)
+    n0 = pid_n.to(tl.int64) * B
     rk = pid_k.to(tl.int64) * B + tl.arange(0, B)
-    w = tl.load(w_ptr + rn[:, None] * stride_n + rk[None, :] * stride_k,
-                mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FLOOR, FMAX, RECIP)
-    q = _scaled(w, s, FMAX).to(q_ptr.dtype.element_ty)
-    tl.store(q_ptr + rn[:, None] * Kp + rk[None, :], q)  # padded blocks: no mask
+    if SUB == B:  # one shot
+        rn = n0 + tl.arange(0, B)
+        w = _load(w_ptr, rn, rk, N, K, stride_n, stride_k)
+        s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), FLOOR, FMAX, RECIP)
+        q = _scaled(w, s, FMAX).to(q_ptr.dtype.element_ty)
+        tl.store(q_ptr + rn[:, None] * Kp + rk[None, :], q)  # padded blocks: no mask
+        if TRANSPOSED:  # W^T reuses the block and its scale (why weights use 128x128 blocks)
+            tl.store(qt_ptr + rk[:, None] * Np + rn[None, :], tl.trans(q))
+    else:
+        # pass 1: the block's amax, SUB rows at a time; the first chunk seeds it (a 0 seed would turn an all-NaN
+        # block's NaN amax into the floor: Triton's max drops a NaN against a number, as the one-shot reduction)
+        rn = n0 + tl.arange(0, SUB)
+        amax = tl.max(tl.max(tl.abs(_load(w_ptr, rn, rk, N, K, stride_n, stride_k)), axis=1), axis=0)
+        for i in tl.range(1, B // SUB, num_stages=STAGES):
+            rn = n0 + i * SUB + tl.arange(0, SUB)
+            w = _load(w_ptr, rn, rk, N, K, stride_n, stride_k)
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(w), axis=1), axis=0))
+        s = _scale(amax, FLOOR, FMAX, RECIP)
+        # pass 2: the block again (from L2), cast, both layouts
+        for i in tl.range(0, B // SUB, num_stages=STAGES):
+            rn = n0 + i * SUB + tl.arange(0, SUB)
+            q = _scaled(_load(w_ptr, rn, rk, N, K, stride_n, stride_k), s, FMAX).to(q_ptr.dtype.element_ty)
+            tl.store(q_ptr + rn[:, None] * Kp + rk[None, :], q)
+            if TRANSPOSED:
+                tl.store(qt_ptr + rk[:, None] * Np + rn[None, :], tl.trans(q))
     tl.store(s_ptr + pid_n * (Kp // B) + pid_k, s)  # s [Np/128, Kp/128] row-major
-    if TRANSPOSED:  # W^T reuses the block and its scale (why weights use 128x128 blocks)
-        tl.store(qt_ptr + rk[:, None] * Np + rn[None, :], tl.trans(q))
+    if TRANSPOSED:
         tl.store(st_ptr + pid_k * (Np // B) + pid_n, s)  # st [Kp/128, Np/128] row-major
 
 
@@ -121,9 +181,20 @@ def _ceil(n: int) -> int:
     return -(-n // BLOCK) * BLOCK
 
 
-def _quantize(kernel, x, transposed, out_dtype, recip_scale, num_warps, shapes, outer_major):
+def _check_knobs(fn: str, sub, num_warps, num_stages) -> None:
+    """Launch knobs: clear messages naming the keyword (they reach the bench's command line)."""
+    if sub not in SUBS:
+        raise ValueError(f"{fn}: sub must be one of {SUBS} (rows per chunk; {BLOCK} = one shot), got {sub!r}")
+    if num_warps not in WARPS:
+        raise ValueError(f"{fn}: num_warps must be one of {WARPS}, got {num_warps!r}")
+    if isinstance(num_stages, bool) or not isinstance(num_stages, int) or not 1 <= num_stages <= 8:
+        raise ValueError(f"{fn}: num_stages must be an integer from 1 to 8, got {num_stages!r}")
+
+
+def _quantize(kernel, x, transposed, out_dtype, recip_scale, knobs, shapes, outer_major):
     """Allocate q, s (and qt, st) of `shapes` (scales outer-dim-major when `outer_major`), run `kernel` with one
-    program per 128x128 block of x [R, C], return the outputs."""
+    program per 128x128 block of x [R, C] and `knobs` (sub, num_warps, num_stages), return the outputs."""
+    sub, num_warps, num_stages = knobs
     dev = x.device
     out = []
     for i, shape in enumerate(shapes[: 4 if transposed else 2]):
@@ -140,7 +211,7 @@ def _quantize(kernel, x, transposed, out_dtype, recip_scale, num_warps, shapes, 
             kernel[(rp // BLOCK, cp // BLOCK)](
                 x, *(out if transposed else out * 2), r, c, rp, cp, x.stride(0), x.stride(1), TRANSPOSED=transposed,
                 RECIP=x.is_cuda if recip_scale is None else recip_scale, FLOOR=AMAX_FLOOR, FMAX=_FMAX, B=BLOCK,
-                num_warps=num_warps)
+                SUB=sub, STAGES=num_stages, num_warps=num_warps)
     return tuple(out)
 
 
@@ -150,26 +221,36 @@ def _check_2d(t: torch.Tensor, fn: str, what: str) -> None:
 
 
 def quant_tile_dual(x: torch.Tensor, transposed: bool = True, out_dtype: torch.dtype = _FP8,
-                    recip_scale: bool | None = None, num_warps: int = NUM_WARPS):
+                    recip_scale: bool | None = None, *, sub: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None):
     """1x128 tile quantization of x [M, K] (any strides; bf16/fp16/fp32), and of x^T when `transposed`.
 
     Returns (q [M, Kp], s [M, Kp/128]) or (q, s, qt [K, Mp], st [K, Mp/128]); q/qt row-major in `out_dtype`,
-    s/st fp32 with strides (1, rows). Equal to `_quant_tile_eager(x)` and `_quant_tile_eager(x.t())`."""
+    s/st fp32 with strides (1, rows). Equal to `_quant_tile_eager(x)` and `_quant_tile_eager(x.t())`.
+    sub / num_warps / num_stages: launch knobs (default TILE_SUB, TILE_WARPS, TILE_STAGES), same outputs."""
     _check_2d(x, "quant_tile_dual", "x [M, K]")
+    knobs = (TILE_SUB if sub is None else sub, TILE_WARPS if num_warps is None else num_warps,
+             TILE_STAGES if num_stages is None else num_stages)
+    _check_knobs("quant_tile_dual", *knobs)
     m, k = x.shape
     mp, kp = _ceil(m), _ceil(k)
-    return _quantize(_tile_dual_kernel, x, transposed, out_dtype, recip_scale, num_warps,
+    return _quantize(_tile_dual_kernel, x, transposed, out_dtype, recip_scale, knobs,
                      [(m, kp), (m, kp // BLOCK), (k, mp), (k, mp // BLOCK)], outer_major=True)
 
 
 def quant_block_dual(w: torch.Tensor, transposed: bool = True, out_dtype: torch.dtype = _FP8,
-                     recip_scale: bool | None = None, num_warps: int = NUM_WARPS):
+                     recip_scale: bool | None = None, *, sub: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None):
     """128x128 block quantization of a weight w [N, K], and of W^T (the Dgrad operand) when `transposed`.
 
     Returns (q [Np, Kp], s [Np/128, Kp/128]) or (q, s, qt [Kp, Np], st [Kp/128, Np/128]), all contiguous.
-    Equal to `_quant_block_eager(w)`, its q.t().contiguous() and s.t().contiguous()."""
+    Equal to `_quant_block_eager(w)`, its q.t().contiguous() and s.t().contiguous().
+    sub / num_warps / num_stages: launch knobs (default BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES), same outputs."""
     _check_2d(w, "quant_block_dual", "w [N, K]")
+    knobs = (BLOCK_SUB if sub is None else sub, BLOCK_WARPS if num_warps is None else num_warps,
+             BLOCK_STAGES if num_stages is None else num_stages)
+    _check_knobs("quant_block_dual", *knobs)
     np_, kp = _ceil(w.shape[0]), _ceil(w.shape[1])
-    return _quantize(_block_dual_kernel, w.detach(), transposed, out_dtype, recip_scale, num_warps,
+    return _quantize(_block_dual_kernel, w.detach(), transposed, out_dtype, recip_scale, knobs,
                      [(np_, kp), (np_ // BLOCK, kp // BLOCK), (kp, np_), (kp // BLOCK, np_ // BLOCK)],
                      outer_major=False)
