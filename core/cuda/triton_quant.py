@@ -130,14 +130,15 @@ def _tile_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, Kp, stride_
         if TRANSPOSED:
             # a column's tile needs all 128 rows of it and nothing else: SUB full columns at a time (the block
             # is read again, from L2), each written as SUB whole 128-byte rows of qt
-            rm = m0 + tl.arange(0, B)
+            # new names: Triton carries a name bound before a loop through it, and its shape must not change
+            cm = m0 + tl.arange(0, B)
             for j in tl.range(0, B // SUB, num_stages=STAGES):
-                rk = k0 + j * SUB + tl.arange(0, SUB)
-                x = _load(x_ptr, rm, rk, M, K, stride_m, stride_k)
-                st = _scale(tl.max(tl.abs(x), axis=0), FLOOR, FMAX, RECIP)
-                qt = tl.trans(_scaled(x, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))
-                tl.store(qt_ptr + rk[:, None] * Mp + rm[None, :], qt, mask=(rk < K)[:, None])
-                tl.store(st_ptr + pid_m * K + rk, st, mask=rk < K)
+                ck = k0 + j * SUB + tl.arange(0, SUB)
+                xc = _load(x_ptr, cm, ck, M, K, stride_m, stride_k)
+                st = _scale(tl.max(tl.abs(xc), axis=0), FLOOR, FMAX, RECIP)
+                qt = tl.trans(_scaled(xc, st[None, :], FMAX).to(qt_ptr.dtype.element_ty))
+                tl.store(qt_ptr + ck[:, None] * Mp + cm[None, :], qt, mask=(ck < K)[:, None])
+                tl.store(st_ptr + pid_m * K + ck, st, mask=ck < K)
 
 
 @triton.jit
