@@ -267,3 +267,21 @@ def test_gpu_fused_quantizers_keep_a_nan_visible():
     assert q[3, 5].float().isnan() and qt[5, 3].float().isnan() and not q[4].float().isnan().any()
     w = torch.randn(128, 384, device="cuda", dtype=torch.bfloat16) * 0.05
     assert g.fp8_linear(x, w)[3].float().isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 4096), (16384, 1024)])
+def test_gpu_fused_quantizer_defaults_are_bit_identical_at_training_sizes(shape):
+    """The default launch knobs against the eager quantizers on operands of a real layer's size (many programs
+    resident at once), x in bf16 and a weight in fp32: q bits and scales of all four layouts."""
+    tq = _fused_kernels()
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(*shape, generator=gen) * 3).to("cuda", torch.bfloat16)
+    w = (torch.randn(*shape, generator=gen) * 0.02).to("cuda", torch.float32)
+    q, s, qt, st = tq.quant_tile_dual(x)
+    wq, ws, wtq, wts = tq.quant_block_dual(w)
+    w_ref = g._quant_block_eager(w)
+    for (a, sa), (a_ref, sa_ref) in (((q, s), g._quant_tile_eager(x)), ((qt, st), g._quant_tile_eager(x.t())),
+                                     ((wq, ws), w_ref), ((wtq, wts), (w_ref[0].t().contiguous(),
+                                                                       w_ref[1].t().contiguous()))):
+        assert torch.equal(_bits(a), _bits(a_ref)) and torch.equal(sa, sa_ref)

@@ -310,7 +310,7 @@ class _FP8LinearFn(torch.autograd.Function):
     The forward quantizes x and W once each into both layouts their GEMMs read (`quant_tile_both`,
     `quant_block_both`: one fused pass each on CUDA) and saves only FP8 operands for backward: x^T in 1x128 tiles
     along tokens (Wgrad) and W^T's 128x128 blocks (Dgrad), each only if that gradient is needed; the backward
-    quantizes dy once into both layouts. dW is computed in fp32 and returned in W's dtype."""
+    quantizes dy once into both layouts. dW is accumulated in fp32 and written in W's dtype."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
@@ -338,7 +338,9 @@ class _FP8LinearFn(torch.autograd.Function):
         else:
             gt = quant_tile(dy2.t())
         if need_dw:
-            dw = fp8_gemm(*gt, *_pad_rows(*xt), "tile", torch.float32)[:, :k].to(w_dtype)
+            # written in W's dtype by the GEMM's epilogue (fp32 accumulation, one rounding): an fp32 output and a
+            # cast would round the same once more slowly (an extra pass over [N, K])
+            dw = fp8_gemm(*gt, *_pad_rows(*xt), "tile", w_dtype)[:, :k]
         return dx, dw, None
 
 

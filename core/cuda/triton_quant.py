@@ -62,8 +62,11 @@ _FMAX = float(torch.finfo(_FP8).max)  # 448
 #: sub: rows (tile kernel: rows, then columns, of x^T) a program handles at once, a power of two <= 128;
 #: BLOCK means the one-shot design (the whole block in registers, loaded once). num_warps: warps per program.
 #: num_stages: software-pipelining depth of the chunk loops (tl.range; 1 = none).
+# Defaults from the H200 sweep (bench/gpu_bench.py --only quant; docs/performance.md): x in chunks of 32 rows at 4
+# warps; a weight block in one shot at 16 warps (an fp32 block, read once: the chunked two-pass form was slower, and
+# its outputs at large weights did not all agree across settings in that sweep, so it is not the default)
 TILE_SUB, TILE_WARPS, TILE_STAGES = 32, 4, 1
-BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES = 32, 4, 1
+BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES = 128, 16, 1
 SUBS = (8, 16, 32, 64, 128)
 WARPS = (1, 2, 4, 8, 16, 32)
 
