@@ -36,7 +36,9 @@ if mcfg is not None:  # the sidebar's parameter count describes the model the la
 session.prewarm()
 stats = mgr.store.stats()
 st.sidebar.caption(f"This server has trained {mgr.jobs} run(s) since it started"
-                   + (f"; its run store keeps {stats['runs']} finished run(s) for links and repeats." if stats else
+                   + (f"; its run store keeps {stats['runs'] - stats['partial']} finished run(s) for links and repeats"
+                      + (f" and {stats['partial']} partial run(s) (cut by Stop or the time cap) for their links."
+                         if stats["partial"] else ".") if stats else
                       "; it has no run store (see the note on the page)."))
 
 run = session.current()
