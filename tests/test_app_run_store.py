@@ -15,6 +15,7 @@ from test_app_training import idle_server, patient_server  # noqa: F401  (fixtur
 # empty store per test)
 
 from apptest_helpers import HANG_S
+from core.train import APP_DEFAULT
 
 from app.lab import session
 from app.lab.store import RunStore
@@ -150,7 +151,7 @@ def test_a_lesson_step_keeps_the_students_own_knobs(idle_server):  # noqa: F811
     clean(at)
     # the step's own view: its knob, every other lab knob at the default
     assert at.radio(key="tr_bal").value == "none"
-    assert at.radio(key="tr_attn").value == "mla" and at.select_slider(key="tr_steps").value == 150
+    assert at.radio(key="tr_attn").value == "mla" and at.select_slider(key="tr_steps").value == APP_DEFAULT.steps
     assert any("Lesson step view" in i.value for i in at.info)
     at.switch_page("pages/training.py")  # (AppTest reruns the page it was told; the app switched to the lab)
     at.button(key="tr_own_knobs").click().run()
