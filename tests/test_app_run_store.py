@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of  # noqa: F401
+from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of, stopped_run  # noqa: F401
 from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
 # empty store per test)
 
@@ -225,11 +225,7 @@ def test_a_run_cut_by_the_time_cap_is_kept_as_a_partial_run(idle_server, tmp_pat
 
 def test_a_stopped_run_is_kept_as_a_partial_run(idle_server, tmp_path):  # noqa: F811
     a = lab(LONG)
-    a.button(key="tr_start").click().run()
-    run = run_of(a)
-    poll_until(a, lambda: len(run.records) >= 2)
-    a.button(key="tr_stop").click().run()
-    poll_until(a, lambda: not run.active)
+    run = stopped_run(a)
     a.run()
     clean(a)
     assert run.status == "stopped" and run.partial_id

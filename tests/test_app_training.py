@@ -136,14 +136,20 @@ def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
     assert any("#1 steps=25" in o for o in at.multiselect(key=f"tr_overlay_{run.id}").value)
 
 
-def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
-    at = lab(LONG)
+def stopped_run(at: AppTest):
+    """Start a LONG run in `at`, press Stop once it has two records, wait until it is over; returns the run."""
     at.button(key="tr_start").click().run()
     run = run_of(at)
     poll_until(at, lambda: len(run.records) >= 2)
     at.button(key="tr_stop").click().run()
     poll_until(at, lambda: not run.active)
     clean(at)
+    return run
+
+
+def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
+    at = lab(LONG)
+    run = stopped_run(at)
     assert run.status == "stopped" and len(run.records) < 400
     assert idle_server.active is None
     assert any("Stopped at step" in w.value for w in at.warning)
