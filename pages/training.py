@@ -80,7 +80,8 @@ if linked:
         st.warning(f"**This link names {len(linked['missing'])} run(s) this server has not stored** "
                    f"({', '.join(linked['missing'])}: evicted from the store, or trained by another version of the "
                    "engine). The link's knobs are in the sidebar: press **Start training** to train it here — the "
-                   "same knobs and seed draw the same curves.", icon=":material/link_off:")
+                   "same knobs and seed draw the same curves (to the last step, for a run that was cut short).",
+                   icon=":material/link_off:")
     if linked["opened"]:
         st.success(f"**Opened {len(linked['opened'])} stored run(s) from the link** — their results are below; "
                    "nothing was trained.", icon=":material/link:")

@@ -361,9 +361,10 @@ def stored_note(run: LabRun) -> None:
 
 def run_query(run: LabRun, lesson: bool = False, model: str = "deepseek-v3") -> dict[str, str]:
     """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does),
-    for a stored run (finished, or partial: cut by Stop or the time cap) its id (`?runs=`: opened where the store has it, the results show with no training; where it
-    does not, the knobs are there to train it), and the sidebar's `model` (the lab trains `mini` either way, but
-    the opened page's sidebar shows it; an uploaded config cannot travel in a link)."""
+    for a stored run (finished, or partial: cut by Stop or the time cap) its id (`?runs=`: opened where the store
+    has it, the results show with no training; where it does not, the knobs are there to train it), and the
+    sidebar's `model` (the lab trains `mini` either way, but the opened page's sidebar shows it; an uploaded config
+    cannot travel in a link)."""
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
     if run.link_id:  # a finished run's key, or a partial run's own id
         q[session.RUNS_PARAM] = run.link_id
