@@ -36,7 +36,9 @@ if mcfg is not None:  # the sidebar's parameter count describes the model the la
 session.prewarm()
 stats = mgr.store.stats()
 st.sidebar.caption(f"This server has trained {mgr.jobs} run(s) since it started"
-                   + (f"; its run store keeps {stats['runs']} finished run(s) for links and repeats." if stats else
+                   + (f"; its run store keeps {stats['runs'] - stats['partial']} finished run(s) for links and repeats"
+                      + (f" and {stats['partial']} partial run(s) (cut by Stop or the time cap) for their links."
+                         if stats["partial"] else ".") if stats else
                       "; it has no run store (see the note on the page)."))
 
 run = session.current()
@@ -78,7 +80,8 @@ if linked:
         st.warning(f"**This link names {len(linked['missing'])} run(s) this server has not stored** "
                    f"({', '.join(linked['missing'])}: evicted from the store, or trained by another version of the "
                    "engine). The link's knobs are in the sidebar: press **Start training** to train it here — the "
-                   "same knobs and seed draw the same curves.", icon=":material/link_off:")
+                   "same knobs and seed draw the same curves (to the last step, for a run that was cut short).",
+                   icon=":material/link_off:")
     if linked["opened"]:
         st.success(f"**Opened {len(linked['opened'])} stored run(s) from the link** — their results are below; "
                    "nothing was trained.", icon=":material/link:")

@@ -207,7 +207,7 @@ def test_a_run_link_keeps_the_sidebar_model():
     from types import SimpleNamespace
 
     from app.lab.views import run_query
-    run = SimpleNamespace(knobs={"tr_bal": "none"}, train_cfg=SimpleNamespace(seed=3), key=None, status="running")
+    run = SimpleNamespace(knobs={"tr_bal": "none"}, train_cfg=SimpleNamespace(seed=3), link_id=None)  # not stored
     assert run_query(run, model="mini") == {"tr_bal": "none", "seed": "3", "model": "mini"}
     assert "model" not in run_query(run)  # the default model, left out as Streamlit does
     assert "model" not in run_query(run, model="uploaded")  # an upload cannot travel in a link

@@ -2,16 +2,20 @@
 knobs share one training; a finished run opens from its link after a server restart with no training; a reload
 keeps the tab's runs; a stored run shows at once with "Train again"; a corrupt store is survived; bad run ids are
 messages; a queued run shows its position and wait; a joined viewer's Stop does not stop the others' run; a
-lesson step keeps the student's own knobs.
+lesson step keeps the student's own knobs; a run cut by the time cap or Stop is kept as a partial run that its link
+and a reload open, labelled, and that a Start on its knobs never shows.
 
 Runs are tiny (25 steps of 4 × 32 tokens) and each test trains at most one to completion."""
 from __future__ import annotations
 
 import time
 
-from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of  # noqa: F401
+from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of, stopped_run  # noqa: F401
 from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
 # empty store per test)
+
+from apptest_helpers import HANG_S
+from core.train import APP_DEFAULT
 
 from app.lab import session
 from app.lab.store import RunStore
@@ -147,7 +151,7 @@ def test_a_lesson_step_keeps_the_students_own_knobs(idle_server):  # noqa: F811
     clean(at)
     # the step's own view: its knob, every other lab knob at the default
     assert at.radio(key="tr_bal").value == "none"
-    assert at.radio(key="tr_attn").value == "mla" and at.select_slider(key="tr_steps").value == 150
+    assert at.radio(key="tr_attn").value == "mla" and at.select_slider(key="tr_steps").value == APP_DEFAULT.steps
     assert any("Lesson step view" in i.value for i in at.info)
     at.switch_page("pages/training.py")  # (AppTest reruns the page it was told; the app switched to the lab)
     at.button(key="tr_own_knobs").click().run()
@@ -162,3 +166,76 @@ def test_a_lesson_step_keeps_the_students_own_knobs(idle_server):  # noqa: F811
     at.toggle(key="lesson").set_value(False).run()
     clean(at)
     assert at.radio(key="tr_attn").value == "mha" and at.select_slider(key="tr_steps").value == 50
+
+
+def test_a_run_cut_by_the_time_cap_is_kept_as_a_partial_run(idle_server, tmp_path, monkeypatch):  # noqa: F811
+    from app.lab import knobs
+    folder = tmp_path / "store"
+    # a cap no step fits in: the run stops after its first step, whatever this machine's speed
+    monkeypatch.setattr(knobs, "MAX_SECONDS", 1e-3)
+    a = lab(TINY)
+    a.button(key="tr_start").click().run()
+    cut = run_of(a)
+    poll_until(a, lambda: not cut.active)
+    a.run()
+    clean(a)
+    assert cut.status == "time limit" and len(cut.records) == 1
+    assert cut.partial_id and cut.partial_id != cut.key and cut.saved
+    store = RunStore(folder)
+    part = store.get(cut.partial_id)
+    assert part.partial and part.full_id == cut.key and part.status == "time limit" and len(part.records) == 1
+    assert store.get(cut.key) is None, "the knobs' own id does not name a cut run"
+    assert a.query_params["runs"] == cut.partial_id, "the tab keeps it for a reload"
+    link = next(c.value for c in a.code if "runs=" in c.value)
+    assert f"runs={cut.partial_id}" in link
+
+    # its link after a server restart: opened from the store, labelled, with a button for the full run
+    from urllib.parse import parse_qsl, urlparse
+    monkeypatch.setattr(knobs, "MAX_SECONDS", HANG_S)  # the server's cap again: the full run fits
+    session.manager.clear()
+    mgr = session.manager()
+    mgr._store = RunStore(folder)
+    c = lab(dict(parse_qsl(urlparse(link).query)))
+    clean(c)
+    opened = c.session_state["_tr_history"]
+    assert [r.partial_id for r in opened] == [cut.partial_id] and opened[0].key == cut.key and opened[0].stored
+    assert any("Partial run" in w.value and "stopped at step 1 of 25 by the time cap" in w.value for w in c.warning)
+    assert mgr._seq == 0 and mgr.active is None, "opening the link trains nothing"
+
+    # a Start on the same knobs never shows the partial run: it trains the full run
+    e = lab(TINY)
+    e.button(key="tr_start").click().run()
+    full = run_of(e)
+    assert not full.stored and mgr.active is full and mgr._seq == 1 and full.key == cut.key
+    poll_until(e, lambda: not full.active)
+    e.run()
+    clean(e)
+    assert full.status == "done" and len(full.records) == 25 and full.partial_id is None
+    done = RunStore(folder).get(cut.key)
+    assert done.status == "done" and not done.partial and len(done.records) == 25, "stored as the finished run"
+    assert len(RunStore(folder).get(cut.partial_id).records) == 1, "the partial run keeps its own id"
+
+    # "Train the full run" on the partial view now opens the finished run, with no training
+    c.button(key=f"tr_full_{opened[0].id}").click().run()
+    clean(c)
+    shown = run_of(c)
+    assert shown.stored and shown.status == "done" and shown.key == cut.key and shown.partial_id is None
+    assert mgr._seq == 1 and any("Stored run" in s.value for s in c.success)
+
+
+def test_a_stopped_run_is_kept_as_a_partial_run(idle_server, tmp_path):  # noqa: F811
+    a = lab(LONG)
+    run = stopped_run(a)
+    a.run()
+    clean(a)
+    assert run.status == "stopped" and run.partial_id
+    step = run.records[-1]["step"]
+    assert run.cut_text() == f"stopped at step {step} of 400 with its Stop button"
+    store = RunStore(tmp_path / "store")
+    assert store.get(run.partial_id).status == "stopped" and store.get(run.key) is None
+    # a reload of the tab brings it back, labelled
+    d = lab(dict(a.query_params))
+    clean(d)
+    assert [r.partial_id for r in d.session_state["_tr_history"]] == [run.partial_id]
+    assert any(f"stopped at step {step} of 400 with its Stop button" in w.value for w in d.warning)
+    assert idle_server.active is None

@@ -136,14 +136,20 @@ def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
     assert any("#1 steps=25" in o for o in at.multiselect(key=f"tr_overlay_{run.id}").value)
 
 
-def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
-    at = lab(LONG)
+def stopped_run(at: AppTest):
+    """Start a LONG run in `at`, press Stop once it has two records, wait until it is over; returns the run."""
     at.button(key="tr_start").click().run()
     run = run_of(at)
     poll_until(at, lambda: len(run.records) >= 2)
     at.button(key="tr_stop").click().run()
     poll_until(at, lambda: not run.active)
     clean(at)
+    return run
+
+
+def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
+    at = lab(LONG)
+    run = stopped_run(at)
     assert run.status == "stopped" and len(run.records) < 400
     assert idle_server.active is None
     assert any("Stopped at step" in w.value for w in at.warning)
@@ -167,12 +173,13 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     mv = next(s for s in specs(at) if s["layout"]["title"]["text"].startswith("#2 MHA") and "MaxVio" in
               s["layout"]["title"]["text"])
     assert [t["name"] for t in mv["data"]] == [run.label, run2.label], "MaxVio of both runs overlaid"
-    # one link per overlaid run, with that run's knobs; a finished run's link also names it (stopped runs are not
-    # stored: their link carries knobs only)
+    # one link per overlaid run, with that run's knobs and the id it is stored under: the finished run's key, the
+    # stopped run's own partial id (never its knobs' key, which names the full run)
     assert any("Links carry results" in i.value for i in at.info)
     links = [c.value for c in at.code if "training" in c.value]
     assert len(links) == 2 and "tr_steps=400" in links[0] and "tr_attn=MHA" in links[1] and "tr_steps=25" in links[1]
-    assert "runs=" not in links[0] and f"runs={run2.key}" in links[1]
+    assert run.partial_id and run.partial_id != run.key and f"runs={run.partial_id}" in links[0]
+    assert f"runs={run2.key}" in links[1]
 
 
 def test_typed_sample_prompt_reaches_the_worker_and_the_caption(idle_server):

@@ -4,7 +4,7 @@ runs, screenshots before / during / after into artifacts/screenshots/, and the l
 Reuses the server and browser fixtures of tests/test_e2e_browser.py (a `streamlit run` on a free port; the system
 Chromium, never `playwright install`): skipped locally without Chromium, FAILS when the CI variable is set.
 
-`EVA_E2E_DEFAULT_RUN=1` adds the done-when measurement: the lab's *default* run (150 steps) in the live app —
+`EVA_E2E_DEFAULT_RUN=1` adds the done-when measurement: the lab's *default* run (`APP_DEFAULT.steps`) in the live app —
 seconds from the click to the first point on the curve and to the end of the run (printed; ≤ 1 s and ≤ 30 s are
 the targets on 2 cores).
 """
@@ -127,7 +127,7 @@ def test_default_run_timing(server, browser):  # noqa: F811
         page.wait_for_timeout(1000)
     t_click = _start(page)
     t_first = _wait_points(page, 1, 30)
-    _wait_points(page, 150, 400)
+    _wait_points(page, APP_DEFAULT.steps, 400)
     t_last = time.perf_counter()
     _wait_results(page, 60)
     t_results = time.perf_counter()

@@ -557,3 +557,39 @@ def test_same_link_gives_identical_chart_data_in_fresh_processes():
     skipped = {p: v["skipped"] for p, v in a.items() if v["skipped"]}
     assert sum(len(v) for v in skipped.values()) <= 2, f"too many charts excluded as wall-clock: {skipped}"
     print("wall-clock charts not compared:", skipped)
+
+
+def test_training_worker_keeps_freed_pages_until_trimmed():
+    """The lab worker's malloc settings (`app.memory.keep_freed_pages`): what a training step frees stays in the
+    process for the next step (no page faulted in again), and `trim()` after the job still returns it to the OS
+    (the idle worker's footprint). In a fresh process: the settings are process-wide."""
+    code = textwrap.dedent("""
+        import resource
+        import torch
+        from app.memory import keep_freed_pages, trim
+        kept = keep_freed_pages()
+        rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
+        faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        def step():  # 64 MiB of 1 MiB buffers, allocated, written and freed, as a step's activations are
+            xs = [torch.ones(256, 1024) for _ in range(64)]
+            del xs
+        step()
+        f0 = faults()
+        for _ in range(5):
+            step()
+        refaulted = faults() - f0
+        held = rss()
+        trim()
+        print(kept, refaulted, held - rss())
+    """)
+    if not os.path.exists("/proc/self/statm"):
+        pytest.skip("needs /proc (Linux)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=HANG_S,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0, out.stderr
+    kept, refaulted, returned = out.stdout.split()
+    if kept != "True":
+        pytest.skip("not glibc: keep_freed_pages does nothing")
+    # 5 steps x 64 MiB would be 80k pages faulted in again with glibc's defaults
+    assert int(refaulted) < 2000, f"{refaulted} pages faulted in again"
+    assert int(returned) > 48 * 2**20, f"trim() returned only {int(returned) / 2**20:.0f} MiB"

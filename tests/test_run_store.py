@@ -240,3 +240,64 @@ def test_two_processes_write_at_once(tmp_path):
     st = rs.RunStore(tmp_path)
     assert st.stats()["runs"] == 30
     assert all(st.get(make_run(seed=s, n=40).id).records[-1]["step"] == 40 for s in [*range(15), *range(100, 115)])
+
+
+def make_partial(full: rs.StoredRun, step: int, status: str = "time limit") -> rs.StoredRun:
+    """The run `full` cut at `step` (by the time cap or a Stop), as the manager stores it."""
+    return rs.StoredRun(id=rs.partial_id(full.id), spec=full.spec, knobs=full.knobs, records=full.records[:step],
+                        after=full.after, status=status, message=f"Stopped at step {step}", started=full.started,
+                        finished=full.started + 1.0, full_id=full.id)
+
+
+def test_partial_runs_have_ids_of_their_own(tmp_path):
+    st = rs.RunStore(tmp_path)
+    full = make_run(n=30)
+    cut, stopped = make_partial(full, 7), make_partial(full, 7, status="stopped")
+    assert cut.id != full.id and stopped.id != cut.id, "two cuts of one run's knobs are two runs"
+    assert rs.check_id(cut.id) == cut.id, "a partial id has the form a link carries"
+    assert st.put(cut) and st.put(stopped)
+    back = st.get(cut.id)
+    assert back.partial and back.full_id == full.id and back.status == "time limit" and len(back.records) == 7
+    assert st.get(stopped.id).status == "stopped"
+    assert st.get(full.id) is None and not st.has(full.id), "the knobs' own id names no run until the full run"
+    assert st.stats()["runs"] == 2 and st.stats()["partial"] == 2
+    assert st.put(full) and not st.get(full.id).partial and st.get(full.id).full_id is None
+    assert len(st.get(full.id).records) == 30 and len(st.get(cut.id).records) == 7, "both kept, apart"
+    assert st.stats()["partial"] == 2 and st.stats()["runs"] == 3
+    # a finished run is status 'done' without full_id, a partial one a cut status with it: anything else is refused
+    for bad in (rs.StoredRun(**{**vars(full), "full_id": full.id}),
+                rs.StoredRun(**{**vars(cut), "full_id": None}),
+                rs.StoredRun(**{**vars(cut), "status": "diverged"})):
+        assert not st.put(bad) and "cannot be stored" in st.last_error and st.available
+
+
+def test_partial_runs_are_evicted_before_finished_ones(tmp_path):
+    st = rs.RunStore(tmp_path, max_runs=3)
+    old, new = make_run(seed=0, n=5), make_run(seed=1, n=5)
+    assert st.put(old) and st.put(new)
+    cut = make_partial(make_run(seed=2, n=5), 3)
+    assert st.put(cut)
+    assert st.get(cut.id) is not None  # opened last: still the first to go, being partial
+    extra = make_run(seed=3, n=5)
+    assert st.put(extra)
+    assert not st.has(cut.id) and all(st.has(r.id) for r in (old, new, extra))
+    # with no partial run left, the least recently used finished run goes
+    assert st.put(make_run(seed=4, n=5)) and not st.has(old.id)
+
+
+def test_another_schema_rebuilds_the_table(tmp_path):
+    path = tmp_path / rs.FILE_NAME
+    con = sqlite3.connect(str(path))
+    con.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, engine TEXT, spec TEXT)")  # an older layout, one row
+    con.execute("INSERT INTO runs VALUES ('0123456789abcdef', 'e', '{}')")
+    con.execute(f"PRAGMA user_version = {rs.SCHEMA - 1}")
+    con.commit()
+    con.close()
+    st = rs.RunStore(tmp_path)
+    assert st.available and st.stats()["runs"] == 0, "the cache of another schema is dropped, not misread"
+    full = make_run(n=5)
+    cut = make_partial(full, 2)
+    assert st.put(full) and st.put(cut) and st.get(cut.id).full_id == full.id
+    con = sqlite3.connect(str(path))
+    assert con.execute("PRAGMA user_version").fetchone()[0] == rs.SCHEMA
+    con.close()

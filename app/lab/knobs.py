@@ -121,7 +121,7 @@ KNOBS: dict[str, Knob] = {k.key: k for k in [
          labels=DATA_LABELS,
          help="synthetic: four token domains (arithmetic, brackets, copy, sorted) — lets you see experts specialise. "
               "pydoc: English text of Python's bundled documentation."),
-    Knob(key="tr_steps", label="Steps", kind="select_slider", options=(25, 50, 100, 150, 200, 300, 400),
+    Knob(key="tr_steps", label="Steps", kind="select_slider", options=(25, 50, 100, 125, 150, 200, 300, 400),
          source="steps", short="steps=", help=f"Optimizer steps (this server allows up to {MAX_STEPS})."),
     Knob(key="tr_lr", label="Learning rate", kind="select_slider", options=(3e-4, 1e-3, 3e-3, 1e-2, 3e-2),
          source="lr", labels=_g, short="lr=",
@@ -233,7 +233,7 @@ def lab_config(knobs: dict, seed: int):
             base = base.replace(n_routed_experts=e, num_experts_per_tok=topk, n_group=g, topk_group=tg)
         bal = k["tr_bal"]
         # APP_DEFAULT gives every field no knob sets (eval_batches, optimizer settings); warm-up over 10% of the
-        # steps and six validations per run are the rules its 150-step values follow
+        # steps and six validations per run are the rules its values follow (125 steps: warm-up 12, validation every 20)
         cfg = APP_DEFAULT.replace(
             steps=steps, batch_size=batch, seq_len=seq, lr=float(k["tr_lr"]), warmup=max(1, round(steps / 10)),
             seed=int(seed), dataset=k["tr_data"], balancing=bal if k["tr_ffn"] == "moe" else "none",

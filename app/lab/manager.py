@@ -10,7 +10,8 @@ Hosted-server manners (a classroom shares one small server):
   page shows its position and an estimated wait);
 * **a run is trained once** — runs are keyed by what decides their numbers (`app.lab.store.run_id`): a Start on
   the knobs of the run that is training (or queued) joins it as a viewer instead of queueing a copy, and a
-  finished run goes to the run store (app/lab/store.py), from which any later Start or link opens it at once;
+  finished run goes to the run store (app/lab/store.py), from which any later Start or link opens it at once; a run
+  cut by Stop or the time cap goes there too, as a partial run under its own id, which only its links open;
 * **the run trains in a worker process** (app/lab/worker.py, one core, started when the lab page is first opened),
   so it never competes with the server's page reruns for the GIL; its records stream back into a bounded list
   that the page polls with `st.fragment(run_every=...)`;
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.lab.knobs import MAX_SECONDS, MAX_STEPS, estimate_seconds, model_seconds, run_label
+from app.lab.store import PARTIAL, partial_id
 
 STALE_AFTER_S = float(os.environ.get("EVA_LAB_STALE_S", 20))            # owner not seen for this long -> stop
 MAX_QUEUE = 5
@@ -77,6 +79,7 @@ class LabRun:
     abandoned: bool = False                     # stopped because its browser session went away
     spec: dict | None = None                    # app.lab.store.run_spec: what decides its numbers
     key: str | None = None                      # app.lab.store.run_id of that spec (None: not keyed)
+    partial_id: str | None = None               # a run cut by Stop / the time cap: its own id in the store
     stored: bool = False                        # opened from the run store (or the manager's memory): not trained
     saved: bool | None = None                   # written to the run store after training (None: not attempted)
     viewers: set = field(default_factory=set)   # lab session keys following this run (the owner included)
@@ -94,6 +97,21 @@ class LabRun:
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    @property
+    def link_id(self) -> str | None:
+        """The id a link to this run carries: the key of a finished run, the partial id of a cut one, else None."""
+        if self.partial_id:
+            return self.partial_id
+        return self.key if self.key and self.status == "done" else None
+
+    def cut_text(self) -> str | None:
+        """How a partial run ended ("stopped at step 80 of 150 by the time cap"), None for any other run."""
+        if not self.partial_id:
+            return None
+        step = self.records[-1]["step"] if self.records else 0
+        how = "by the time cap" if self.status == "time limit" else "with its Stop button"
+        return f"stopped at step {step} of {self.total_steps} {how}"
 
     @property
     def total_steps(self) -> int:
@@ -231,16 +249,22 @@ class RunManager:
 
     # -- requests from pages
     def finished_run(self, key: str | None):
-        """The finished run with this key: a `LabRun` from the manager's memory or a `StoredRun` from the store,
-        else None. Never raises (a broken store reads as empty)."""
-        if not key:
+        """The finished run with this key (what a Start on its knobs shows): a `LabRun` from the manager's memory or
+        a `StoredRun` from the store, else None — never a partial run. Never raises (a broken store reads as
+        empty)."""
+        run = self.open_run(key)
+        return run if run is not None and run.status == "done" else None  # a partial run's status never is
+
+    def open_run(self, rid: str | None):
+        """The run a link names: finished (its key) or partial (its partial id), from memory or the store."""
+        if not rid:
             return None
         with self.lock:
-            mem = self._recent.get(key)
+            mem = self._recent.get(rid)
             if mem is not None:
-                self._recent.move_to_end(key)
+                self._recent.move_to_end(rid)
                 return mem
-        return self.store.get(key)
+        return self.store.get(rid)
 
     def _join_locked(self, run: LabRun) -> tuple[LabRun, int] | None:
         """If a run with `run.key` is training or queued, add `run`'s session as a viewer of it and return
@@ -265,7 +289,7 @@ class RunManager:
             if joined is not None:
                 return "joined", joined[1], joined[0]
             done = self._recent.get(run.key) if run.key else None
-            if done is not None:
+            if done is not None and done.status == "done":
                 return "stored", 0, done
             outcome, pos = self._request_locked(run, queue)
             return outcome, pos, run
@@ -368,6 +392,9 @@ class RunManager:
                 status = "abandoned"
                 message = (f"Stopped at step {run.records[-1]['step'] if run.records else 0}: nobody was watching "
                            f"(the browser tab closed or stayed away for {STALE_AFTER_S:.0f} s).")
+            keep = run.key is not None and (status == "done" or status in PARTIAL and bool(run.records))
+            if keep and status != "done":  # cut by Stop or the time cap: a partial run under an id of its own (set
+                run.partial_id = partial_id(run.key)  # before the status, which tabs read without the lock)
             run.after = after or {}
             run.message = message
             run.finished = time.time()
@@ -375,10 +402,9 @@ class RunManager:
             if self.active is run:
                 self.active = None
             self.completed += 1
-            keep = status == "done" and run.key is not None
-            if keep:  # in memory at once: a Start in the next instant finds it even before the store has it
-                self._recent[run.key] = run
-                self._recent.move_to_end(run.key)
+            if keep:  # in memory at once: a Start (or a link) in the next instant finds it before the store has it
+                self._recent[run.link_id] = run
+                self._recent.move_to_end(run.link_id)
                 while len(self._recent) > RECENT:
                     self._recent.popitem(last=False)
             if status in ("done", "time limit") and len(run.records) >= 10:  # recalibrate the estimates
@@ -393,16 +419,17 @@ class RunManager:
             self._save(run)
 
     def _save(self, run: LabRun) -> None:
-        """Write a finished run to the store (outside the manager's lock: a busy file may wait for its timeout)."""
+        """Write a finished or partial run to the store (outside the manager's lock: a busy file may wait for its
+        timeout)."""
         from app.lab.store import StoredRun, engine_version
         st = self.store
         if not st.available:
             run.saved = False
             return
         run.saved = st.put(StoredRun(
-            id=run.key, spec=run.spec, knobs=dict(run.knobs), records=list(run.records), after=run.after,
+            id=run.link_id, spec=run.spec, knobs=dict(run.knobs), records=list(run.records), after=run.after,
             n_params=run.n_params, status=run.status, message=run.message, started=run.started or 0.0,
-            finished=run.finished or 0.0, engine=engine_version()))
+            finished=run.finished or 0.0, engine=engine_version(), full_id=run.key if run.partial_id else None))
 
     def _read(self, proc) -> None:
         """Reader thread: the worker's events (JSON lines) -> run state."""

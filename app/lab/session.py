@@ -3,13 +3,14 @@
 page's buttons (start / queue / stop / leave the queue / train again) and the heartbeat.
 
 A Start first looks for the finished run of these knobs (the manager's memory, then the run store) and shows it at
-once; then for the same run training or queued, which it joins as a viewer; only then does it ask for a new run.
+once — never a partial run (one cut by Stop or the time cap); then for the same run training or queued, which it
+joins as a viewer; only then does it ask for a new run.
 
-The tab's history survives a reload through the URL: `?runs=<id>.<id>...` lists the ids of its finished runs (the
-same parameter makes a run's share link, see app/lab/views.py), and a fresh session opens them from the store.
-Chosen over a session token in the URL with the history kept server-side: the ids are already what a link needs,
-they expose nothing a link would not, and the store needs no per-session table to clean up. The price: only
-finished runs (those in the store) come back; a stopped run or a server without a store does not.
+The tab's history survives a reload through the URL: `?runs=<id>.<id>...` lists the ids of its stored runs, finished
+or partial (the same parameter makes a run's share link, see app/lab/views.py), and a fresh session opens them from
+the store. Chosen over a session token in the URL with the history kept server-side: the ids are already what a link
+needs, they expose nothing a link would not, and the store needs no per-session table to clean up. The price: only
+stored runs come back; a failed or abandoned run, or any run on a server without a store, does not.
 """
 from __future__ import annotations
 
@@ -69,13 +70,14 @@ def _copy(run: LabRun, number: int, stored: bool) -> LabRun:
     c = LabRun(owner=session_key(), number=number, knobs=dict(run.knobs), model_cfg=run.model_cfg,
                train_cfg=run.train_cfg, prompt=run.prompt, records=run.records, status=run.status,
                message=run.message, created=run.created, started=run.started, finished=run.finished,
-               after=run.after, n_params=run.n_params, spec=run.spec, key=run.key, stored=stored, saved=run.saved)
+               after=run.after, n_params=run.n_params, spec=run.spec, key=run.key, stored=stored, saved=run.saved,
+               partial_id=run.partial_id)
     return c
 
 
 def _from_store(s, number: int) -> LabRun:
-    """A LabRun of a `StoredRun`: the configs rebuilt from its spec (what it trained, whatever this server's caps
-    are now)."""
+    """A LabRun of a `StoredRun` (finished or partial): the configs rebuilt from its spec (what it trained, whatever
+    this server's caps are now)."""
     from core.config import ModelConfig
     from core.train import TrainConfig
     train = {k: v for k, v in s.spec["train"].items() if v is not None}
@@ -83,7 +85,7 @@ def _from_store(s, number: int) -> LabRun:
     return LabRun(owner=session_key(), number=number, knobs={**defaults(), **s.knobs}, model_cfg=mcfg, train_cfg=cfg,
                   prompt=s.spec.get("prompt", ""), records=s.records, status=s.status, message=s.message,
                   started=s.started, finished=s.finished, after=s.after, n_params=s.n_params, spec=s.spec,
-                  key=s.id, stored=True, saved=True)
+                  key=s.full_id or s.id, partial_id=s.id if s.partial else None, stored=True, saved=True)
 
 
 def _next_number() -> int:
@@ -113,8 +115,8 @@ def collect() -> None:
 
 
 def history_ids() -> list[str]:
-    """Ids of this tab's finished runs that a link can open (keyed runs that finished all their steps)."""
-    return [r.key for r in history() if r.key and r.status == "done"]
+    """Ids of this tab's runs that a link can open: finished runs (their key) and partial ones (their own id)."""
+    return [r.link_id for r in history() if r.link_id]
 
 
 def sync_url() -> None:
@@ -132,7 +134,8 @@ _OPENED = "_tr_opened"  # the ?runs= value this session has opened (once per ses
 
 
 def open_linked_runs() -> dict | None:
-    """A fresh session whose URL has `?runs=`: open those runs from the store into the history, no training.
+    """A fresh session whose URL has `?runs=`: open those runs (finished or partial) from the store into the history,
+    no training.
     Returns {"opened": [LabRun], "missing": [id], "bad": [message], "store": reason or None} the first time,
     None afterwards or without the parameter."""
     from app.lab.store import RunIdError, check_id
@@ -149,7 +152,7 @@ def open_linked_runs() -> dict | None:
         except RunIdError as e:
             out["bad"].append(str(e))
             continue
-        fin = mgr.finished_run(rid)
+        fin = mgr.open_run(rid)
         if fin is None:
             out["missing"].append(rid)
             continue
@@ -237,13 +240,15 @@ def on_start(queue: bool = False) -> None:
     st.session_state[_OUTCOME] = outcome
 
 
-def on_train_again(run: LabRun) -> None:
-    """"Train again" on a stored run: train its knobs and seed here (the result replaces the stored one)."""
+def on_train_again(run: LabRun, again: bool = True) -> None:
+    """"Train again" on a stored run: train its knobs and seed here (the result replaces the stored one). With
+    `again=False`, "Train the full run" on a partial run: a Start on its knobs and seed (the finished run at once
+    where the store has it, else it trains; queued when the server is busy)."""
     cur = current()
     if cur is not None and cur.active:
         return
     try:
-        outcome, pos, _ = start(run.knobs, run.train_cfg.seed, queue=True, again=True)
+        outcome, pos, _ = start(run.knobs, run.train_cfg.seed, queue=True, again=again)
     except LabConfigError as e:
         outcome = "invalid"
         st.session_state[_NOTICE] = str(e)

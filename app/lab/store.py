@@ -18,8 +18,14 @@ It is a cache, never a source of truth, and it must never break a page:
     `reason` says why in one sentence, and the lab trains as it would without a store. A write that still finds
     the file locked after the busy timeout is skipped (`last_error`), the store stays available.
 
-Only runs that finished all their steps belong here (status "done"): a run stopped by a user or by the time cap
-ends at a step decided by a clock, so it is not a function of its key.
+Only runs that finished all their steps are stored under their key (status "done"): a run stopped by a user or by
+the time cap ends at a step decided by a clock, so it is not a function of its key, and a Start on its knobs must
+never be answered with it. Such a run is still kept, so that its tab can share it and reopen it after a reload, as a
+*partial* run (`StoredRun.partial`): status "stopped" or "time limit", under an id of its own (`partial_id`: the
+same 16-hex-digit form, derived from the key + a random suffix, so it never equals a content address) with the
+key of its knobs' full run in the `full_id` column. Partial runs count toward both caps and are evicted before any
+finished run (then each kind least recently opened first): every Stop makes a new row, and a run that any Start can
+reuse is worth more than one only its link opens, so a class pressing Stop never pushes finished runs out.
 """
 from __future__ import annotations
 
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +47,8 @@ ENV_DIR = "EVA_DATA_DIR"
 ENV_MAX_MB = "EVA_STORE_MAX_MB"
 ENV_MAX_RUNS = "EVA_STORE_MAX_RUNS"
 FILE_NAME = "runs.sqlite"
-SCHEMA = 1                     # PRAGMA user_version; another value: the table is rebuilt (the store is a cache)
+SCHEMA = 2                     # PRAGMA user_version; another value: the table is rebuilt (the store is a cache).
+                               # 2: the full_id column (partial runs)
 DEFAULT_MAX_MB = 64.0          # a default run is ~60 kB compressed: ~1000 runs
 DEFAULT_MAX_RUNS = 2000
 BUSY_TIMEOUT_S = 2.0
@@ -133,11 +141,22 @@ def run_id(spec: dict, engine: str | None = None) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:ID_LEN]
 
 
+PARTIAL = ("stopped", "time limit")  # statuses of a partial run (see the module docstring)
+
+
+def partial_id(key: str) -> str:
+    """A new id for a partial run of the knobs whose full run is `key`: a run id in form (links and `check_id`
+    accept it), unique per call (two stops of the same knobs at different steps are two runs), never `key`."""
+    return hashlib.sha256(f"{key}:partial:{uuid.uuid4().hex}".encode()).hexdigest()[:ID_LEN]
+
+
 # ====================================================================== a stored run
 @dataclass
 class StoredRun:
     """What the lab shows of a finished run. `records`: every step record; `after`: the after-run measurements
-    (sample, domain × expert matrix); `knobs`: the lab knobs that asked for it (for labels and links)."""
+    (sample, domain × expert matrix); `knobs`: the lab knobs that asked for it (for labels and links). A partial run
+    (stopped by its user or the time cap) has status "stopped" / "time limit" and `full_id`, the key of its knobs'
+    full run; `id` is then its own `partial_id`."""
     id: str
     spec: dict
     knobs: dict
@@ -149,6 +168,11 @@ class StoredRun:
     started: float = 0.0       # unix time the training started
     finished: float = 0.0      # unix time it ended
     engine: str = ""
+    full_id: str | None = None  # partial runs only: the content address of the knobs' full run
+
+    @property
+    def partial(self) -> bool:
+        return self.full_id is not None
 
     @property
     def duration_s(self) -> float:
@@ -254,7 +278,8 @@ class RunStore:
                     id TEXT PRIMARY KEY, engine TEXT NOT NULL, spec TEXT NOT NULL, knobs TEXT NOT NULL,
                     status TEXT NOT NULL, message TEXT, n_params TEXT NOT NULL,
                     records BLOB NOT NULL, after BLOB NOT NULL, n_records INTEGER NOT NULL,
-                    started REAL NOT NULL, finished REAL NOT NULL, last_used REAL NOT NULL, bytes INTEGER NOT NULL)""")
+                    started REAL NOT NULL, finished REAL NOT NULL, last_used REAL NOT NULL, bytes INTEGER NOT NULL,
+                    full_id TEXT)""")
                 con.execute("CREATE INDEX IF NOT EXISTS runs_last_used ON runs (last_used)")
                 con.execute(f"PRAGMA user_version = {SCHEMA}")
                 con.execute("COMMIT")
@@ -292,20 +317,21 @@ class RunStore:
 
     # -- reading
     def get(self, rid: str) -> StoredRun | None:
-        """The stored run `rid` (already checked with `check_id`), or None when absent or the store is unavailable.
-        Opening a run marks it recently used (eviction keeps what classes open)."""
+        """The stored run `rid` (already checked with `check_id`), finished or partial, or None when absent or the
+        store is unavailable. Opening a run marks it recently used (eviction keeps what classes open)."""
         if not self.available:
             return None
         try:
             con = self._connect()
             try:
                 row = con.execute("SELECT id, engine, spec, knobs, status, message, n_params, records, after, "
-                                  "started, finished FROM runs WHERE id = ?", (rid,)).fetchone()
+                                  "started, finished, full_id FROM runs WHERE id = ?", (rid,)).fetchone()
                 if row is None:
                     return None
                 run = StoredRun(id=row[0], engine=row[1], spec=json.loads(row[2]), knobs=json.loads(row[3]),
                                 status=row[4], message=row[5], n_params=json.loads(row[6]),
-                                records=_unpack(row[7]), after=_unpack(row[8]), started=row[9], finished=row[10])
+                                records=_unpack(row[7]), after=_unpack(row[8]), started=row[9], finished=row[10],
+                                full_id=row[11])
                 try:
                     con.execute("UPDATE runs SET last_used = ? WHERE id = ?", (time.time(), rid))
                 except sqlite3.OperationalError:  # locked by a writer: the recency is a hint, not worth a wait
@@ -334,13 +360,14 @@ class RunStore:
             return False
 
     def stats(self) -> dict | None:
-        """{"runs", "bytes" (run data), "file_bytes" (the .sqlite file + its WAL)} or None when unavailable."""
+        """{"runs", "partial" (of those runs), "bytes" (run data), "file_bytes" (the .sqlite file + its WAL)} or None
+        when unavailable."""
         if not self.available:
             return None
         try:
             con = self._connect()
             try:
-                n, b = con.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM runs").fetchone()
+                n, b, part = con.execute("SELECT count(*), coalesce(sum(bytes), 0), count(full_id) FROM runs").fetchone()
             finally:
                 con.close()
         except sqlite3.Error as e:
@@ -352,14 +379,20 @@ class RunStore:
                 size += p.stat().st_size
             except OSError:  # the WAL comes and goes with checkpoints of other connections
                 pass
-        return {"runs": n, "bytes": b, "file_bytes": size}
+        return {"runs": n, "partial": part, "bytes": b, "file_bytes": size}
 
     # -- writing
     def put(self, run: StoredRun) -> bool:
         """Store `run` (replacing a run with its id) and evict the least recently used runs beyond the caps.
         False when it was not stored: store unavailable, locked past the busy timeout, or the run alone is larger
-        than the byte cap (`last_error` says which)."""
+        than the byte cap (`last_error` says which). A run is finished (status "done", no `full_id`) or partial
+        (a `PARTIAL` status and the `full_id` of its knobs); anything else is refused."""
         if not self.available:
+            return False
+        if (run.status == "done") == run.partial or (run.partial and run.status not in PARTIAL):
+            self.last_error = (f"run {run.id} cannot be stored: status {run.status!r} with full_id {run.full_id!r} "
+                               f"(a finished run has status 'done' and no full_id, a partial run one of {PARTIAL} "
+                               "and the id of its full run)")
             return False
         try:
             records, after = _pack(run.records), _pack(run.after)
@@ -377,9 +410,9 @@ class RunStore:
             con = self._connect()
             try:
                 con.execute("BEGIN IMMEDIATE")
-                con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                             (run.id, run.engine or engine_version(), spec, knobs, run.status, run.message, n_params,
-                             records, after, len(run.records), run.started, run.finished, now, size))
+                             records, after, len(run.records), run.started, run.finished, now, size, run.full_id))
                 self._evict(con, keep=run.id)
                 con.execute("COMMIT")
                 con.execute("PRAGMA incremental_vacuum")
@@ -393,14 +426,15 @@ class RunStore:
         return True
 
     def _evict(self, con: sqlite3.Connection, keep: str) -> None:
-        """Delete the least recently used runs (never `keep`) until both caps hold. Inside the writer's
-        transaction, so two processes never evict past each other."""
+        """Delete runs (never `keep`) until both caps hold: partial runs first, then finished ones, each kind least
+        recently used first (why: the module docstring). Inside the writer's transaction, so two processes never
+        evict past each other."""
         n, total = con.execute("SELECT count(*), coalesce(sum(bytes), 0) FROM runs").fetchone()
         if n <= self.max_runs and total <= self.max_bytes:
             return
         drop = []
-        for rid, b in con.execute("SELECT id, bytes FROM runs WHERE id != ? ORDER BY last_used, finished",
-                                  (keep,)):
+        for rid, b in con.execute("SELECT id, bytes FROM runs WHERE id != ? "
+                                  "ORDER BY full_id IS NULL, last_used, finished", (keep,)):
             if n <= self.max_runs and total <= self.max_bytes:
                 break
             drop.append((rid,))

@@ -244,7 +244,7 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
         stored_note(r)
     if r.status in ("diverged", "error"):
         st.error(r.message or "The run failed.", icon=":material/error:")
-    elif r.message:
+    elif r.message and not (r.stored and r.partial_id):  # a stored partial run's note says how it stopped
         st.warning(r.message, icon=":material/info:")
     f = rec.final_losses(r.records)
     last = r.records[-1]
@@ -337,9 +337,19 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
 
 def stored_note(run: LabRun) -> None:
     """A run opened from the store (or from a link): say so, when and how long it trained, and offer to train it
-    again here."""
+    again here — or, for a partial run, say where it stopped and offer to train the full run."""
     import datetime
     when = datetime.datetime.fromtimestamp(run.finished or 0, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if run.partial_id:
+        with st.container(horizontal=True, vertical_alignment="center"):
+            st.warning(f"**Partial run** — {run.cut_text()} (trained on this server on {when} for "
+                       f"{run.elapsed():.1f} s; shown from the run store, nothing was trained now). Its curves end "
+                       "where it stopped; Start on these knobs trains the full run.", icon=":material/content_cut:")
+            st.button("Train the full run", icon=":material/play_arrow:", key=f"tr_full_{run.id}",
+                      on_click=session.on_train_again, args=(run, False),
+                      help="Start this run's knobs and seed: the finished run at once if this server has it, "
+                           "else it trains here.")
+        return
     with st.container(horizontal=True, vertical_alignment="center"):
         st.success(f"**Stored run** — trained on this server on {when} in {run.elapsed():.1f} s; shown from the run "
                    "store, nothing was trained now. The same knobs and seed train the same numbers, so this is "
@@ -351,12 +361,13 @@ def stored_note(run: LabRun) -> None:
 
 def run_query(run: LabRun, lesson: bool = False, model: str = "deepseek-v3") -> dict[str, str]:
     """The query parameters that open the lab with `run`'s knobs and seed (defaults left out, as Streamlit does),
-    for a finished run its id (`?runs=`: opened where the store has it, the results show with no training; where it
-    does not, the knobs are there to train it), and the sidebar's `model` (the lab trains `mini` either way, but
-    the opened page's sidebar shows it; an uploaded config cannot travel in a link)."""
+    for a stored run (finished, or partial: cut by Stop or the time cap) its id (`?runs=`: opened where the store
+    has it, the results show with no training; where it does not, the knobs are there to train it), and the
+    sidebar's `model` (the lab trains `mini` either way, but the opened page's sidebar shows it; an uploaded config
+    cannot travel in a link)."""
     q = {k: KNOBS[k].fmt(v) for k, v in run.knobs.items() if k in KNOBS and v != KNOBS[k].default}
-    if run.key and run.status == "done":
-        q[session.RUNS_PARAM] = run.key
+    if run.link_id:  # a finished run's key, or a partial run's own id
+        q[session.RUNS_PARAM] = run.link_id
     if run.train_cfg.seed != 0:
         q["seed"] = str(run.train_cfg.seed)
     if model not in ("deepseek-v3", "uploaded"):
@@ -376,12 +387,13 @@ def run_link(run: LabRun, lesson: bool = False) -> str:
 
 
 def share_section(runs: list[LabRun]) -> None:
-    """How to show these runs to a colleague: a link carries a finished run's id and its knobs. One link per run."""
+    """How to show these runs to a colleague: a link carries a stored run's id and its knobs. One link per run."""
     lesson = bool(st.session_state.get("lesson"))
     st.info("**Links carry results.** Each link below names a run and its knobs: on this server it opens the run's "
-            "curves and results at once, with no training (finished runs are kept in the server's run store). Where "
-            "the store no longer has it, the link still sets the run's knobs and seed, and Start trains the same "
-            "numbers. The address bar does the same for every finished run of this tab, so a reload keeps them.",
+            "curves and results at once, with no training (the server's run store keeps finished runs, and runs cut "
+            "by Stop or the time cap as partial runs). Where the store no longer has it, the link still sets the "
+            "run's knobs and seed, and Start trains the same numbers (a cut run: the full run). The address bar does "
+            "the same for every stored run of this tab, so a reload keeps them.",
             icon=":material/share:")
     with st.expander(f"Links to {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
                      icon=":material/link:"):

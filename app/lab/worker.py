@@ -88,11 +88,12 @@ def main() -> None:  # pragma: no cover - runs in the child process (tested thro
 
     threading.Thread(target=read_commands, daemon=True).start()
 
+    from app.memory import keep_freed_pages, trim
+    keep_freed_pages()  # a step re-allocates what the last one freed: keep those pages (trim() after each job)
     import torch
     torch.set_num_threads(1)
     import torch._dynamo  # noqa: F401  (the optimizer imports it on first use: ~1 s; do it before any job)
 
-    from app.memory import trim
     from core.config import ModelConfig
     from core.data import get_dataset
     from core.cli import json_safe
