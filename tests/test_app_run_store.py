@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import time
 
-from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, loss_chart, loss_points, poll_until, run_of  # noqa: F401,E501
+from test_app_training import (LONG, TINY, _drain, clean, fresh_store, lab, loss_chart, loss_points,  # noqa: F401
+                               poll_until, run_of)
 from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
 # empty store per test)
 

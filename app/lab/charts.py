@@ -45,13 +45,14 @@ def lr_schedule(df: pd.DataFrame, warmup: int) -> go.Figure:
 # The loss curve is a Vega-Lite chart (altair), the lab's other charts plotly: it is the chart a share link must show
 # first, and a page's first plotly chart costs a fresh browser the 4.7 MB plotly bundle plus its parse before anything
 # draws (~2 s after the page text on two cores, against ~0.5 s for a Vega-Lite chart; docs/performance.md).
-LOSS_SERIES = {  # series name -> (colour, line width, opacity, dash); the order is the legend's
-    "train loss (each batch)": (palette.LOSS["train"], 1, 0.35, [1, 0]),
-    "train loss (moving average)": (palette.LOSS["train"], 3, 1.0, [1, 0]),
-    "MTP loss (λ-weighted, avg)": (palette.LOSS["mtp"], 2, 1.0, [2, 3]),
-    "validation loss": (palette.LOSS["val"], 2, 1.0, [1, 0]),
-}
 TRAIN_SERIES = "train loss (each batch)"  # the raw per-step curve: one point per recorded step
+AVG_SERIES, MTP_SERIES, VAL_SERIES = "train loss (moving average)", "MTP loss (λ-weighted, avg)", "validation loss"
+LOSS_SERIES = {  # series name -> (colour, line width, opacity, dash); the order is the legend's
+    TRAIN_SERIES: (palette.LOSS["train"], 1, 0.35, [1, 0]),
+    AVG_SERIES: (palette.LOSS["train"], 3, 1.0, [1, 0]),
+    MTP_SERIES: (palette.LOSS["mtp"], 2, 1.0, [2, 3]),
+    VAL_SERIES: (palette.LOSS["val"], 2, 1.0, [1, 0]),
+}
 
 
 def loss_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -60,14 +61,13 @@ def loss_frame(df: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"step": pd.Series(dtype=int), "series": pd.Series(dtype=str),
                              "loss": pd.Series(dtype=float)})
     lm = df["lm_loss"].where(df["lm_loss"].notna(), df["loss"])
-    names = list(LOSS_SERIES)
-    parts = [pd.DataFrame({"step": df["step"], "series": names[0], "loss": lm}),
-             pd.DataFrame({"step": df["step"], "series": names[1], "loss": ema(lm.tolist())})]
+    parts = [pd.DataFrame({"step": df["step"], "series": TRAIN_SERIES, "loss": lm}),
+             pd.DataFrame({"step": df["step"], "series": AVG_SERIES, "loss": ema(lm.tolist())})]
     if "mtp_loss" in df and df["mtp_loss"].notna().any():
-        parts.append(pd.DataFrame({"step": df["step"], "series": names[2], "loss": ema(df["mtp_loss"].tolist())}))
+        parts.append(pd.DataFrame({"step": df["step"], "series": MTP_SERIES, "loss": ema(df["mtp_loss"].tolist())}))
     v = df[df["val_loss"].notna()] if "val_loss" in df else df.iloc[:0]
     if len(v):
-        parts.append(pd.DataFrame({"step": v["step"], "series": names[3], "loss": v["val_loss"]}))
+        parts.append(pd.DataFrame({"step": v["step"], "series": VAL_SERIES, "loss": v["val_loss"]}))
     out = pd.concat(parts, ignore_index=True)
     return out[out["loss"].notna()].astype({"step": int, "loss": float})
 
@@ -79,9 +79,9 @@ def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> alt.Layer
     lm = long[long["series"] == TRAIN_SERIES]["loss"]
     if len(lm):
         first = float(lm.iloc[0])
-        now = float(long[long["series"] == "train loss (moving average)"]["loss"].iloc[-1])
+        now = float(long[long["series"] == AVG_SERIES]["loss"].iloc[-1])
         step = int(df["step"].iloc[-1])
-        val = long[long["series"] == "validation loss"]
+        val = long[long["series"] == VAL_SERIES]
         title = (f"{label + ': ' if label else ''}The loss falls from {first:.2f} to {now:.2f} in "
                  f"{step} of {total_steps} steps")
         sub = ("train = next-byte cross-entropy of each batch (moving average bold); "
@@ -90,27 +90,28 @@ def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> alt.Layer
     else:
         title, sub = "Waiting for the first step: the loss curve draws here", "nats per byte; lower is better"
     ymax = max(UNIFORM_LOSS + 0.3, float(lm.max()) * 1.03 if len(lm) else 0)
-    names = [n for n in LOSS_SERIES if n in set(long["series"])] or list(LOSS_SERIES)[:2]
-    style = [LOSS_SERIES[n] for n in names]
+    names = [n for n in LOSS_SERIES if n in set(long["series"])] or [TRAIN_SERIES, AVG_SERIES]
+    colour, width, opacity, dash = zip(*(LOSS_SERIES[n] for n in names))
     legend = alt.Legend(orient="bottom", direction="horizontal", columns=2, title=None, labelLimit=220,
                         symbolType="stroke", labelFontSize=12)
     series = dict(field="series", type="nominal", sort=names)
     base = alt.Chart(long).encode(
         x=alt.X("step:Q", title="Step", scale=alt.Scale(domain=[0, max(total_steps, 1) * 1.02], nice=False)),
         y=alt.Y("loss:Q", title="Loss (nats per byte)", scale=alt.Scale(domain=[0, ymax], nice=False)),
-        color=alt.Color(**series, scale=alt.Scale(domain=names, range=[c for c, *_ in style]), legend=legend),
+        color=alt.Color(**series, scale=alt.Scale(domain=names, range=list(colour)), legend=legend),
         tooltip=[alt.Tooltip("series:N", title="curve"), alt.Tooltip("step:Q", title="step"),
                  alt.Tooltip("loss:Q", title="loss", format=".3f")])
+    # ordinal scales: each series gets its own width and opacity (a nominal field would interpolate between them)
     lines = base.mark_line(clip=True).encode(
-        strokeWidth=alt.StrokeWidth(**series, scale=alt.Scale(type="ordinal", domain=names, range=[w for _, w, *_ in style]),
+        strokeWidth=alt.StrokeWidth(**series, scale=alt.Scale(type="ordinal", domain=names, range=list(width)),
                                     legend=legend),
-        opacity=alt.Opacity(**series, scale=alt.Scale(type="ordinal", domain=names, range=[o for *_, o, _ in style]), legend=legend),
-        strokeDash=alt.StrokeDash(**series, scale=alt.Scale(domain=names, range=[d for *_, d in style]),
-                                  legend=legend))
+        opacity=alt.Opacity(**series, scale=alt.Scale(type="ordinal", domain=names, range=list(opacity)),
+                            legend=legend),
+        strokeDash=alt.StrokeDash(**series, scale=alt.Scale(domain=names, range=list(dash)), legend=legend))
     # hover targets: every point of every curve (a line answers the pointer only on its stroke); the validation
     # points are drawn, as markers on its line
     hover = base.mark_point(filled=True, size=60, clip=True).encode(
-        opacity=alt.condition(alt.datum.series == "validation loss", alt.value(1.0), alt.value(0.0)))
+        opacity=alt.condition(alt.datum.series == VAL_SERIES, alt.value(1.0), alt.value(0.0)))
     guess = pd.DataFrame({"loss": [UNIFORM_LOSS], "text": [f"uniform guess ln 256 = {UNIFORM_LOSS:.2f}"]})
     grey = palette.OKABE_ITO["grey"]
     rule = alt.Chart(guess).mark_rule(color=grey, strokeDash=[6, 4]).encode(y="loss:Q")
