@@ -235,11 +235,12 @@ class Tab:
         """Plotly figures by element id: {id: figure dict}."""
         return {c.id: json.loads(c.spec) for c in self._of("plotly_chart")}
 
-    def vega_charts(self) -> dict[str, tuple[dict, list]]:
-        """Vega-Lite charts by element id: {id: (spec dict, [DataFrame of each dataset])} (the lab's loss curve)."""
+    def vega_charts(self) -> list[tuple[dict, list]]:
+        """Vega-Lite charts in page order: (spec dict, [DataFrame of each dataset]) each (the lab's loss curve). They
+        carry no element id (Streamlit sets one only on charts with selections): tell them apart by their titles."""
         from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
-        return {c.id: (json.loads(c.spec), [convert_arrow_bytes_to_pandas_df(d.data.data) for d in c.datasets])
-                for c in self._of("vega_lite_chart")}
+        return [(json.loads(c.spec), [convert_arrow_bytes_to_pandas_df(d.data.data) for d in c.datasets])
+                for c in self._of("vega_lite_chart")]
 
 
 def series_points(chart: tuple[dict, list], series: str) -> int:
