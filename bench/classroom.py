@@ -221,13 +221,15 @@ def page_outcome(texts: list[str]) -> str:
 
 def results_seen(tab) -> int | None:
     """Points of the results' loss curve when the page shows the results ("Results" and "Compare runs" headers and
-    the finished run's loss-curve figure), else None."""
-    from ws_client import trace_points
+    the finished run's loss-curve chart, the one whose title says the loss falls), else None."""
+    from ws_client import series_points
+
+    from app.lab.charts import TRAIN_SERIES
     heads = tab.headings()
     if "Results" not in heads or "Compare runs" not in heads:
         return None
-    loss = [f for cid, f in tab.charts().items() if "-res_" in cid and cid.endswith("_loss")]
-    return trace_points(loss[0]) if loss and trace_points(loss[0]) else None
+    loss = [c for c in tab.vega_charts() if "loss falls" in " ".join(c[0].get("title", {}).get("text", []))]
+    return series_points(loss[0], TRAIN_SERIES) if loss and series_points(loss[0], TRAIN_SERIES) else None
 
 
 async def ws_student(s: Student, delay: float, base: str, args) -> None:

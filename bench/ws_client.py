@@ -235,6 +235,18 @@ class Tab:
         """Plotly figures by element id: {id: figure dict}."""
         return {c.id: json.loads(c.spec) for c in self._of("plotly_chart")}
 
+    def vega_charts(self) -> list[tuple[dict, list]]:
+        """Vega-Lite charts in page order: (spec dict, [DataFrame of each dataset]) each (the lab's loss curve). They
+        carry no element id (Streamlit sets one only on charts with selections): tell them apart by their titles."""
+        from streamlit.dataframe_util import convert_arrow_bytes_to_pandas_df
+        return [(json.loads(c.spec), [convert_arrow_bytes_to_pandas_df(d.data.data) for d in c.datasets])
+                for c in self._of("vega_lite_chart")]
+
+
+def series_points(chart: tuple[dict, list], series: str) -> int:
+    """Rows of one series (the `series` column) in a Vega-Lite chart of `Tab.vega_charts`."""
+    return sum(int((df["series"] == series).sum()) for df in chart[1] if "series" in df)
+
 
 def trace_points(fig: dict, i: int = 0) -> int:
     """Points of trace `i` of a plotly figure dict (a list, or plotly's typed array {dtype, bdata})."""

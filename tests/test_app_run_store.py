@@ -8,9 +8,11 @@ and a reload open, labelled, and that a Start on its knobs never shows.
 Runs are tiny (25 steps of 4 × 32 tokens) and each test trains at most one to completion."""
 from __future__ import annotations
 
+import json
 import time
 
-from test_app_training import LONG, TINY, _drain, clean, fresh_store, lab, poll_until, run_of, stopped_run  # noqa: F401
+from test_app_training import (LONG, TINY, _drain, clean, fresh_store, lab, loss_chart, loss_points,  # noqa: F401
+                               poll_until, run_of, stopped_run)
 from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
 # empty store per test)
 
@@ -62,7 +64,13 @@ def test_same_knobs_train_once_and_open_from_a_link_after_a_restart(idle_server,
     assert [r.key for r in opened] == [run.key] and opened[0].stored
     assert [r["loss"] for r in opened[0].records] == [r["loss"] for r in run.records]
     assert "Compare runs" in _results(c) and any("Stored run" in s.value for s in c.success)
-    assert any("loss falls" in (ch.proto.spec or "") for ch in c.get("plotly_chart"))
+    assert loss_points(loss_chart(c)) == 25, "the link opens the loss curve"
+    # the router charts (plotly) render when their expander opens: a fresh browser draws the loss curve first
+    assert not c.get("plotly_chart")
+    c.session_state[f"tr_router_{opened[0].id}"] = True
+    c.run()
+    titles = [json.loads(ch.proto.spec)["layout"]["title"]["text"] for ch in c.get("plotly_chart")]
+    assert any("MaxVio" in t for t in titles) and any("domains" in t for t in titles), titles
     assert mgr.active is None and mgr._seq == 0, "opening a link submits no training job"
 
     # a reload of a's tab: a fresh session with a's address bar gets a's runs back

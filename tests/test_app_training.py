@@ -89,6 +89,27 @@ def specs(at: AppTest) -> list[dict]:
     return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
+def vega_charts(at: AppTest) -> list[tuple[dict, "pd.DataFrame"]]:
+    """The page's Vega-Lite charts: (spec, every dataset of the chart concatenated) each."""
+    import pandas as pd
+    from streamlit import dataframe_util
+    out = []
+    for c in at.get("vega_lite_chart"):
+        frames = [dataframe_util.convert_arrow_bytes_to_pandas_df(d.data.data) for d in c.proto.datasets]
+        out.append((json.loads(c.proto.spec), pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()))
+    return out
+
+
+def loss_chart(at: AppTest) -> "pd.DataFrame":
+    """The data of the lab's loss curve (the Vega-Lite chart whose title says the loss falls)."""
+    return next(d for s, d in vega_charts(at) if "loss falls" in " ".join(s["title"]["text"]))
+
+
+def loss_points(data) -> int:
+    """Points of the raw train-loss curve: one per recorded step."""
+    return int((data["series"] == ct.TRAIN_SERIES).sum())
+
+
 def npoints(arr) -> int:
     """Length of a plotly data array in a figure's JSON (a list, or a typed array {'dtype', 'bdata'})."""
     if isinstance(arr, dict) and "bdata" in arr:
@@ -113,8 +134,7 @@ def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
     run = run_of(at)
     assert run is not None and idle_server.active is run
     poll_until(at, lambda: len(run.records) >= 3)
-    loss = next(s for s in specs(at) if "loss falls" in s["layout"]["title"]["text"])  # live curve, growing
-    n_live = npoints(loss["data"][0]["x"])
+    n_live = loss_points(loss_chart(at))  # the live curve, growing
     assert 1 <= n_live <= 25
     assert any(p.proto.value for p in at.get("progress")), "progress bar while running"
     poll_until(at, lambda: not run.active)
@@ -123,8 +143,10 @@ def test_tiny_run_to_completion_shows_curve_and_results(idle_server):
     assert run.status == "done" and len(run.records) == 25
     assert idle_server.active is None, "the server is free again"
     titles = [s["layout"]["title"]["text"] for s in specs(at)]
-    loss = next(s for s in specs(at) if "loss falls" in s["layout"]["title"]["text"])
-    assert npoints(loss["data"][0]["x"]) == 25 >= n_live
+    loss = loss_chart(at)
+    assert loss_points(loss) == 25 >= n_live
+    assert loss[loss["series"] == "validation loss"]["step"].tolist() == [r["step"] for r in run.records
+                                                                           if r.get("val_loss") is not None]
     assert any("MaxVio" in t for t in titles) and any("busiest expert" in t for t in titles)
     assert any("domains" in t for t in titles), "domain x expert specialisation matrix"
     assert at.code and at.code[0].value.startswith("47+8="), "sampled text"
@@ -393,8 +415,17 @@ def test_chart_builders_on_records():
     assert len(df) == 6 and {"loss", "val_loss", "max_vio_moe0", "load_moe0_e15", "bias_moe2_e0"} <= set(df)
     rel = rec.relative_loads(recs)
     assert rel.shape == (6, 16) and abs(rel.mean() - 1) < 1e-6
-    assert ct.loss_curve(df, 6).data and ct.maxvio_curve(df, 6).data
-    assert ct.loss_curve(df.iloc[:0], 6).layout.title.text.startswith("Waiting for the first step")
+    assert ct.maxvio_curve(df, 6).data
+    spec = ct.loss_curve(df, 6).to_dict()  # a Vega-Lite chart: its data is the long table of ct.loss_frame
+    assert "loss falls" in " ".join(spec["title"]["text"]) and "6 of 6 steps" in " ".join(spec["title"]["text"])
+    long = ct.loss_frame(df)
+    assert long.groupby("series").size().to_dict() == {ct.TRAIN_SERIES: 6, "train loss (moving average)": 6,
+                                                        "MTP loss (λ-weighted, avg)": 6,
+                                                        "validation loss": int(df["val_loss"].notna().sum())}
+    rows = [r for d in spec["datasets"].values() for r in d if r.get("series") == ct.TRAIN_SERIES]
+    assert [r["loss"] for r in rows] == df["lm_loss"].where(df["lm_loss"].notna(), df["loss"]).tolist()
+    empty = ct.loss_curve(df.iloc[:0], 6).to_dict()
+    assert empty["title"]["text"][0].startswith("Waiting for the first step")
     assert ct.expert_load_heatmap(rel, list(df["step"]), 6, "mean").data
     assert ct.bias_heatmap(rec.router_biases(recs), list(df["step"]), 6, "mean").data
     fig = ct.overlay_runs([("A", recs), ("B", _records(4, seed=1))])

@@ -16,24 +16,26 @@ import time
 import pytest
 from apptest_helpers import HANG_S
 
+from app.lab.charts import TRAIN_SERIES
 from core.train import APP_DEFAULT
 from test_e2e_browser import LOAD_TIMEOUT_MS, SHOTS, browser, full_screenshot, server, wait_ready  # noqa: F401  (fixtures)
 
 EXC = "[data-testid='stException']"
 STEPS = 50  # a Steps option of the lab
-# Points of the live loss curve: the plotly graph whose title says the loss falls; its first trace = train loss.
+# Points of the lab's loss curve: the Vega-Lite chart whose title says the loss falls; the train-loss series (one
+# point per recorded step) as Vega drew it: its SVG renderer keeps each mark's scene item, with the item's datum and
+# the line's items, on the element (`__data__`).
 _POINTS_JS = """() => {
-  for (const gd of document.querySelectorAll('.js-plotly-plot')) {
-    const t = (gd.layout && gd.layout.title && gd.layout.title.text) || '';
-    if (t.includes('loss falls') && gd.data && gd.data.length) {
-      const x = gd.data[0].x;  // a list, or plotly's typed-array spec {dtype, bdata, _inputArray}
-      if (!x) return 0;
-      if (x._inputArray) return x._inputArray.length;
-      return x.length || 0;
+  for (const c of document.querySelectorAll('[data-testid="stVegaLiteChart"]')) {
+    const title = [...c.querySelectorAll('g.role-title text')].map(t => t.textContent).join(' ');
+    if (!title.includes('loss falls')) continue;
+    for (const p of c.querySelectorAll('g.mark-line path')) {
+      const item = p.__data__;
+      if (item && item.datum && item.datum.series === '%s') return item.mark.items.length;
     }
   }
   return 0;
-}"""
+}""" % TRAIN_SERIES
 
 
 def _points(page) -> int:
@@ -171,12 +173,24 @@ def test_share_link_opens_stored_results_in_a_fresh_browser_without_training(ser
     _wait_results(fresh, 60)
     _wait_points(fresh, 25, 60)
     t_results = time.perf_counter() - t0
-    wait_ready(fresh)
+    wait_ready(fresh, charts=False)  # (no plotly chart yet: the router charts render on demand)
     assert fresh.locator(EXC).count() == 0
     assert fresh.get_by_text("Stored run").count() >= 1
     assert fresh.get_by_text("MTP draft acceptance").count() >= 1
     assert fresh.locator(".st-key-tr_stop button").count() == 0, "no run is training for this tab"
     assert _trained(fresh) == trained, "opening the link submitted no training job"
     full_screenshot(fresh, SHOTS / "training-3-stored-link.png", 1400)
-    print(f"\nshare link in a fresh context: loss curve and results shown {t_results:.2f} s after goto")
+    # the router charts: one click away, drawn then (MaxVio, the two step heatmaps, the domain matrix)
+    t1 = time.perf_counter()
+    fresh.get_by_text("Router charts").click()
+    fresh.wait_for_function("() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 4 * 3",
+                            timeout=LOAD_TIMEOUT_MS)
+    t_router = time.perf_counter() - t1
+    wait_ready(fresh)
+    assert fresh.locator(EXC).count() == 0
+    assert fresh.get_by_text("MaxVio goes from").count() >= 1
+    full_screenshot(fresh, SHOTS / "training-4-stored-link-router.png", 1400)
+    load = os.getloadavg()
+    print(f"\nshare link in a fresh context: loss curve and results shown {t_results:.2f} s after goto; router charts "
+          f"{t_router:.2f} s after opening them; load average {load[0]:.2f} / {load[1]:.2f} on {os.cpu_count()} cores")
     ctx.close()

@@ -50,9 +50,12 @@ def test_masterclass_notebook_executes():
     nbformat.write(nb, OUT / "masterclass.executed.ipynb")
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
     assert not errors, errors
-    figures = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-               if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert len(figures) >= 12, len(figures)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
+    # the lab's loss curve is a Vega-Lite chart: altair's default renderer writes it as HTML that embeds the spec
+    vega = [o["data"]["text/html"] for o in outputs if "vegaEmbed" in o.get("data", {}).get("text/html", "")]
+    assert len(figures) + len(vega) >= 12, (len(figures), len(vega))
     for f in figures:  # every chart has a title that says what to notice
         assert json.loads(json.dumps(f["data"]["application/vnd.plotly.v1+json"]))["layout"]["title"]["text"]
+    assert all("The loss falls" in html for html in vega) and vega, "the loss curve, with its title"
     print(f"\nnotebook executed in {elapsed:.0f} s")

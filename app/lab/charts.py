@@ -4,12 +4,13 @@ says what to notice, subtitle gives the numbers, axes carry units, colours from 
 """
 from __future__ import annotations
 
+import altair as alt
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from app import palette
-from app.charts.layout import hline, layout
+from app.charts.layout import LEGEND_ROW_PX, NARROW_PX, SUB_PX_PER_CHAR, TITLE_PX_PER_CHAR, hline, layout, wrap
 from app.charts.moe import bias_heatmap, expert_load_heatmap, maxvio_lines  # noqa: F401 (the MoE page's builders)
 from app.charts.overview import component_bars
 from app.lab.records import UNIFORM_LOSS, ema, final_losses, maxvio_smooth, records_frame
@@ -41,45 +42,91 @@ def lr_schedule(df: pd.DataFrame, warmup: int) -> go.Figure:
 
 
 # ====================================================================== live charts
-def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> go.Figure:
+# The loss curve is a Vega-Lite chart (altair), the lab's other charts plotly: it is the chart a share link must show
+# first, and a page's first plotly chart costs a fresh browser the 4.7 MB plotly bundle plus its parse before anything
+# draws (~2 s after the page text on two cores, against ~0.5 s for a Vega-Lite chart; docs/performance.md).
+TRAIN_SERIES = "train loss (each batch)"  # the raw per-step curve: one point per recorded step
+AVG_SERIES, MTP_SERIES, VAL_SERIES = "train loss (moving average)", "MTP loss (λ-weighted, avg)", "validation loss"
+LOSS_SERIES = {  # series name -> (colour, line width, opacity, dash); the order is the legend's
+    TRAIN_SERIES: (palette.LOSS["train"], 1, 0.35, [1, 0]),
+    AVG_SERIES: (palette.LOSS["train"], 3, 1.0, [1, 0]),
+    MTP_SERIES: (palette.LOSS["mtp"], 2, 1.0, [2, 3]),
+    VAL_SERIES: (palette.LOSS["val"], 2, 1.0, [1, 0]),
+}
+
+
+def loss_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """The loss curve's data in long form: one row per (step, series) with `loss`; the series of LOSS_SERIES."""
+    if not len(df):
+        return pd.DataFrame({"step": pd.Series(dtype=int), "series": pd.Series(dtype=str),
+                             "loss": pd.Series(dtype=float)})
+    lm = df["lm_loss"].where(df["lm_loss"].notna(), df["loss"])
+    parts = [pd.DataFrame({"step": df["step"], "series": TRAIN_SERIES, "loss": lm}),
+             pd.DataFrame({"step": df["step"], "series": AVG_SERIES, "loss": ema(lm.tolist())})]
+    if "mtp_loss" in df and df["mtp_loss"].notna().any():
+        parts.append(pd.DataFrame({"step": df["step"], "series": MTP_SERIES, "loss": ema(df["mtp_loss"].tolist())}))
+    v = df[df["val_loss"].notna()] if "val_loss" in df else df.iloc[:0]
+    if len(v):
+        parts.append(pd.DataFrame({"step": v["step"], "series": VAL_SERIES, "loss": v["val_loss"]}))
+    out = pd.concat(parts, ignore_index=True)
+    return out[out["loss"].notna()].astype({"step": int, "loss": float})
+
+
+def loss_curve(df: pd.DataFrame, total_steps: int, label: str = "") -> alt.LayerChart:
     """Training (LM) loss per step, its moving average, validation loss and the MTP loss, on a fixed x range so
-    the curve grows left to right while the run is going."""
-    fig = go.Figure()
-    x = df["step"] if len(df) else []
-    lm = df["lm_loss"].where(df["lm_loss"].notna(), df["loss"]) if len(df) else pd.Series(dtype=float)
-    if len(df):
-        fig.add_scatter(x=x, y=lm, mode="lines", name="train loss (each batch)",
-                        line=dict(color=palette.LOSS["train"], width=1), opacity=0.35,
-                        hovertemplate="step %{x}: train %{y:.3f}<extra></extra>")
-        sm = ema(lm.tolist())
-        fig.add_scatter(x=x, y=sm, mode="lines", name="train loss (moving average)",
-                        line=dict(color=palette.LOSS["train"], width=3),
-                        hovertemplate="step %{x}: train (avg) %{y:.3f}<extra></extra>")
-        if "mtp_loss" in df and df["mtp_loss"].notna().any():
-            fig.add_scatter(x=x, y=ema(df["mtp_loss"].tolist()), mode="lines", name="MTP loss (λ-weighted, avg)",
-                            line=dict(color=palette.LOSS["mtp"], width=2, dash="dot"),
-                            hovertemplate="step %{x}: MTP %{y:.3f}<extra></extra>")
-        v = df[df["val_loss"].notna()] if "val_loss" in df else df.iloc[:0]
-        if len(v):
-            fig.add_scatter(x=v["step"], y=v["val_loss"], mode="lines+markers", name="validation loss",
-                            line=dict(color=palette.LOSS["val"], width=2), marker=dict(size=8),
-                            hovertemplate="step %{x}: validation %{y:.3f}<extra></extra>")
-    hline(fig, UNIFORM_LOSS, f"uniform guess ln 256 = {UNIFORM_LOSS:.2f}", color=palette.OKABE_ITO["grey"])
-    if len(df):
-        first, now = float(lm.iloc[0]), float(ema(lm.tolist())[-1])
+    the curve grows left to right while the run is going. A Vega-Lite chart (see LOSS_SERIES above)."""
+    long = loss_frame(df)
+    lm = long[long["series"] == TRAIN_SERIES]["loss"]
+    if len(lm):
+        first = float(lm.iloc[0])
+        now = float(long[long["series"] == AVG_SERIES]["loss"].iloc[-1])
         step = int(df["step"].iloc[-1])
-        val = df["val_loss"].dropna()
+        val = long[long["series"] == VAL_SERIES]
         title = (f"{label + ': ' if label else ''}The loss falls from {first:.2f} to {now:.2f} in "
                  f"{step} of {total_steps} steps")
         sub = ("train = next-byte cross-entropy of each batch (moving average bold); "
-               + (f"validation {val.iloc[-1]:.3f} at step {int(df.loc[val.index[-1], 'step'])}" if len(val)
+               + (f"validation {val['loss'].iloc[-1]:.3f} at step {int(val['step'].iloc[-1])}" if len(val)
                   else "validation every few steps on held-out text"))
     else:
         title, sub = "Waiting for the first step: the loss curve draws here", "nats per byte; lower is better"
-    fig.update_xaxes(range=[0, max(total_steps, 1) * 1.02])
-    ymax = max(UNIFORM_LOSS + 0.3, float(lm.max()) * 1.03 if len(df) else 0)
-    fig.update_yaxes(range=[0, ymax])
-    return layout(fig, title, sub, "Step", "Loss (nats per byte)", height=400, width_chars=46)
+    ymax = max(UNIFORM_LOSS + 0.3, float(lm.max()) * 1.03 if len(lm) else 0)
+    names = [n for n in LOSS_SERIES if n in set(long["series"])] or [TRAIN_SERIES, AVG_SERIES]
+    colour, width, opacity, dash = zip(*(LOSS_SERIES[n] for n in names))
+    legend = alt.Legend(orient="bottom", direction="horizontal", columns=2, title=None, labelLimit=220,
+                        symbolType="stroke", labelFontSize=12)
+    series = dict(field="series", type="nominal", sort=names)
+    base = alt.Chart(long).encode(
+        x=alt.X("step:Q", title="Step", scale=alt.Scale(domain=[0, max(total_steps, 1) * 1.02], nice=False)),
+        y=alt.Y("loss:Q", title="Loss (nats per byte)", scale=alt.Scale(domain=[0, ymax], nice=False)),
+        color=alt.Color(**series, scale=alt.Scale(domain=names, range=list(colour)), legend=legend),
+        tooltip=[alt.Tooltip("series:N", title="curve"), alt.Tooltip("step:Q", title="step"),
+                 alt.Tooltip("loss:Q", title="loss", format=".3f")])
+    # ordinal scales: each series gets its own width and opacity (a nominal field would interpolate between them)
+    lines = base.mark_line(clip=True).encode(
+        strokeWidth=alt.StrokeWidth(**series, scale=alt.Scale(type="ordinal", domain=names, range=list(width)),
+                                    legend=legend),
+        opacity=alt.Opacity(**series, scale=alt.Scale(type="ordinal", domain=names, range=list(opacity)),
+                            legend=legend),
+        strokeDash=alt.StrokeDash(**series, scale=alt.Scale(domain=names, range=list(dash)), legend=legend))
+    # hover targets: every point of every curve (a line answers the pointer only on its stroke); the validation
+    # points are drawn, as markers on its line
+    hover = base.mark_point(filled=True, size=60, clip=True).encode(
+        opacity=alt.condition(alt.datum.series == VAL_SERIES, alt.value(1.0), alt.value(0.0)))
+    guess = pd.DataFrame({"loss": [UNIFORM_LOSS], "text": [f"uniform guess ln 256 = {UNIFORM_LOSS:.2f}"]})
+    grey = palette.OKABE_ITO["grey"]
+    rule = alt.Chart(guess).mark_rule(color=grey, strokeDash=[6, 4]).encode(y="loss:Q")
+    note = alt.Chart(guess).mark_text(align="left", baseline="bottom", dx=4, dy=-2, color=grey, fontSize=11).encode(
+        y="loss:Q", x=alt.value(0), text="text:N")
+    # titles wrapped and the height counted as app/charts/layout.py does for the plotly charts beside it: the same
+    # 340 px of plot, and the whole chart (title, axes, legend) as tall as theirs
+    t = wrap(title, int(NARROW_PX / TITLE_PX_PER_CHAR)).split("<br>")
+    s = wrap(sub, int(NARROW_PX / SUB_PX_PER_CHAR)).split("<br>")
+    rows = (len(names) + 1) // 2
+    height = 340 + (24 + 21 * len(t) + 16 * len(s) + 12) + (10 + 52 + LEGEND_ROW_PX * rows)
+    return alt.layer(rule, note, lines, hover).properties(
+        height=height, autosize=alt.AutoSizeParams(type="fit", contains="padding"),
+        title=alt.TitleParams(t, subtitle=s, anchor="start", fontSize=16, subtitleFontSize=12, subtitlePadding=6,
+                              subtitleColor=palette.OKABE_ITO["grey"], offset=12))
 
 
 def maxvio_curve(df: pd.DataFrame, total_steps: int) -> go.Figure:

@@ -131,6 +131,7 @@ def sync_url() -> None:
 
 
 _OPENED = "_tr_opened"  # the ?runs= value this session has opened (once per session)
+_FROM_URL = "_tr_from_url"  # ids of the LabRuns this session opened from its URL (a share link or a reload)
 
 
 def open_linked_runs() -> dict | None:
@@ -159,6 +160,7 @@ def open_linked_runs() -> dict | None:
         run = _finished_copy(fin, _next_number())
         hist.append(run)
         out["opened"].append(run)
+        st.session_state.setdefault(_FROM_URL, set()).add(run.id)
     if out["opened"]:
         st.session_state[_CUR] = hist[-1]
     if not mgr.store.available:
@@ -208,6 +210,12 @@ def start(knobs: dict, seed: int, queue: bool = False, again: bool = False) -> t
 
 
 _LINK = "_tr_from_link"  # did this session open the lab from a link that set lab knobs?
+
+
+def from_url(run: LabRun) -> bool:
+    """True for a run this session opened from its URL (`?runs=`: a share link or a reload), not one it trained or
+    started here."""
+    return run.id in st.session_state.get(_FROM_URL, ())
 
 
 def opened_from_link() -> bool:

@@ -147,7 +147,8 @@ def _live_figures(run: LabRun, recs: list[dict], layer: int | None, moe: bool) -
     def build() -> dict:
         df = rec.records_frame(recs)
         total = run.total_steps
-        figs = {"loss": ct.loss_curve(df, total)}
+        # the loss curve as its Vega-Lite spec: altair's conversion (~50-100 ms) done once here, not per tab
+        figs = {"loss": ct.loss_curve(df, total).to_dict()}
         if moe:
             steps = [r["step"] for r in heat if r.get("expert_loads")]
             label = _layer_label(layer, run)
@@ -159,31 +160,57 @@ def _live_figures(run: LabRun, recs: list[dict], layer: int | None, moe: bool) -
     return _shared(("live", run.id, run.total_steps, len(recs), len(heat), layer, moe), build)
 
 
-def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
-    """Loss curve + MaxVio, expert-load and bias heatmaps of `run` (whatever it has recorded so far)."""
+def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool, router: bool = True) -> None:
+    """Loss curve + MaxVio, expert-load and bias heatmaps of `run` (whatever it has recorded so far); with
+    `router=False` the loss curve alone (the router charts are drawn elsewhere: `router_charts`)."""
     recs = run.snapshot()
-    cfg = {"displaylogo": False}
     moe = rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
     figs = _live_figures(run, recs, layer, moe)
     with grid():
         with cell():
-            st.plotly_chart(figs["loss"], key=f"{key}_loss", config=cfg)
+            st.vega_lite_chart(figs["loss"], key=f"{key}_loss")  # Vega-Lite: see app/lab/charts.py LOSS_SERIES
             ui.lesson_note("The train loss (bold: moving average) falls fast at first, then slowly. The red "
                            "validation points are measured on held-out data: when they stop following the train "
                            "curve, the model starts to memorise.", lesson)
-        with cell():
-            if moe:
-                st.plotly_chart(figs["maxvio"], key=f"{key}_maxvio", config=cfg)
-                ui.lesson_note("MaxVio is how much the busiest expert exceeds the mean load. With the aux-loss-free "
-                               "bias it falls within a few dozen steps; with balancing 'none' it stays high.", lesson)
-            else:
-                st.info("Dense FFN: no router, so no expert load or biases to show.", icon=":material/info:")
-        if moe:  # while training the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
-            with cell():
-                st.plotly_chart(figs["load"], key=f"{key}_load", config=cfg)
-            with cell():
-                st.plotly_chart(figs["bias"], key=f"{key}_bias", config=cfg)
+        if router:
+            _router_cells(figs, moe, key, lesson)
 
+
+def _router_cells(figs: dict, moe: bool, key: str, lesson: bool) -> None:
+    cfg = {"displaylogo": False}
+    with cell():
+        if moe:
+            st.plotly_chart(figs["maxvio"], key=f"{key}_maxvio", config=cfg)
+            ui.lesson_note("MaxVio is how much the busiest expert exceeds the mean load. With the aux-loss-free "
+                           "bias it falls within a few dozen steps; with balancing 'none' it stays high.", lesson)
+        else:
+            st.info("Dense FFN: no router, so no expert load or biases to show.", icon=":material/info:")
+    if moe:  # while training the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
+        with cell():
+            st.plotly_chart(figs["load"], key=f"{key}_load", config=cfg)
+        with cell():
+            st.plotly_chart(figs["bias"], key=f"{key}_bias", config=cfg)
+
+
+def router_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
+    """The router charts of a finished run (MaxVio, expert-load and bias heatmaps, domain × expert matrix)."""
+    recs = run.snapshot()
+    moe = rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
+    with grid():
+        _router_cells(_live_figures(run, recs, layer, moe), moe, key, lesson)
+    domain_chart(run, layer, lesson)
+
+
+def domain_chart(run: LabRun, layer: int | None, lesson: bool) -> None:
+    dom = domain_view(run, layer)
+    if dom:
+        mat, domains, lab, dfm = dom
+        ui.chart(ct.domain_expert_heatmap(mat, domains, lab), dfm, f"domain expert {run.label}",
+                 key=f"tr_dom_{run.id}", lesson=lesson,
+                 notice="Each row is a kind of token. A trained router sends different domains to different "
+                        "experts — specialisation that no one programmed. Compare with balancing 'none'.",
+                 caption=None if run.train_cfg.dataset == "synthetic" else
+                 "Measured on the synthetic domains (the run trained on pydoc text, which has no domain labels).")
 
 
 def records_csv(run: LabRun) -> bytes:
@@ -267,18 +294,21 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
                                    paper=(f"V3: {V3_MTP_ACCEPTANCE[0]:.0%}–{V3_MTP_ACCEPTANCE[1]:.0%} for the "
                                           "2nd token"),
                                    detail=f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts while sampling")
-    if layer is _UNSET:  # not drawn above (no live view): right above the charts it controls
-        layer = layer_choice(r)
-    live_charts(r, layer, f"res_{r.id}", lesson)
-    dom = domain_view(r, layer)
-    if dom:
-        mat, domains, lab, dfm = dom
-        ui.chart(ct.domain_expert_heatmap(mat, domains, lab), dfm, f"domain expert {r.label}",
-                 key=f"tr_dom_{r.id}", lesson=lesson,
-                 notice="Each row is a kind of token. A trained router sends different domains to different "
-                        "experts — specialisation that no one programmed. Compare with balancing 'none'.",
-                 caption=None if r.train_cfg.dataset == "synthetic" else
-                 "Measured on the synthetic domains (the run trained on pydoc text, which has no domain labels).")
+    if session.from_url(r):
+        # Opened from a link or a reload (a fresh browser, often): the loss curve, a Vega-Lite chart, draws at once;
+        # the router charts are plotly, whose bundle costs a fresh browser ~2 s of download, parse and drawing
+        # before any of them shows, so they render when opened (docs/performance.md, share link).
+        live_charts(r, None, f"res_{r.id}", lesson, router=False)
+        exp = st.expander("Router charts: MaxVio, expert load, router biases, domain specialisation",
+                          expanded=False, icon=":material/hub:", key=f"tr_router_{r.id}", on_change="rerun")
+        with exp:
+            if exp.open:
+                router_charts(r, layer_choice(r) if layer is _UNSET else layer, f"res_{r.id}", lesson)
+    else:
+        if layer is _UNSET:  # not drawn above (no live view): right above the charts it controls
+            layer = layer_choice(r)
+        live_charts(r, layer, f"res_{r.id}", lesson)
+        domain_chart(r, layer, lesson)
     st.subheader("Text sampled from the model")
     if sample:
         prompt = r.after.get("sample_prompt", "")
