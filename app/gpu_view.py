@@ -166,7 +166,8 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
         gap = (pd.DataFrame([{"seed": k, "bf16_val_loss": v["bf16"], "fp8_val_loss": v["fp8"],
                               "relative_gap": lg["seed_gaps"][k]} for k, v in lg["seed_losses"].items()])
                if lg.get("seed_losses") else pd.DataFrame([lg]))  # one row per seed: the chart's points
-        with st.container(width=680):  # two points: a full-width chart would only spread them apart
+        n = max(1, len(lg.get("seed_losses") or {}))
+        with st.container(width=min(1100, 440 + 80 * n)):  # a pair of points per seed: full width only for many
             ui.chart(ui.fig(charts.fp8_loss_gap, lg, TARGET_LOSS_GAP), gap, "gpu fp8 loss gap", key="gpu_lossgap",
                      lesson=lesson,
                      notice="Both runs saw the same batches in the same order from the same seed: the distance "
