@@ -12,7 +12,7 @@ import json
 import time
 
 from test_app_training import (LONG, TINY, _drain, clean, fresh_store, lab, loss_chart, loss_points,  # noqa: F401
-                               poll_until, run_of, stopped_run)
+                               poll_until, run_of, share_links, stopped_run)
 from test_app_training import idle_server, patient_server  # noqa: F401  (fixtures: an idle, patient manager with an
 # empty store per test)
 
@@ -51,7 +51,7 @@ def test_same_knobs_train_once_and_open_from_a_link_after_a_restart(idle_server,
         assert at.query_params["runs"] == run.key, "the address bar keeps the tab's runs"
     assert RunStore(folder).get(run.key).records == run.records, "the finished run is in the store"
 
-    link = next(c.value for c in a.code if "runs=" in c.value)
+    link = share_links(a)[0]
     from urllib.parse import parse_qsl, urlparse
     q = dict(parse_qsl(urlparse(link).query))
     # a server restart: a new RunManager (no worker, nothing in memory) on the same store
@@ -194,7 +194,7 @@ def test_a_run_cut_by_the_time_cap_is_kept_as_a_partial_run(idle_server, tmp_pat
     assert part.partial and part.full_id == cut.key and part.status == "time limit" and len(part.records) == 1
     assert store.get(cut.key) is None, "the knobs' own id does not name a cut run"
     assert a.query_params["runs"] == cut.partial_id, "the tab keeps it for a reload"
-    link = next(c.value for c in a.code if "runs=" in c.value)
+    link = share_links(a)[0]
     assert f"runs={cut.partial_id}" in link
 
     # its link after a server restart: opened from the store, labelled, with a button for the full run

@@ -100,6 +100,13 @@ def vega_charts(at: AppTest) -> list[tuple[dict, "pd.DataFrame"]]:
     return out
 
 
+def share_links(at: AppTest) -> list[str]:
+    """The run links of the results page, after opening their expander (its code blocks render only when open)."""
+    at.session_state["tr_links"] = True
+    at.run()
+    return [c.value for c in at.code if "runs=" in c.value]
+
+
 def loss_chart(at: AppTest) -> "pd.DataFrame":
     """The data of the lab's loss curve (the Vega-Lite chart whose title says the loss falls)."""
     return next(d for s, d in vega_charts(at) if "loss falls" in " ".join(s["title"]["text"]))
@@ -198,7 +205,7 @@ def test_stop_stops_and_two_runs_overlay_with_delta(idle_server):
     # one link per overlaid run, with that run's knobs and the id it is stored under: the finished run's key, the
     # stopped run's own partial id (never its knobs' key, which names the full run)
     assert any("Links carry results" in i.value for i in at.info)
-    links = [c.value for c in at.code if "training" in c.value]
+    links = share_links(at)
     assert len(links) == 2 and "tr_steps=400" in links[0] and "tr_attn=MHA" in links[1] and "tr_steps=25" in links[1]
     assert run.partial_id and run.partial_id != run.key and f"runs={run.partial_id}" in links[0]
     assert f"runs={run2.key}" in links[1]
@@ -247,7 +254,7 @@ def test_a_run_link_reproduces_the_run_in_another_session(idle_server, tmp_path)
     run_a = run_of(a)
     poll_until(a, lambda: not run_a.active)
     a.run()
-    link = next(c.value for c in a.code if "tr_bal=" in c.value)
+    link = next(x for x in share_links(a) if "tr_bal=" in x)
     from urllib.parse import parse_qsl, urlparse
     q = dict(parse_qsl(urlparse(link).query))
     changed = {k: v for k, v in TINY.items() if str(knobs.defaults()[k]) != v}  # a link omits default knobs

@@ -320,7 +320,10 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
                        f"; the MTP module drafted the token after next at every step and "
                        f"{sample['mtp_accepted']} of {sample['mtp_drafts']} drafts matched what the model then "
                        f"sampled." if sample.get("mtp_acceptance") is not None else "; MTP was off (no drafts)."))
-        st.code(sample["text"], language=None, wrap_lines=True)
+        if session.from_url(r):  # plain text: the code block's highlighter chunk delays a fresh browser (below)
+            st.text(sample["text"])
+        else:
+            st.code(sample["text"], language=None, wrap_lines=True)
         st.caption("What to look for: " + (
             "after a good run the text keeps each domain's rule — sums that add up, brackets that close in order, "
             "a copy after |, letters in order. " + ui.domains_caption(r.train_cfg.seed).replace("The four", "The")
@@ -358,7 +361,13 @@ def results_section(hist: list[LabRun], layer=_UNSET, lesson: bool = False) -> N
         st.caption(("Pick two or more runs above" if len(names) >= 2 else
                     "Train a second run with one knob changed (for example FP8 vs FP32, or balancing 'none')")
                    + " to overlay their loss and MaxVio curves here, with the final-loss delta in the title.")
-    st.dataframe(table, hide_index=True, width="stretch")
+    if all(session.from_url(x) for x in hist):
+        # Runs opened from a link or a reload: a static table. The data grid (1.2 MB of frontend chunks) and the code
+        # block's highlighter (1.5 MB) cost a fresh browser ~0.5 s before the results show (docs/performance.md,
+        # share link); a tab that trained its runs has them loaded already.
+        st.table(table.set_index(table.columns[0]))
+    else:
+        st.dataframe(table, hide_index=True, width="stretch")
     st.download_button("Download every record of every run (CSV)", lambda: all_records_csv(hist),
                        file_name="eva-training-runs.csv", mime="text/csv", key="tr_csv_all", on_click="ignore",
                        icon=":material/download:", type="tertiary")
@@ -425,11 +434,14 @@ def share_section(runs: list[LabRun]) -> None:
             "run's knobs and seed, and Start trains the same numbers (a cut run: the full run). The address bar does "
             "the same for every stored run of this tab, so a reload keeps them.",
             icon=":material/share:")
-    with st.expander(f"Links to {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
-                     icon=":material/link:"):
-        for r in runs:
-            st.markdown(f"**{r.label}**")
-            st.code(run_link(r, lesson), language=None, wrap_lines=True)
+    # tracked (on_change="rerun"): the links' code blocks are sent only once the expander is opened
+    exp = st.expander(f"Links to {'this run' if len(runs) == 1 else f'these {len(runs)} runs'}",
+                      icon=":material/link:", key="tr_links", on_change="rerun")
+    with exp:
+        if exp.open:
+            for r in runs:
+                st.markdown(f"**{r.label}**")
+                st.code(run_link(r, lesson), language=None, wrap_lines=True)
 
 
 def preview_section(mcfg, cfg, expanded: bool, lesson: bool) -> None:
