@@ -138,46 +138,57 @@ def _shared(key: tuple, build):
     return value
 
 
-def _live_figures(run: LabRun, recs: list[dict], layer: int | None, moe: bool) -> dict:
-    """The live charts' figures of `run` at len(recs) records, built once per server for every tab that follows
-    the run (thirty joined tabs polling each second would otherwise rebuild the same four figures thirty times).
-    Records only grow, so (run id, record count, layer) names one picture."""
-    heat = recs[:max(1, len(recs) // 15 * 15)] if run.active and len(recs) >= 15 else recs
+def _heat(run: LabRun, recs: list[dict]) -> list[dict]:
+    """The records the heatmaps draw: while training they advance in blocks of 15 steps (an unchanged figure costs
+    the browser nothing)."""
+    return recs[:max(1, len(recs) // 15 * 15)] if run.active and len(recs) >= 15 else recs
+
+
+def _is_moe(run: LabRun, recs: list[dict]) -> bool:
+    return rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
+
+
+def _loss_spec(run: LabRun, recs: list[dict]) -> dict:
+    """The loss curve of `run` at len(recs) records as its Vega-Lite spec, built once per server for every tab that
+    follows the run (altair's conversion, ~50-100 ms, done once here, not per tab). Records only grow, so (run id,
+    record count) names one picture."""
+    return _shared(("loss", run.id, run.total_steps, len(recs)),
+                   lambda: ct.loss_curve(rec.records_frame(recs), run.total_steps).to_dict())
+
+
+def _router_figures(run: LabRun, recs: list[dict], layer: int | None) -> dict:
+    """MaxVio curve and expert-load / bias heatmaps of a MoE run at len(recs) records, shared like `_loss_spec`
+    (thirty joined tabs polling each second would otherwise rebuild the same figures thirty times)."""
+    heat = _heat(run, recs)
 
     def build() -> dict:
-        df = rec.records_frame(recs)
-        total = run.total_steps
-        # the loss curve as its Vega-Lite spec: altair's conversion (~50-100 ms) done once here, not per tab
-        figs = {"loss": ct.loss_curve(df, total).to_dict()}
-        if moe:
-            steps = [r["step"] for r in heat if r.get("expert_loads")]
-            label = _layer_label(layer, run)
-            figs["maxvio"] = ct.maxvio_curve(df, total)
-            figs["load"] = ct.expert_load_heatmap(rec.relative_loads(heat, layer), steps, total, label)
-            figs["bias"] = ct.bias_heatmap(rec.router_biases(heat, layer), steps, total, label)
-        return figs
+        total, label = run.total_steps, _layer_label(layer, run)
+        steps = [r["step"] for r in heat if r.get("expert_loads")]
+        return {"maxvio": ct.maxvio_curve(rec.records_frame(recs), total),
+                "load": ct.expert_load_heatmap(rec.relative_loads(heat, layer), steps, total, label),
+                "bias": ct.bias_heatmap(rec.router_biases(heat, layer), steps, total, label)}
 
-    return _shared(("live", run.id, run.total_steps, len(recs), len(heat), layer, moe), build)
+    return _shared(("router", run.id, run.total_steps, len(recs), len(heat), layer), build)
 
 
 def live_charts(run: LabRun, layer: int | None, key: str, lesson: bool, router: bool = True) -> None:
     """Loss curve + MaxVio, expert-load and bias heatmaps of `run` (whatever it has recorded so far); with
     `router=False` the loss curve alone (the router charts are drawn elsewhere: `router_charts`)."""
     recs = run.snapshot()
-    moe = rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
-    figs = _live_figures(run, recs, layer, moe)
     with grid():
         with cell():
-            st.vega_lite_chart(figs["loss"], key=f"{key}_loss")  # Vega-Lite: see app/lab/charts.py LOSS_SERIES
+            st.vega_lite_chart(_loss_spec(run, recs), key=f"{key}_loss")  # Vega-Lite: see app/lab/charts.py LOSS_SERIES
             ui.lesson_note("The train loss (bold: moving average) falls fast at first, then slowly. The red "
                            "validation points are measured on held-out data: when they stop following the train "
                            "curve, the model starts to memorise.", lesson)
         if router:
-            _router_cells(figs, moe, key, lesson)
+            _router_cells(run, recs, layer, key, lesson)
 
 
-def _router_cells(figs: dict, moe: bool, key: str, lesson: bool) -> None:
+def _router_cells(run: LabRun, recs: list[dict], layer: int | None, key: str, lesson: bool) -> None:
     cfg = {"displaylogo": False}
+    moe = _is_moe(run, recs)
+    figs = _router_figures(run, recs, layer) if moe else {}
     with cell():
         if moe:
             st.plotly_chart(figs["maxvio"], key=f"{key}_maxvio", config=cfg)
@@ -185,7 +196,7 @@ def _router_cells(figs: dict, moe: bool, key: str, lesson: bool) -> None:
                            "bias it falls within a few dozen steps; with balancing 'none' it stays high.", lesson)
         else:
             st.info("Dense FFN: no router, so no expert load or biases to show.", icon=":material/info:")
-    if moe:  # while training the heatmaps advance in blocks of 15 steps: unchanged figures cost the browser nothing
+    if moe:
         with cell():
             st.plotly_chart(figs["load"], key=f"{key}_load", config=cfg)
         with cell():
@@ -194,10 +205,8 @@ def _router_cells(figs: dict, moe: bool, key: str, lesson: bool) -> None:
 
 def router_charts(run: LabRun, layer: int | None, key: str, lesson: bool) -> None:
     """The router charts of a finished run (MaxVio, expert-load and bias heatmaps, domain × expert matrix)."""
-    recs = run.snapshot()
-    moe = rec.n_moe_layers(recs) > 0 or run.knobs.get("tr_ffn", "moe") == "moe"
     with grid():
-        _router_cells(_live_figures(run, recs, layer, moe), moe, key, lesson)
+        _router_cells(run, run.snapshot(), layer, key, lesson)
     domain_chart(run, layer, lesson)
 
 
