@@ -265,7 +265,7 @@ def quant(dev, smoke) -> dict:
     if dev.type != "cuda" and not interp:
         why = "needs CUDA (or TRITON_INTERPRET=1 on a CPU)"
     else:
-        kernels = g._triton_quant()
+        kernels = g._QUANT.load()
         why = None if kernels is not None else f"triton_quant unavailable: {g.compile_status()['fused']['error']}"
     if why:
         print(f"  skipped: {why}", flush=True)

@@ -1,12 +1,11 @@
 """Small building blocks shared by attention, MoE and the model: RMSNorm, the token embedding and the SwiGLU MLP."""
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cuda.kernels import Kernels
 from .gemm import Linear
 
 
@@ -140,41 +139,21 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor | None = N
     return _swiglu_forward(gate, up, weight)
 
 
-_FUSED_SWIGLU: dict = {}  # "fn": core.cuda.triton_swiglu.swiglu_packed once imported; "error": why it is off
-
-
-def _cuda_swiglu():
-    """The fused Triton SwiGLU for CUDA tensors (core.cuda.triton_swiglu), or None: EVA_CUDA_TRITON=0, no triton,
-    or an earlier failure (kept in `_FUSED_SWIGLU["error"]`). Imported on the first CUDA call only."""
-    if os.environ.get("EVA_CUDA_TRITON", "1") == "0" or "error" in _FUSED_SWIGLU:
-        return None
-    if "fn" not in _FUSED_SWIGLU:
-        try:
-            from core.cuda.triton_swiglu import swiglu_packed as fn
-        except Exception as e:  # noqa: BLE001 - no (working) triton: the eager kernels below still run
-            _FUSED_SWIGLU["error"] = f"import: {type(e).__name__}: {e}"
-            return None
-        _FUSED_SWIGLU["fn"] = fn
-    return _FUSED_SWIGLU["fn"]
+_FUSED_SWIGLU = Kernels("core.cuda.triton_swiglu")  # imported on the first CUDA call only
 
 
 def fused_swiglu_status() -> dict:
     """Whether the fused CUDA SwiGLU ran in this process, and why it is off if it is (for benchmark records)."""
-    return {"enabled": os.environ.get("EVA_CUDA_TRITON", "1") != "0", "ran": bool(_FUSED_SWIGLU.get("ran")),
-            "error": _FUSED_SWIGLU.get("error")}
+    return _FUSED_SWIGLU.status()
 
 
 def swiglu_packed(gate_up: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """`swiglu` of the two halves of gate_up [..., 2I] (gate first, as the experts' `gate_up_proj` rows) -> [..., I].
     On CUDA (2-D gate_up, the routed experts' [S, 2I]) one fused Triton kernel each way (core.cuda.triton_swiglu)."""
-    fused = _cuda_swiglu() if gate_up.is_cuda and gate_up.dim() == 2 else None
-    if fused is not None:
-        try:
-            out = fused(gate_up, weight)
-            _FUSED_SWIGLU["ran"] = True
+    if gate_up.is_cuda and gate_up.dim() == 2:
+        out = _FUSED_SWIGLU.call("swiglu_packed", gate_up, weight)  # None: switched off or failed (reason kept)
+        if out is not None:
             return out
-        except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not stop training
-            _FUSED_SWIGLU["error"] = f"{type(e).__name__}: {e}"
     if _grad_needed(gate_up, weight):
         return _PackedSwiGLU.apply(gate_up, weight)
     return _swiglu_forward(*gate_up.chunk(2, dim=-1), weight)

@@ -15,6 +15,7 @@ import core.cuda
 from core import fp8
 from core.config import PRESETS
 from core.cuda import fp8_linear as g
+from core.cuda.kernels import Kernels
 from core.model import DeepSeekV3
 
 
@@ -102,13 +103,13 @@ def test_fp8_linear_quantizes_each_layout_once_and_none_for_inference(monkeypatc
 
 
 def test_fused_quantizers_fall_back_and_say_why(monkeypatch):
-    monkeypatch.setattr(g, "_TRITON", {})
+    monkeypatch.setattr(g, "_QUANT", Kernels("core.cuda.triton_quant"))
     monkeypatch.setenv("EVA_CUDA_TRITON", "0")
-    assert g._triton_quant() is None and g.compile_status()["fused"]["enabled"] is False
+    assert g._QUANT.load() is None and g.compile_status()["fused"]["enabled"] is False
     monkeypatch.delenv("EVA_CUDA_TRITON")
     monkeypatch.delattr(core.cuda, "triton_quant", raising=False)
     monkeypatch.setitem(sys.modules, "core.cuda.triton_quant", None)  # as if triton were missing
-    assert g._triton_quant() is None
+    assert g._QUANT.load() is None
     status = g.compile_status()["fused"]
     assert status["enabled"] and status["ran"] == [] and status["error"].startswith("import: ModuleNotFoundError")
 

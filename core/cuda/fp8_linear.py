@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.fp8 import AMAX_FLOOR, DEFAULT_SKIP, FP8Recipe, get_recipe
+from core.cuda.kernels import Kernels, why
 from core.fp8.training import _skipped
 from core.gemm import Linear
 
@@ -86,18 +87,13 @@ def _compiled(fn):
     return _COMPILED[fn.__name__]
 
 
-def _why(e: Exception) -> str:
-    """A failure in one line for compile_status."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-
-
 def _run(fn, x):
     if not x.is_cuda:
         return fn(x)  # CPU: eager, bit-identical to core.fp8.quantize
     try:
         return _compiled(fn)(x)
     except Exception as e:  # noqa: BLE001 - a compiler failure must not stop training: fall back to eager
-        _COMPILE_ERRORS[fn.__name__] = _why(e)
+        _COMPILE_ERRORS[fn.__name__] = why(e)
         return fn(x)
 
 
@@ -112,36 +108,12 @@ def quant_block(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # Fused cast-transpose quantizers (core.cuda.triton_quant): one pass writes an operand's two layouts on CUDA.
-_TRITON: dict = {}  # "module": triton_quant once imported; "error": why the fused kernels are off; "ran": names
-
-
-def _triton_quant():
-    """core.cuda.triton_quant when the fused kernels may run (EVA_CUDA_TRITON != "0", triton importable, no
-    earlier failure), else None. The switch is read at every call so a benchmark can time both paths."""
-    if os.environ.get("EVA_CUDA_TRITON", "1") == "0" or "error" in _TRITON:
-        return None
-    if "module" not in _TRITON:
-        try:
-            from core.cuda import triton_quant
-        except Exception as e:  # noqa: BLE001 - no (working) triton: the compiled quantizers still run
-            _TRITON["error"] = f"import: {_why(e)}"
-            return None
-        _TRITON["module"] = triton_quant
-    return _TRITON["module"]
+_QUANT = Kernels("core.cuda.triton_quant")
 
 
 def _fused(name: str, x: torch.Tensor, transposed: bool):
     """The fused quantizer `name` on x, or None (CPU tensor, switched off, or failed: the reason is kept)."""
-    tq = _triton_quant() if x.is_cuda else None
-    if tq is None:
-        return None
-    try:
-        out = getattr(tq, name)(x, transposed)
-    except Exception as e:  # noqa: BLE001 - a kernel that fails to build must not stop training
-        _TRITON["error"] = f"{name}: {_why(e)}"
-        return None
-    _TRITON.setdefault("ran", set()).add(name)
-    return out
+    return _QUANT.call(name, x, transposed) if x.is_cuda else None
 
 
 def quant_tile_both(x: torch.Tensor, transposed: bool = True) -> tuple[torch.Tensor, ...]:
@@ -169,8 +141,7 @@ def compile_status() -> dict:
     quantizers are switched on (EVA_CUDA_TRITON), which of them ran, and why they are off if they are."""
     return {"enabled": os.environ.get("EVA_CUDA_COMPILE", "1") != "0", "compiled": sorted(_COMPILED),
             "errors": dict(_COMPILE_ERRORS),
-            "fused": {"enabled": os.environ.get("EVA_CUDA_TRITON", "1") != "0", "ran": sorted(_TRITON.get("ran", ())),
-                      "error": _TRITON.get("error")}}
+            "fused": _QUANT.status()}
 
 
 # ---------------------------------------------------------------------------------------------- GEMMs
