@@ -19,7 +19,8 @@ A non-finite loss or gradient norm stops the run before the optimizer step: `Tra
 (its `.record` is the final record, with an `error` message, also appended to `run.records`).
 
 Precision: "fp32"; "bf16" = bf16 compute with fp32 master weights (the model's parameters are bf16 for the
-forward/backward; AdamW updates fp32 copies that are rounded back after each step; the router, its bias,
+forward/backward; `core.optim.AdamW` keeps fp32 master copies, updates them from the bf16 gradients and rounds
+them back into the parameters, on CUDA in one Triton pass a parameter; the router, its bias,
 RMSNorm statistics, the expert-output sum and the losses stay fp32; attention probabilities are bf16 with fp32
 accumulation inside the softmax); or an FP8 recipe name from `core.fp8.RECIPES`
 (emulated FP8 GEMMs via `core.fp8.convert_to_fp8`, fp32 master weights, AdamW moments in BF16 when the recipe's
@@ -61,6 +62,7 @@ from core.evaluate import domain_expert_matrix, evaluate, sample_text
 from core.fp8 import RECIPE_ALIASES, RECIPES, FP8Recipe, get_recipe, with_switches
 from core.model import DeepSeekV3
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
+from core.optim import AdamW
 
 __all__ = [
     "TrainConfig", "TrainConfigError", "TrainingDiverged", "TrainRun", "train", "build_model", "resolve_model_config",
@@ -337,40 +339,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-class _MasterWeights:
-    """bf16 compute with fp32 master weights: AdamW sees fp32 copies of the low-precision parameters.
-
-    `grads_to_master()` after backward (fp32 master grads), `master_to_model()` after the optimizer step
-    (round the masters back into the bf16 parameters). Parameters already in fp32 (the routers) are used
-    directly.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.low = [p for p in params if p.dtype != torch.float32]
-        self.master = [p.detach().float().requires_grad_(True) for p in self.low]
-        self._map = {id(p): m for p, m in zip(self.low, self.master)}
-
-    def optim_param(self, p: torch.nn.Parameter) -> torch.Tensor:
-        return self._map.get(id(p), p)
-
-    def grads_to_master(self) -> None:
-        has = [(p, m) for p, m in zip(self.low, self.master) if p.grad is not None]
-        for p, m in zip(self.low, self.master):
-            if p.grad is None:
-                m.grad = None
-            elif m.grad is None:
-                m.grad = torch.empty_like(m)
-        if has:  # one multi-tensor kernel, not a copy launch per parameter (the exact bf16 -> fp32 widening)
-            torch._foreach_copy_([m.grad for _, m in has], [p.grad for p, _ in has])
-        for p in self.low:
-            p.grad = None
-
-    @torch.no_grad()
-    def master_to_model(self) -> None:
-        if self.low:
-            torch._foreach_copy_(self.low, self.master)
-
-
 # ---------------------------------------------------------------------------------------------- the run
 def _stop_requested(stop) -> bool:
     if stop is None:
@@ -407,17 +375,17 @@ class TrainRun:
         self.moes = all_moe_layers(self.model)
         self.main_moes = self.model.moe_layers()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.master = _MasterWeights(params) if cfg.precision == "bf16" or gpu_fp8(cfg) else None
-        opt_params = [self.master.optim_param(p) if self.master else p for p in params]
-        decay = [q for p, q in zip(params, opt_params) if p.dim() >= 2]
-        no_decay = [q for p, q in zip(params, opt_params) if p.dim() < 2]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if cfg.fp8_recipe is not None and cfg.fp8_recipe.optimizer_moments == "bf16":
-            from core.optim import AdamW  # BF16 moments, fp32 master weights (V3 report §3.3.3)
-            self.optimizer = AdamW(groups, lr=cfg.lr, betas=cfg.betas, moment_dtype=torch.bfloat16)
+        bf16_moments = cfg.fp8_recipe is not None and cfg.fp8_recipe.optimizer_moments == "bf16"
+        if bf16_moments or any(p.dtype != torch.float32 for p in params):
+            # fp32 master weights behind bf16 working weights, BF16 moments where the recipe asks (V3 report §3.3.3)
+            self.optimizer = AdamW(groups, lr=cfg.lr, betas=cfg.betas,
+                                   moment_dtype=torch.bfloat16 if bf16_moments else torch.float32)
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
-        self.opt_params = opt_params
+        self.opt_params = params
         self.fp8_stats = None
         if cfg.precision in RECIPES:
             from core.fp8 import get_fp8_stats
@@ -502,16 +470,12 @@ class TrainRun:
         grad_norm = math.nan
         if math.isfinite(loss_value):
             loss.backward()
-            if self.master:
-                self.master.grads_to_master()
             grad_norm = self._clip_grad_norm(cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         loads = self._global_loads([moe.last_routing.loads.detach() for moe in self.moes])
         if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
             return self._diverged(loss_value, grad_norm, lr, info)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.master:
-            self.master.master_to_model()
         if cfg.uses_bias_update:
             for moe, c in zip(self.moes, loads):
                 update_bias(moe.gate, c, cfg.gamma)
@@ -544,6 +508,8 @@ class TrainRun:
 
     def _clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradients to `max_norm` (torch's rule); returns the norm before clipping."""
+        if isinstance(self.optimizer, AdamW):  # the coefficient is applied as the update reads each gradient
+            return self.optimizer.clip_grad_norm_(max_norm)
         return float(torch.nn.utils.clip_grad_norm_(self.opt_params, max_norm))
 
     def _global_loads(self, loads: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 
 from core.config import PRESETS
 from core.cli import main
+from core.optim import AdamW, fused_adamw_status
 from core.train import TrainConfig, TrainConfigError, TrainRun, build_model
 
 SHORT = dict(steps=12, batch_size=4, seq_len=64, eval_every=0, warmup=2, lr=3e-3, dataset="synthetic")
@@ -53,6 +54,8 @@ def test_gpu_training_loss_is_finite_and_falls(precision):
     from core.layers import fused_swiglu_status
     status = fused_swiglu_status()  # the routed experts' SwiGLU ran as the fused Triton kernels
     assert status["error"] is None and status["ran"], status
+    status = fused_adamw_status()  # and the optimizer's one-pass update over the fp32 masters
+    assert status["error"] is None and status["ran"] == ["adamw_step"], status
 
 
 @pytest.mark.gpu
@@ -60,7 +63,7 @@ def test_gpu_fp8_runs_the_real_fp8_linears():
     run = TrainRun("mini", TrainConfig(precision="deepseek", device="cuda", **SHORT))
     kinds = {type(m).__name__ for m in run.model.modules()}
     assert "FP8LinearGPU" in kinds and "FP8Linear" not in kinds
-    assert run.model.lm_head.weight.dtype == torch.bfloat16 and run.master is not None
+    assert run.model.lm_head.weight.dtype == torch.bfloat16 and isinstance(run.optimizer, AdamW)
 
 
 def _forward_pair(cfg: TrainConfig, gpu_precision: str):

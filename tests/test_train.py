@@ -92,8 +92,9 @@ def test_fp8_and_bf16_runs_report_and_train():
     assert bf16.model.lm_head.weight.dtype == torch.bfloat16
     assert bf16.model.moe_layers()[0].gate.weight.dtype == torch.float32  # router stays fp32
     # master weights: the bf16 parameters equal the rounded fp32 masters after each step
-    low, master = bf16.master.low, bf16.master.master
-    assert all(torch.equal(p, m.to(torch.bfloat16)) for p, m in zip(low, master))
+    masters = [(p, bf16.optimizer.state[p]["master"]) for p in bf16.model.parameters() if p.dtype == torch.bfloat16]
+    assert masters and all(m.dtype == torch.float32 and torch.equal(p, m.to(torch.bfloat16)) for p, m in masters)
+    assert any(not torch.equal(m, m.to(torch.bfloat16).float()) for _, m in masters)  # masters keep fp32 bits
 
 
 def test_variants_dense_mha_gqa_no_mtp():

@@ -9,7 +9,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from core.cuda import triton_quant as tq, triton_swiglu as ts  # noqa: E402
+from core.cuda import triton_adamw as ta, triton_quant as tq, triton_swiglu as ts  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 _QUANT_SIG = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "qt_ptr": "*fp8e4nv", "st_ptr": "*fp32",
@@ -53,3 +53,13 @@ def test_fused_swiglu_compiles_for_hopper(width, weighted):
            "NEED_DW": "constexpr", "BS": "constexpr", "BI": "constexpr"}
     _compile(ts._bwd_kernel, bwd, {"I": width, "HAS_W": weighted, "NEED_DW": weighted, "BS": ts.BLOCK_S,
                                    "BI": ts.BLOCK_I}, 4)
+
+
+@pytest.mark.parametrize("pdtype,mdtype,master", [("*bf16", "*fp32", True), ("*bf16", "*bf16", True),
+                                                  ("*fp32", "*bf16", False)])
+def test_fused_adamw_compiles_for_hopper(pdtype, mdtype, master):
+    sig = {"p_ptr": pdtype, "g_ptr": pdtype, "w_ptr": "*fp32" if master else pdtype, "m_ptr": mdtype, "v_ptr": mdtype,
+           "scale_ptr": "*fp32", "n": "i64", **dict.fromkeys(["decay", "step_size", "b1", "b2", "eps", "bc2_sqrt"],
+                                                              "fp32"),
+           **dict.fromkeys(["HAS_MASTER", "HAS_SCALE", "BLOCK"], "constexpr")}
+    _compile(ta._adamw_kernel, sig, {"HAS_MASTER": master, "HAS_SCALE": True, "BLOCK": ta.BLOCK}, ta.WARPS)
