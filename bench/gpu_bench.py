@@ -50,6 +50,7 @@ from core.compile import compile_errors  # noqa: E402
 from core.cuda.device import describe_device  # noqa: E402
 from core.data import pydoc_dataset  # noqa: E402
 from core.layers import fused_swiglu_status  # noqa: E402
+from core.optim import fused_adamw_status  # noqa: E402
 from core.train import TrainConfig, TrainRun  # noqa: E402
 
 SECTIONS = ("peak", "gemm", "quant", "train", "fp8step", "lossgap", "decode", "profile")
@@ -381,22 +382,29 @@ def train(dev, smoke, peak_tflops, compiled_blocks: bool = False) -> dict:
     return out
 
 
+#: fp8step's configs and batch sizes: the dense-2B config at two batches, because the optimizer and the weight
+#: quantizers cost the same per step at any batch while the GEMMs grow with it
+FP8STEP = (("920M", 1), ("dense-2B", 1), ("dense-2B", 2))
+
+
 def fp8step(dev, smoke, peak_tflops) -> dict:
     out = {}
-    for name in ("920M", "dense-2B"):
+    for name, mult in FP8STEP:
         mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
+        B *= mult
+        key = name if mult == 1 else f"{name} {B}x{T}"
         steps, warm = (3, 1) if smoke else (10, 4)
         batches = _batches(steps, B, T, dev, mcfg.vocab_size)
         bf, bf_step = _ours(mcfg, _tcfg(B, T, "bf16", dev))
         f8, f8_step = _ours(mcfg, _tcfg(B, T, "deepseek", dev))
         med, losses = interleaved({"bf16": bf_step, "fp8": f8_step}, batches, warm)
         flops = step_flops(bf.model_config, B, T)
-        out[name] = {"params": bf.model.num_parameters(), "batch": B, "seq_len": T,
-                     "fp8_linears": sum(type(m).__name__ == "FP8LinearGPU" for m in f8.model.modules()),
-                     **{k: {"step_ms": t * 1e3, "tokens_per_s": B * T / t, "mfu": flops / t / 1e12 / peak_tflops,
-                            "last_loss": losses[k][-1]} for k, t in med.items()},
-                     "fp8_speedup": med["bf16"] / med["fp8"]}
-        print(f"  fp8 step {name}: bf16 {med['bf16'] * 1e3:.1f} ms, fp8 {med['fp8'] * 1e3:.1f} ms "
+        out[key] = {"config": name, "params": bf.model.num_parameters(), "batch": B, "seq_len": T,
+                    "fp8_linears": sum(type(m).__name__ == "FP8LinearGPU" for m in f8.model.modules()),
+                    **{k: {"step_ms": t * 1e3, "tokens_per_s": B * T / t, "mfu": flops / t / 1e12 / peak_tflops,
+                           "last_loss": losses[k][-1]} for k, t in med.items()},
+                    "fp8_speedup": med["bf16"] / med["fp8"]}
+        print(f"  fp8 step {key} ({B}x{T}): bf16 {med['bf16'] * 1e3:.1f} ms, fp8 {med['fp8'] * 1e3:.1f} ms "
               f"({med['bf16'] / med['fp8']:.2f}x)", flush=True)
         del bf, f8, bf_step, f8_step, batches
         free()
@@ -422,33 +430,40 @@ def _loss_run(mcfg, tcfg, emulate: bool = False) -> dict:
     return out
 
 
-def _loss_shape(smoke) -> tuple:
-    """(model config, batch, seq_len) of the loss-gap runs: the 100M config at 512 tokens a sequence."""
+def _loss_shape(smoke, batch: int | None = None) -> tuple:
+    """(model config, batch, seq_len) of the loss-gap runs: the 100M config at 512 tokens a sequence, `batch`
+    sequences a step (default: the 100M config's)."""
     mcfg, B, T = (SMOKE if smoke else CONFIGS)["100M"]
-    return mcfg, B, min(T, 512)
+    return mcfg, batch or B, min(T, 512)
 
 
 def _seed_pair(job: tuple) -> tuple[int, dict]:
     """bf16 and FP8 runs of one seed (a worker of `lossgap`; module-level so a spawned process can run it)."""
-    seed, steps, lr, smoke, dev_type = job
+    seed, steps, lr, smoke, dev_type, batch, threads = job
+    if threads:  # several workers share the host's cores: torch's default (all of them each) oversubscribes
+        torch.set_num_threads(threads)
     dev = torch.device(dev_type)
-    mcfg, B, T = _loss_shape(smoke)
+    mcfg, B, T = _loss_shape(smoke, batch)
     row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed, lr=lr)) for p in ("bf16", "deepseek")}
     row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
     return seed, row
 
 
-def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3, procs: int = 1) -> dict:
+def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3, procs: int = 1,
+            batch: int | None = None) -> dict:
     """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
     weights and the batches). The per-seed gaps are paired, so their mean's 95% interval
     (`core.cuda.results.mean_interval`) is what the runs can decide about a target. `procs` > 1 runs the seeds in
     that many spawned processes on the same GPU (a 100M model's step is launch-bound: the GPU has room for several).
     emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
-    mcfg, B, T = _loss_shape(smoke)
+    mcfg, B, T = _loss_shape(smoke, batch)
     from core.fp8 import get_recipe
     out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "lr": lr, "recipe": get_recipe("deepseek").name,
            "seeds": {}, "procs": procs}
-    jobs = [(seed, steps, lr, smoke, dev.type) for seed in seeds]
+    train_tokens = int(pydoc_dataset().splits["train"].numel())
+    out["epochs"] = steps * B * T / train_tokens  # passes over the train split: >1 measures memorisation too
+    threads = max(1, (os.cpu_count() or 1) // procs) if procs > 1 else None
+    jobs = [(seed, steps, lr, smoke, dev.type, B, threads) for seed in seeds]
     t0 = time.perf_counter()
     if procs > 1:
         import multiprocessing as mp
@@ -520,24 +535,27 @@ def decode(dev, smoke) -> list[dict]:
     return rows
 
 
-def profile(dev, smoke) -> dict:
-    """Top kernels of two steps: the 920M config in bf16 and the dense-2B config in FP8."""
+def profile(dev, smoke, compiled_blocks: bool = False) -> dict:
+    """Top kernels of two steps: the 920M config in bf16 (also with compiled blocks when asked) and the dense-2B
+    config in FP8."""
     from torch.profiler import ProfilerActivity, profile as prof
     out = {}
-    for name, precision in (("920M", "bf16"), ("dense-2B", "deepseek")):
+    cases = [("920M", "bf16", False)] + [("920M", "bf16", True)] * compiled_blocks + [("dense-2B", "deepseek", False)]
+    for name, precision, compiled in cases:
         mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
-        run, step = _ours(mcfg, _tcfg(B, T, precision, dev))
-        batches = _batches(4, B, T, dev, mcfg.vocab_size)
-        for x, y in batches[:2]:
+        run, step = _ours(mcfg, _tcfg(B, T, precision, dev), compiled)
+        batches = _batches(5, B, T, dev, mcfg.vocab_size)
+        for x, y in batches[:3]:
             step(x, y)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
         with prof(activities=acts) as p:
-            for x, y in batches[2:]:
+            for x, y in batches[3:]:
                 step(x, y)
         key = "self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total"
         table = p.key_averages().table(sort_by=key, row_limit=22, max_name_column_width=70)
-        print(f"  profile {name} {precision}\n{table}", flush=True)
-        out[f"{name}-{precision}"] = {"steps": 2, "table": table}
+        tag = f"{name}-{precision}" + ("-compiled" if compiled else "")
+        print(f"  profile {tag}\n{table}", flush=True)
+        out[tag] = {"steps": 2, "table": table}
         del run, step, batches
         free()
     return out
@@ -549,11 +567,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="JSON results file (rewritten after every section)")
     ap.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (runs on a CPU; checks the bench itself)")
+    ap.add_argument("--update", action="store_true",
+                    help="keep the other sections of an existing --out file (a bench split over several runs)")
     ap.add_argument("--compiled-blocks", action="store_true",
                     help="train: also time the engine with its decoder blocks compiled (core.compile, --compile)")
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
     ap.add_argument("--loss-lr", type=float, default=1e-3, help="peak learning rate of the loss-gap runs")
     ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")
+    ap.add_argument("--loss-batch", type=int, default=None,
+                    help="sequences of 512 tokens a step in the loss-gap runs (default: the 100M config's 16)")
     ap.add_argument("--loss-procs", type=int, default=1,
                     help="lossgap: run the seeds in this many processes at once on the one GPU (>= 1)")
     ap.add_argument("--loss-emulated", action="store_true",
@@ -563,6 +585,8 @@ def main(argv=None) -> int:
     bad = [s for s in only if s not in SECTIONS]
     if args.loss_procs < 1:
         ap.error(f"--loss-procs must be >= 1, got {args.loss_procs}")
+    if args.loss_batch is not None and args.loss_batch < 1:
+        ap.error(f"--loss-batch must be >= 1, got {args.loss_batch}")
     if bad:
         ap.error(f"--only: unknown section(s) {bad}; choose from {SECTIONS}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -575,6 +599,12 @@ def main(argv=None) -> int:
     res = {"meta": {**describe_device(dev), "transformers": transformers.__version__, "triton": triton_v,
                     "date": datetime.date.today().isoformat(), "smoke": args.smoke,
                     "command": "python bench/gpu_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])}}
+    if args.update and os.path.exists(args.out):  # keep the sections this run does not measure
+        with open(args.out) as f:
+            old = json.load(f)
+        res["meta"]["earlier_commands"] = old["meta"].get("earlier_commands", []) + [old["meta"]["command"]]
+        res = {**{k: v for k, v in old.items() if k not in ("meta", "errors", "seconds")}, **res,
+               "seconds": old.get("seconds", {})}
     peak_tflops = None
 
     def save():
@@ -600,11 +630,11 @@ def main(argv=None) -> int:
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
                 res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated,
-                                         args.loss_lr, args.loss_procs)
+                                         args.loss_lr, args.loss_procs, args.loss_batch)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":
-                res["profile"] = profile(dev, args.smoke)
+                res["profile"] = profile(dev, args.smoke, args.compiled_blocks)
         except Exception as e:  # noqa: BLE001 - one failing section must not lose the others' results
             traceback.print_exc()
             res.setdefault("errors", {})[sec] = f"{type(e).__name__}: {e}"[:2000]
@@ -614,6 +644,7 @@ def main(argv=None) -> int:
         res["meta"]["fp8_scale_layouts"] = g.scale_layouts()
         res["meta"]["compiled_block_errors"] = compile_errors()
         res["meta"]["fused_swiglu"] = fused_swiglu_status()
+        res["meta"]["fused_adamw"] = fused_adamw_status()
         save()
     return 1 if res.get("errors") else 0
 
