@@ -79,7 +79,7 @@ def _verdict(value: float, target: float, *, above: bool = True) -> str:
 
 def fp8_frame(rows: list[dict]) -> pd.DataFrame:
     """`core.cuda.results.fp8_rows` as a table with a `target` column: issue #14's target on the largest linear
-    shape (M·K·N) and on the largest training-step config (parameters), NaN elsewhere."""
+    shape (M·K·N) and on the largest training-step config (parameters; every batch measured of it), NaN elsewhere."""
     df = pd.DataFrame(rows)
     if df.empty:
         return df
@@ -88,7 +88,8 @@ def fp8_frame(rows: list[dict]) -> pd.DataFrame:
     if not lin.empty:
         df.loc[(lin["m"] * lin["k"] * lin["n"]).astype(float).idxmax(), "target"] = TARGET_FP8_LINEAR
     if not step.empty and step["params"].notna().any():
-        df.loc[step["params"].astype(float).idxmax(), "target"] = TARGET_FP8_STEP
+        params = step["params"].astype(float)
+        df.loc[params[params == params.max()].index, "target"] = TARGET_FP8_STEP
     return df
 
 
@@ -151,7 +152,8 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
             ui.number_with_formula("FP8 validation-loss gap" + (f", mean of {n} seeds" if n > 1 else ""),
                                    f"{100 * lg['gap']:+.2f}%", r"L_{\text{FP8}} / L_{\text{bf16}} - 1",
                                    paper=f"within {100 * TARGET_LOSS_GAP:g}% — {loss_gap_verdict(lg, TARGET_LOSS_GAP)}",
-                                   paper_label="Target", detail=f"after {lg['steps']} steps, config {lg['config']}")
+                                   paper_label="Target", detail=f"after {lg['steps']} steps of {lg['batch']}×"
+                                                                f"{lg['seq_len']} tokens, config {lg['config']}")
     if not df.empty:
         ui.chart(ui.fig(charts.fp8_speedup_bars, df), df, "gpu fp8 vs bf16", key="gpu_fp8", lesson=lesson,
                  notice="Compare each bar with its diamond: the diamond is what the FP8 tensor cores give, the bar "

@@ -58,7 +58,9 @@ def fp8_rows(res: dict) -> list[dict]:
              "unfused_speedup": (r["bf16_fwd_bwd_ms"] / r["fp8_unfused_fwd_bwd_ms"]
                                  if r.get("fp8_unfused_fwd_bwd_ms") else None)} for r in res.get("gemm", [])]
     for name, r in res.get("fp8step", {}).items():
-        rows.append({"what": f"training step {name}", "kind": "step", "m": None, "k": None, "n": None,
+        what = f"training step {r.get('config', name)}, {r['batch']}×{r['seq_len']} tokens" if "batch" in r else \
+            f"training step {name}"
+        rows.append({"what": what, "kind": "step", "m": None, "k": None, "n": None,
                      "params": r.get("params"), "bf16_ms": r["bf16"]["step_ms"],
                      "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None,
                      "fused_quantizers": None, "unfused_speedup": None})
