@@ -39,7 +39,7 @@ def _load(path: str, mtime_ns: int) -> dict:
         res = results.load_gpu_results(path)
         if res is None:
             return {"missing": True}
-        return {"label": results.label(res), "command": res["meta"].get("command"), "fp8": results.fp8_rows(res),
+        return {"label": results.label(res), "runs": 1 + len(res["meta"].get("earlier_commands", [])), "fp8": results.fp8_rows(res),
                 "lossgap": results.lossgap_row(res), "decode": results.decode_rows(res)}
     except ValueError as e:
         return {"error": str(e)}
@@ -68,7 +68,8 @@ def _results(path: str | None) -> dict | None:
 
 def _heading(title: str, r: dict) -> None:
     st.subheader(f"Measured on a GPU: {title}")
-    st.caption(f"**{r['label']}** · one run of `bench/gpu_bench.py` (reference and contender timed in the same "
+    runs = "one run" if r["runs"] == 1 else f"{r['runs']} runs"  # a bench split over device sessions (--update)
+    st.caption(f"**{r['label']}** · {runs} of `bench/gpu_bench.py` (reference and contender timed in the same "
                f"process), committed in `{_SHOWN_PATH}`; method and profiles in `docs/performance.md`.")
 
 
@@ -173,7 +174,26 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
             ui.chart(ui.fig(charts.fp8_loss_gap, lg, TARGET_LOSS_GAP), gap, "gpu fp8 loss gap", key="gpu_lossgap",
                      lesson=lesson,
                      notice="Both runs saw the same batches in the same order from the same seed: the distance "
-                            "between the points is what FP8 costs in quality at this size and step count.")
+                            "between the points is what FP8 costs in quality at this size and step count, plus "
+                            "the run-to-run noise of GPU training.")
+        if lg.get("repeat_gaps"):
+            st.markdown(_noise_text(lg))
+
+
+def _noise_text(lg: dict) -> str:
+    """The bf16-vs-bf16 control of the loss-gap runs (`core.cuda.results.lossgap_row`) in words."""
+    reps = list(lg["repeat_gaps"].values())
+    more = lg["gap_sd"] > lg["repeat_gap_sd"]
+    text = (f"**Noise without FP8.** Each seed's bf16 run was run a second time (same initial weights, same "
+            f"batches): the two bf16 runs ended {100 * min(map(abs, reps)):.2f}–{100 * max(map(abs, reps)):.2f}% "
+            f"apart, a standard deviation of {100 * lg['repeat_gap_sd']:.2f}% across the {len(reps)} seeds: GPU "
+            f"training here is not bit-reproducible from run to run, and {lg['steps']} steps amplify the first "
+            f"differences. FP8 against bf16 spreads {100 * lg['gap_sd']:.2f}%"
+            + (" — FP8's rounding moves a run further than that noise alone" if more else
+               " — no more than that noise alone") + f"; its mean effect is {100 * lg['gap']:+.2f}%")
+    if results.gap_verdict(lg, TARGET_LOSS_GAP) == "unresolved":
+        text += f", and whether that is within {100 * TARGET_LOSS_GAP:g}% needs more seeds or less noisy runs"
+    return text + "."
 
 
 def mla_section(lesson: bool = False, path: str | None = None) -> None:

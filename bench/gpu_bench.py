@@ -439,23 +439,28 @@ def _loss_shape(smoke, batch: int | None = None) -> tuple:
 
 def _seed_pair(job: tuple) -> tuple[int, dict]:
     """bf16 and FP8 runs of one seed (a worker of `lossgap`; module-level so a spawned process can run it)."""
-    seed, steps, lr, smoke, dev_type, batch, threads = job
+    seed, steps, lr, smoke, dev_type, batch, threads, control = job
     if threads:  # several workers share the host's cores: torch's default (all of them each) oversubscribes
         torch.set_num_threads(threads)
     dev = torch.device(dev_type)
     mcfg, B, T = _loss_shape(smoke, batch)
-    row = {p: _loss_run(mcfg, _tcfg(B, T, p, dev, steps=steps).replace(seed=seed, lr=lr)) for p in ("bf16", "deepseek")}
+    cfg = _tcfg(B, T, "bf16", dev, steps=steps).replace(seed=seed, lr=lr)
+    row = {p: _loss_run(mcfg, cfg.replace(precision=p)) for p in ("bf16", "deepseek")}
     row["relative_gap"] = row["deepseek"]["val_loss"] / row["bf16"]["val_loss"] - 1
+    if control:  # the same bf16 run again: how far two runs of one seed land apart without FP8
+        row["bf16_repeat"] = _loss_run(mcfg, cfg)
+        row["repeat_gap"] = row["bf16_repeat"]["val_loss"] / row["bf16"]["val_loss"] - 1
     return seed, row
 
 
 def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3, procs: int = 1,
-            batch: int | None = None) -> dict:
+            batch: int | None = None, control: bool = False) -> dict:
     """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
     weights and the batches). The per-seed gaps are paired, so their mean's 95% interval
     (`core.cuda.results.mean_interval`) is what the runs can decide about a target. `procs` > 1 runs the seeds in
     that many spawned processes on the same GPU (a 100M model's step is launch-bound: the GPU has room for several).
-    emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?)."""
+    emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?).
+    control=True runs each seed's bf16 run twice: the gap between the two is the noise FP8's gap is read against."""
     mcfg, B, T = _loss_shape(smoke, batch)
     from core.fp8 import get_recipe
     out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "lr": lr, "recipe": get_recipe("deepseek").name,
@@ -463,7 +468,7 @@ def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float =
     train_tokens = int(pydoc_dataset().splits["train"].numel())
     out["epochs"] = steps * B * T / train_tokens  # passes over the train split: >1 measures memorisation too
     threads = max(1, (os.cpu_count() or 1) // procs) if procs > 1 else None
-    jobs = [(seed, steps, lr, smoke, dev.type, B, threads) for seed in seeds]
+    jobs = [(seed, steps, lr, smoke, dev.type, B, threads, control) for seed in seeds]
     t0 = time.perf_counter()
     if procs > 1:
         import multiprocessing as mp
@@ -488,6 +493,11 @@ def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float =
         out["gap_interval_95"] = [lo, hi]
         print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}"
               f" (95% interval {lo:+.2%} .. {hi:+.2%}); {out['wall_s']:.0f} s for {len(seeds)} seeds", flush=True)
+        if control:
+            gaps = [out["seeds"][str(s)]["relative_gap"] for s in seeds]
+            reps = [out["seeds"][str(s)]["repeat_gap"] for s in seeds]
+            print(f"  per-seed gap standard deviation: FP8 vs bf16 {statistics.stdev(gaps):.2%}, bf16 vs bf16 again "
+                  f"{statistics.stdev(reps):.2%} (mean {statistics.fmean(reps):+.2%})", flush=True)
     if emulated:
         tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0], lr=lr)
         out["emulated"] = {"fp32": _loss_run(mcfg, tc),
@@ -578,6 +588,8 @@ def main(argv=None) -> int:
                     help="sequences of 512 tokens a step in the loss-gap runs (default: the 100M config's 16)")
     ap.add_argument("--loss-procs", type=int, default=1,
                     help="lossgap: run the seeds in this many processes at once on the one GPU (>= 1)")
+    ap.add_argument("--loss-control", action="store_true",
+                    help="lossgap: run each seed's bf16 run twice (the run-to-run noise without FP8)")
     ap.add_argument("--loss-emulated", action="store_true",
                     help="lossgap: also fp32 and emulated-FP8 runs of the first seed (is the GPU path the reference?)")
     args = ap.parse_args(argv)
@@ -630,7 +642,7 @@ def main(argv=None) -> int:
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
                 res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated,
-                                         args.loss_lr, args.loss_procs, args.loss_batch)
+                                         args.loss_lr, args.loss_procs, args.loss_batch, args.loss_control)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":

@@ -193,3 +193,24 @@ def test_a_results_file_without_the_section_says_so(tmp_path):
         assert not at.exception and what in at.info[0].value
         assert any(results.label(RES) in c.value for c in at.caption)
         assert not at.get("plotly_chart")
+
+
+def test_loss_gap_control_compares_fp8_with_bf16_against_itself():
+    """With each seed's bf16 run repeated, the page reads FP8's spread against the bf16-vs-bf16 spread (both from the
+    results), and a file without the control gets no such paragraph."""
+    res = _seeded({0: (1.25, 1.27), 1: (1.26, 1.24), 2: (1.24, 1.26)})
+    for k, again in zip("012", (1.255, 1.258, 1.242)):
+        s = res["lossgap"]["seeds"][k]
+        s["repeat_gap"] = again / s["bf16"]["val_loss"] - 1
+    row = results.lossgap_row(res)
+    assert row["repeat_gap_sd"] < row["gap_sd"] and len(row["repeat_gaps"]) == 3
+    text = gpu_view._noise_text(row)
+    assert f"standard deviation of {100 * row['repeat_gap_sd']:.2f}% across the 3 seeds" in text
+    assert f"FP8 against bf16 spreads {100 * row['gap_sd']:.2f}% — FP8's rounding moves a run further" in text
+    assert "needs more seeds" in text  # the interval of these three crosses 1%
+    del res["lossgap"]["seeds"]["2"]["repeat_gap"]  # one seed without its repeat: no control to read
+    assert results.lossgap_row(res)["repeat_gaps"] == {} and results.lossgap_row(res)["gap_sd"] is None
+    committed = results.lossgap_row(RES)
+    at = open_page("pages/fp8.py")
+    shown = any("Noise without FP8" in m.value for m in at.markdown)
+    assert shown == bool(committed["repeat_gaps"])

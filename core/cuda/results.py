@@ -82,7 +82,9 @@ def lossgap_row(res: dict) -> dict | None:
     several seeds also `seed_gaps` {seed: gap}, `bf16_seed_spread` (the noise floor: relative distance between the
     bf16 runs of different seeds), `mean_relative_gap` (None when one seed was run) and `gap_interval` (lo, hi): the
     95% interval of that mean (`mean_interval`; None for one seed); `gap` is the one to show: the mean, or the single
-    run's."""
+    run's. Runs with a control (each seed's bf16 run repeated) add `repeat_gaps` {seed: second bf16 / first - 1}
+    and the standard deviations across seeds `gap_sd` (FP8 vs bf16) and `repeat_gap_sd` (bf16 vs bf16); else
+    `repeat_gaps` is {} and both are None."""
     r = res.get("lossgap")
     if not r:
         return None
@@ -101,7 +103,16 @@ def lossgap_row(res: dict) -> dict | None:
             # the gap to show and judge: the mean over the seeds when there are several, else the one run's
             "gap": r["mean_relative_gap"] if len(seeds) > 1 and r.get("mean_relative_gap") is not None
             else r["relative_gap"],
-            "gap_interval": ci[1:] if ci else None}
+            "gap_interval": ci[1:] if ci else None, **_control(seeds)}
+
+
+def _control(seeds: dict) -> dict:
+    """The bf16-vs-bf16 control of `lossgap_row` (None/{} where the run had none or a single seed)."""
+    reps = {int(k): v["repeat_gap"] for k, v in seeds.items() if "repeat_gap" in v}
+    if len(reps) < 2 or len(reps) != len(seeds):
+        return {"repeat_gaps": {}, "gap_sd": None, "repeat_gap_sd": None}
+    return {"repeat_gaps": reps, "gap_sd": statistics.stdev(v["relative_gap"] for v in seeds.values()),
+            "repeat_gap_sd": statistics.stdev(reps.values())}
 
 
 # Student's t 0.975 quantiles (two-sided 95%) for 1..30 degrees of freedom, from any t table (e.g. the NIST/SEMATECH
