@@ -4,6 +4,7 @@
     python bench/gpu_bench.py --only gemm,decode --out /tmp/r.json     # some sections
     python bench/gpu_bench.py --smoke --out /tmp/r.json                # tiny shapes, runs on a CPU (tests the bench)
     python bench/gpu_bench.py --only train --compiled-blocks --out r.json   # ... also with compiled blocks (core.compile)
+    python bench/gpu_bench.py --update --only lossgap --out r.json     # add / replace sections of an existing file
 
 Sections (results keys):
   peak       bf16 matmul TFLOP/s at 8192^3 (the MFU denominator) and the FP8 blockwise GEMM at the same size
@@ -13,16 +14,19 @@ Sections (results keys):
   quant      the fused FP8 quantizers' launch knobs (core.cuda.triton_quant: rows per chunk, warps, pipeline
              stages; the previous one-shot kernel is one setting) on x/dy (bf16) and W (fp32) of the large shapes:
              ms, GB/s and the ratio to a copy of as many bytes, each setting's outputs checked bit-identical
-  train      a training step (bf16, fp32 masters, fused AdamW, MTP off) of the engine vs transformers'
+  train      a training step (bf16, fp32 masters, one-pass AdamW, MTP off) of the engine vs transformers'
              DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
              tokens/s, MFU, peak memory; configs "920M" and "100M"
-  fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096)
+  fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096,
+             at two batch sizes)
   lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap,
              per seed (--loss-seeds, run --loss-procs at a time); the mean gap and its 95% interval over the seeds;
+             --loss-batch sets the batch; --loss-control repeats each bf16 run (the noise without FP8);
              --loss-emulated adds fp32 and the emulated (fake-quantized, core.fp8) FP8 of the first seed
   decode     one DeepSeek-V3 MLA layer (hidden 7168, 128 heads): absorbed (latent cache) vs naive (per-head K/V)
              decode tokens/s and cache bytes, contexts 4k-32k, batch 1 and 8
-  profile    top CUDA kernels of one engine step (920M bf16) from torch.profiler
+  profile    top CUDA kernels of two engine steps from torch.profiler: 920M bf16 (and compiled, with --compiled-blocks),
+             dense-2B FP8
 Timings: CUDA events around each call, median of the timed repeats after warm-up.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The switch and the lazy loader of core.cuda's Triton kernels, one place for both users: the fused FP8 quantizers
-(core.cuda.triton_quant, called by core.cuda.fp8_linear) and the routed experts' SwiGLU (core.cuda.triton_swiglu,
-called by core.layers).
+"""The switch and the lazy loader of core.cuda's Triton kernels, one place for all users: the fused FP8 quantizers
+(core.cuda.triton_quant, called by core.cuda.fp8_linear), the routed experts' SwiGLU (core.cuda.triton_swiglu,
+called by core.layers) and the one-pass AdamW (core.cuda.triton_adamw, called by core.optim).
 
 `EVA_CUDA_TRITON=0` keeps every caller on its eager / compiled path; it is read at every call, so a benchmark can
 time both paths in one process. A `Kernels` imports its module on the first call (callers ask only for CUDA
