@@ -30,6 +30,21 @@ def _restore_torch_setup():
         common._TORCH_READY = False
 
 
+@pytest.fixture(scope="session")
+def server():
+    """The browser tests' live `streamlit run` (tests/e2e_helpers.py): one for the session, its base URL."""
+    from e2e_helpers import live_server
+    yield from live_server()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """The browser tests' Debian Chromium through Playwright (tests/e2e_helpers.py), one a module: Playwright's sync
+    API marks an asyncio loop running in this thread while it is open, which would break a later module's asyncio."""
+    from e2e_helpers import chromium
+    yield from chromium()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` skip on a machine where torch sees no CUDA GPU (CI); `-m gpu` selects them."""
     import torch

@@ -1,5 +1,5 @@
 """AppTest for the lessons page: six sections, every step renders (text, math, preview, what to notice) from its
-shareable link, and every step's dashboard link opens the right page with exactly the step's knobs."""
+shareable link, and every step's dashboard link opens the right page with exactly the step's knobs and its note."""
 from __future__ import annotations
 
 import pytest
@@ -44,12 +44,17 @@ def test_every_step_renders_from_its_shareable_link():
 
 @pytest.mark.parametrize("sec,n,step", STEPS, ids=[f"{s.id}-{n}" for s, n, _ in STEPS])
 def test_step_link_opens_dashboard_with_its_knobs(sec, n, step):
-    """Build the step's URL parameters, open its page with them (a fresh browser tab) and compare every knob."""
-    at = open_page(step.page, ls.url_params(step))
+    """Open the step's dashboard link (the one the lessons page gives: the step's knobs plus `?lstep=`) in a fresh
+    browser tab and compare every knob; a dashboard shows the step's note at the chart it talks about with the
+    explanation closed (the training lab has no such note)."""
+    at = open_page(step.page, ls.link_params(sec, n))
     clean(at)
     assert not at.warning or all("not a valid value" not in w.value for w in at.warning), [w.value for w in at.warning]
     for key, value in step.knobs.items():
         assert widget(at, key).value == value, (sec.id, n, key)
+    if step.page != "pages/training.py":
+        assert any(i.value.startswith(f"**Lesson — {sec.id}, step {n}") for i in at.info), (sec.id, n)
+        assert not any(e.proto.expanded for e in at.expander if e.label.startswith("How")), "formulas stay closed"
 
 
 def test_open_button_navigates_in_session_with_shared_knobs():

@@ -1,81 +1,17 @@
 """Browser end-to-end test: the real app in Debian's Chromium, driven by the Python Playwright package.
 
-Starts the app on a free local port (tests/live_server.py), opens every page from the navigation, waits for
-the charts, checks that no exception is shown, saves a screenshot of every page to artifacts/screenshots/, moves a
-slider with the keyboard and checks that the URL carries the new value and that opening that URL restores it.
-
-Never runs `playwright install`: it launches the system Chromium (`apt-get install -y chromium`). Without Chromium
-(or the playwright package) the test is skipped locally and FAILS when the CI environment variable is set.
+On the session's live server and Chromium (the `server` and `browser` fixtures, tests/e2e_helpers.py): opens every
+page from the navigation, waits for the charts, checks that no exception is shown, saves a screenshot of every page to
+artifacts/screenshots/, moves a slider with the keyboard and checks that the URL carries the new value and that opening
+that URL restores it. Skipped locally without Chromium (never `playwright install`), FAILS when the CI variable is set.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import shutil
 import urllib.parse
-from pathlib import Path
 
 import pytest
-from apptest_helpers import HANG_S
-from live_server import LiveServer
-
-ROOT = Path(__file__).resolve().parent.parent
-SHOTS = ROOT / "artifacts" / "screenshots"
-IDLE = "[data-testid='stApp'][data-test-script-state='notRunning']"
-CHART = ".js-plotly-plot"
-CHROMIUM_ARGS = ["--disable-background-networking", "--disable-component-update", "--disable-sync"]
-LOAD_TIMEOUT_MS = int(HANG_S * 1000)  # browser waits end when their condition holds; this catches hangs
-
-
-def _missing(reason: str):
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (required in CI)")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def server():
-    """A headless Streamlit server on a free port; yields its base URL and stops it afterwards."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        try:
-            live = stack.enter_context(LiveServer(log_path=SHOTS.parent / "e2e-server.log", start_timeout=HANG_S))
-        except RuntimeError as e:
-            pytest.fail(str(e))
-        yield live.base
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _missing("the playwright Python package is not installed")
-    chrome = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chrome:
-        _missing("Debian's chromium is not installed (apt-get install -y chromium)")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=chrome, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-def wait_ready(page, charts: bool = True) -> None:
-    page.wait_for_selector(IDLE, timeout=LOAD_TIMEOUT_MS)
-    if charts:
-        page.wait_for_selector(CHART, timeout=LOAD_TIMEOUT_MS)
-    page.wait_for_timeout(500)
-    page.wait_for_selector(IDLE, timeout=LOAD_TIMEOUT_MS)
-
-
-def full_screenshot(page, path: Path, width: int) -> None:
-    """Streamlit scrolls an inner container: grow the viewport to the content height for a full picture."""
-    h = page.evaluate("() => (document.querySelector('[data-testid=\"stMain\"]') || document.body).scrollHeight")
-    page.set_viewport_size({"width": width, "height": max(1000, min(int(h) + 50, 12000))})
-    page.wait_for_timeout(400)
-    page.screenshot(path=str(path))
-    page.set_viewport_size({"width": width, "height": 1000})
+from e2e_helpers import CHART, LOAD_TIMEOUT_MS, SHOTS, full_screenshot, wait_ready
 
 
 def test_every_page_renders_in_chromium(server, browser):

@@ -1,8 +1,8 @@
 """Browser end-to-end test of the training lab: a short run in Debian's Chromium, the loss curve growing while it
 runs, screenshots before / during / after into artifacts/screenshots/, and the lessons page opening a dashboard.
 
-Reuses the server and browser fixtures of tests/test_e2e_browser.py (a `streamlit run` on a free port; the system
-Chromium, never `playwright install`): skipped locally without Chromium, FAILS when the CI variable is set.
+On the session's live server and Chromium, shared with tests/test_e2e_browser.py (the `server` and `browser` fixtures,
+tests/e2e_helpers.py): skipped locally without Chromium, FAILS when the CI variable is set.
 
 `EVA_E2E_DEFAULT_RUN=1` adds the done-when measurement: the lab's *default* run (`APP_DEFAULT.steps`) in the live app —
 seconds from the click to the first point on the curve and to the end of the run (printed; ≤ 1 s and ≤ 30 s are
@@ -15,10 +15,10 @@ import time
 
 import pytest
 from apptest_helpers import HANG_S
+from e2e_helpers import LOAD_TIMEOUT_MS, SHOTS, full_screenshot, wait_ready
 
 from app.lab.charts import TRAIN_SERIES
 from core.train import APP_DEFAULT
-from test_e2e_browser import LOAD_TIMEOUT_MS, SHOTS, browser, full_screenshot, server, wait_ready  # noqa: F401  (fixtures)
 
 EXC = "[data-testid='stException']"
 STEPS = 50  # a Steps option of the lab
@@ -61,7 +61,7 @@ def _wait_results(page, timeout_s: float) -> float:
     return time.perf_counter()
 
 
-def test_short_run_curve_grows_in_chromium(server, browser):  # noqa: F811
+def test_short_run_curve_grows_in_chromium(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.goto(server + f"/training?tr_steps={STEPS}&tr_batch=4&tr_seq=32")
     wait_ready(page)
@@ -89,7 +89,7 @@ def test_short_run_curve_grows_in_chromium(server, browser):  # noqa: F811
     page.close()
 
 
-def test_lesson_button_opens_dashboard_with_knobs(server, browser):  # noqa: F811
+def test_lesson_button_opens_dashboard_with_knobs(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     # visit the dashboard first and move a knob: the lesson must open it with the step's own knobs only
     page.goto(server + "/overview?ov_ctx=4K")
@@ -118,7 +118,7 @@ def test_lesson_button_opens_dashboard_with_knobs(server, browser):  # noqa: F81
 
 
 @pytest.mark.skipif(not os.environ.get("EVA_E2E_DEFAULT_RUN"), reason="set EVA_E2E_DEFAULT_RUN=1 to measure")
-def test_default_run_timing(server, browser):  # noqa: F811
+def test_default_run_timing(server, browser):
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     t0 = time.perf_counter()
     while True:  # a user reads the page first: measure with the worker process loaded (cold start: see below)
@@ -149,7 +149,7 @@ def _trained(page) -> int:
     return int(re.search(r"has trained (\d+) run", text).group(1))
 
 
-def test_share_link_opens_stored_results_in_a_fresh_browser_without_training(server, browser):  # noqa: F811
+def test_share_link_opens_stored_results_in_a_fresh_browser_without_training(server, browser):
     """Issue 17: finish a run, copy its share link, open it in a fresh browser context: the loss curve and the
     results show, and the server submits no training job (its count of trained runs stays the same). The time to
     results is printed (target: within 3 s), not asserted."""

@@ -505,6 +505,8 @@ WALL_CLOCK_WORDS = ("latency", "ms per", "tokens/s", "seconds", "wall", "elapsed
 _DIGEST = textwrap.dedent(r'''
     import hashlib, json, sys
     sys.path.insert(0, {root!r})
+    sys.path.insert(0, {root!r} + "/tests")
+    import apptest_helpers  # noqa: F401  (the component scan once for this process's six AppTests)
     from streamlit.testing.v1 import AppTest
     from app.pages import PAGES
     out = {{}}
