@@ -215,12 +215,12 @@ def _causal_mask(t: int, s: int, start_pos: int, device) -> torch.Tensor:
 _TAKES_DV: dict[tuple, bool] = {}
 
 
-@torch.compiler.assume_constant_result  # shapes are static under core.compile: the answer is a trace-time constant
 def sdpa_takes_dv(device: torch.device, dtype: torch.dtype, q_shape: tuple, dv: int, grad: bool) -> bool:
     """True when torch's SDPA dispatcher picks a fused kernel that takes V's head dim `dv` unequal to q/k's (cuDNN
     attention on Hopper does), so causal_attention need not zero-pad V to Dq. Asked once per (device, dtype, q
     shape, dv, grad) on empty tensors of those shapes; False on a CPU and wherever the dispatcher would choose
-    another kernel (flash needs equal head dims, the memory-efficient kernel is several times slower)."""
+    another kernel (flash needs equal head dims, the memory-efficient kernel is several times slower).
+    core.compile marks it a trace-time constant (shapes are static there)."""
     key = (str(device), dtype, tuple(q_shape), dv, grad)
     if key not in _TAKES_DV:
         ok = False

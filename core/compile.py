@@ -68,6 +68,15 @@ def block_status(model: nn.Module) -> dict | None:
             "eager_calls": sum(m._compile_calls["eager"] for m in wrapped), "errors": compile_errors()}
 
 
+def _prepare_tracing() -> None:
+    """What dynamo must not trace into, done before any block is traced."""
+    from core import attention, gemm
+    gemm.fp32_backend()  # resolve the GEMM library now: its first call takes a lock, which dynamo cannot trace
+    # shapes are static in these graphs, so the SDPA kernel choice is a trace-time constant; marked here rather than
+    # where it is defined because the marker imports torch._dynamo (~1.5 s) into every process that imports it
+    torch.compiler.assume_constant_result(attention.sdpa_takes_dv)
+
+
 def use_compiled(x: torch.Tensor, start_pos: int = 0, cache=None) -> bool:
     """A block forward is compiled only on the training path: no cache, gradients on."""
     return cache is None and torch.is_grad_enabled()
@@ -116,10 +125,9 @@ def compile_blocks(model: nn.Module) -> dict:
     and MTP blocks), on the device the model lives on. Parameters and state_dict names are untouched.
 
     Returns {"blocks": number wrapped}. Idempotent (a block already wrapped is skipped)."""
-    from core import gemm
     from core.model import DecoderLayer
 
-    gemm.fp32_backend()  # resolve the GEMM library now: its first call takes a lock, which dynamo cannot trace
+    _prepare_tracing()
     n = 0
     for m in model.modules():
         if isinstance(m, DecoderLayer) and not hasattr(m, "_compile_calls"):
@@ -134,9 +142,7 @@ def graph_breaks(layer: nn.Module, x: torch.Tensor) -> dict:
     "breaks", "reasons": the break reasons, one line each}. A dense block must give one graph; a MoE block only
     the deliberate break around `Experts.forward` (see the module doc). Isolates the layer's experts, as
     `compile_blocks` does (they then run under `torch.compiler.disable`, eager as before)."""
-    from core import gemm
-
-    gemm.fp32_backend()
+    _prepare_tracing()
     _isolate_experts(layer)
     layer.self_attn.rotary.cos_sin(0, x.shape[1], x.device)
     ex = torch._dynamo.explain(type(layer).forward.__get__(layer))(x)  # the class's forward, not a wrapper

@@ -7,7 +7,6 @@ import functools
 import os
 from pathlib import Path
 
-from streamlit.components.v2 import manifest_scanner
 from streamlit.testing.v1 import AppTest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,8 +22,13 @@ def _scan_component_packages_once() -> None:
     manifests (streamlit/testing/v1/app_test.py `_run` -> BidiComponentManager.discover_and_register_components ->
     components/v2/manifest_scanner.py `scan_component_manifests`): ~0.5 s with this machine's ~780 distributions,
     most of what opening a page in a fresh session costs, and the suite opens hundreds. The installed packages do not
-    change during a test session: scan once and give every AppTest the same (read-only) list."""
-    scan = manifest_scanner.scan_component_manifests
+    change during a test session: scan once and give every AppTest the same (read-only) list. A Streamlit without
+    this private function (requirements.txt pins 1.67.0) keeps its own scan: slower tests, same results."""
+    try:
+        from streamlit.components.v2 import manifest_scanner
+        scan = manifest_scanner.scan_component_manifests
+    except (ImportError, AttributeError):
+        return
     if getattr(scan, "eva_once", False):
         return
     first = functools.cache(scan)

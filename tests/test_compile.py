@@ -138,3 +138,17 @@ def test_a_compiler_failure_falls_back_to_eager_and_says_so(monkeypatch, capsys,
     st = compiled[-1]["compiled"]
     assert st["compiled_calls"] == 0 and st["eager_calls"] > 0
     assert "RuntimeError: no code generation for this" in next(iter(st["errors"].values()))
+
+
+def test_the_engine_imports_without_the_compiler_and_compiling_marks_the_sdpa_choice_constant():
+    """Importing the engine does not load torch._dynamo (~1.5 s more for every lab worker and CLI run); compiling a
+    model marks `sdpa_takes_dv` a trace-time constant, so the compiled CUDA graphs take the SDPA kernel choice made
+    on their static shapes instead of tracing the probe."""
+    import subprocess
+    import sys
+    code = "import sys, core.train, core.model; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    from core import attention
+    compile_blocks(DeepSeekV3(PRESETS["tiny"]))
+    assert getattr(attention.sdpa_takes_dv, "_dynamo_marked_constant", False)
