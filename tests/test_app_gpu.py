@@ -214,3 +214,15 @@ def test_loss_gap_control_compares_fp8_with_bf16_against_itself():
     at = open_page("pages/fp8.py")
     shown = any("Noise without FP8" in m.value for m in at.markdown)
     assert shown == bool(committed["repeat_gaps"])
+
+
+def test_a_ratio_next_to_its_target_shows_on_which_side_it_lies():
+    assert gpu_view.ratio_text(1.399, 1.4) == "1.399×" and gpu_view.ratio_text(1.4004, 1.4) == "1.400×"
+    assert gpu_view.ratio_text(1.43, 1.4) == "1.43×" and gpu_view.ratio_text(1.4, 1.4) == "1.40×"
+    assert gpu_view.ratio_text(1.106, 1.3) == "1.11×"
+    at = open_page("pages/fp8.py")
+    df = gpu_view.fp8_frame(results.fp8_rows(RES))
+    values = [m.value for m in at.metric] if at.metric else []
+    shown = " ".join(values + [m.value for m in at.markdown])
+    for _, row in df[df["target"].notna()].iterrows():
+        assert gpu_view.ratio_text(row["speedup"], row["target"]) in shown
