@@ -39,7 +39,7 @@ def _load(path: str, mtime_ns: int) -> dict:
         res = results.load_gpu_results(path)
         if res is None:
             return {"missing": True}
-        return {"label": results.label(res), "runs": 1 + len(res["meta"].get("earlier_commands", [])), "fp8": results.fp8_rows(res),
+        return {"label": results.label(res), "fp8": results.fp8_rows(res),
                 "lossgap": results.lossgap_row(res), "decode": results.decode_rows(res)}
     except ValueError as e:
         return {"error": str(e)}
@@ -68,8 +68,7 @@ def _results(path: str | None) -> dict | None:
 
 def _heading(title: str, r: dict) -> None:
     st.subheader(f"Measured on a GPU: {title}")
-    runs = "one run" if r["runs"] == 1 else f"{r['runs']} runs"  # a bench split over device sessions (--update)
-    st.caption(f"**{r['label']}** · {runs} of `bench/gpu_bench.py` (reference and contender timed in the same "
+    st.caption(f"**{r['label']}** · measured by `bench/gpu_bench.py` (each reference and contender timed in the same "
                f"process), committed in `{_SHOWN_PATH}`; method and profiles in `docs/performance.md`.")
 
 
