@@ -57,6 +57,17 @@ class AdamW(torch.optim.Optimizer):
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=self.moment_dtype, memory_format=torch.contiguous_format)
         return st
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim's loader, then the masters and moments as saved: torch casts floating-point state to its
+        parameter's dtype, which would round fp32 masters to bf16."""
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, saved in state_dict["state"].items():
+            st = self.state[params[int(i)]]
+            for k in ("master", "exp_avg", "exp_avg_sq"):
+                if torch.is_tensor(saved.get(k)):
+                    st[k] = saved[k].to(params[int(i)].device, copy=True)
+
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> float:
         """The global L2 norm of the gradients (fp32 arithmetic; returned before clipping) and torch's clipping

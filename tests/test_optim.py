@@ -50,3 +50,20 @@ def test_clipping_applies_only_to_the_next_step():
     oa.step()
     ob.step()
     torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_keeps_fp32_masters_and_moment_dtypes():
+    gen = torch.Generator().manual_seed(2)
+    low = _params(gen, torch.bfloat16)
+    opt = AdamW(low, lr=1e-2, moment_dtype=torch.bfloat16)
+    for p in low:
+        p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+    opt.step()
+    saved = opt.state_dict()
+    fresh = AdamW([torch.nn.Parameter(p.detach().clone()) for p in low], lr=1e-2, moment_dtype=torch.bfloat16)
+    fresh.load_state_dict(saved)
+    for p, q in zip(low, fresh.param_groups[0]["params"]):
+        a, b = opt.state[p], fresh.state[q]
+        assert b["master"].dtype == torch.float32 and torch.equal(a["master"], b["master"])
+        assert b["exp_avg"].dtype == torch.bfloat16 and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert b["step"] == a["step"] == 1
