@@ -21,7 +21,8 @@ Sections (results keys):
              at two batch sizes)
   lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap,
              per seed (--loss-seeds, run --loss-procs at a time); the mean gap and its 95% interval over the seeds;
-             --loss-batch sets the batch; --loss-control repeats each bf16 run (the noise without FP8);
+             --loss-batch sets the batch; --loss-control repeats each bf16 run (the noise without FP8); with
+             --update, seeds of the same protocol already in the file are kept and only new ones run;
              --loss-emulated adds fp32 and the emulated (fake-quantized, core.fp8) FP8 of the first seed
   decode     one DeepSeek-V3 MLA layer (hidden 7168, 128 heads): absorbed (latent cache) vs naive (per-head K/V)
              decode tokens/s and cache bytes, contexts 4k-32k, batch 1 and 8
@@ -457,24 +458,35 @@ def _seed_pair(job: tuple) -> tuple[int, dict]:
     return seed, row
 
 
+#: what makes two loss-gap sections the same experiment (their seeds can be pooled)
+_PROTOCOL = ("config", "steps", "batch", "seq_len", "lr", "recipe", "control")
+
+
 def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float = 1e-3, procs: int = 1,
-            batch: int | None = None, control: bool = False) -> dict:
+            batch: int | None = None, control: bool = False, earlier: dict | None = None) -> dict:
     """bf16 vs FP8 (real GEMMs) validation loss after `steps` steps, for each seed (the seed changes the initial
     weights and the batches). The per-seed gaps are paired, so their mean's 95% interval
     (`core.cuda.results.mean_interval`) is what the runs can decide about a target. `procs` > 1 runs the seeds in
     that many spawned processes on the same GPU (a 100M model's step is launch-bound: the GPU has room for several).
     emulated=True adds fp32 and emulated-FP8 runs of the first seed (does the GPU path match the reference?).
-    control=True runs each seed's bf16 run twice: the gap between the two is the noise FP8's gap is read against."""
+    control=True runs each seed's bf16 run twice: the gap between the two is the noise FP8's gap is read against.
+    `earlier`: a loss-gap section of an earlier run (`--update`); with the same protocol (`_PROTOCOL`) its seeds are
+    kept and only the new ones run, so seeds can be added over several device calls; otherwise it is replaced."""
     mcfg, B, T = _loss_shape(smoke, batch)
     from core.fp8 import get_recipe
     out = {"config": "100M", "steps": steps, "batch": B, "seq_len": T, "lr": lr, "recipe": get_recipe("deepseek").name,
-           "seeds": {}, "procs": procs}
+           "control": control, "seeds": {}, "procs": procs}
+    if earlier and "control" not in earlier:  # written before the key existed: a control run has repeat gaps
+        earlier = {**earlier, "control": all("repeat_gap" in v for v in earlier.get("seeds", {}).values())}
+    if earlier and all(earlier.get(k) == out[k] for k in _PROTOCOL):
+        out["seeds"] = dict(earlier["seeds"])
+        print(f"  pooled with the {len(out['seeds'])} seeds of the earlier run", flush=True)
     train_tokens = int(pydoc_dataset().splits["train"].numel())
     out["epochs"] = steps * B * T / train_tokens  # passes over the train split: >1 measures memorisation too
     threads = max(1, (os.cpu_count() or 1) // procs) if procs > 1 else None
-    jobs = [(seed, steps, lr, smoke, dev.type, B, threads, control) for seed in seeds]
+    jobs = [(seed, steps, lr, smoke, dev.type, B, threads, control) for seed in seeds if str(seed) not in out["seeds"]]
     t0 = time.perf_counter()
-    if procs > 1:
+    if procs > 1 and jobs:
         import multiprocessing as mp
         with mp.get_context("spawn").Pool(min(procs, len(jobs))) as pool:
             pairs = pool.map(_seed_pair, jobs, chunksize=1)
@@ -486,24 +498,26 @@ def lossgap(dev, smoke, steps, seeds=(0, 1), emulated: bool = False, lr: float =
               f" ({row['relative_gap']:+.2%}; {row['bf16']['seconds']:.0f} s / {row['deepseek']['seconds']:.0f} s)",
               flush=True)
     out["wall_s"] = time.perf_counter() - t0
-    first = out["seeds"][str(seeds[0])]
+    rows = [out["seeds"][k] for k in sorted(out["seeds"], key=int)]
+    first = rows[0]
     out["bf16"], out["deepseek"], out["relative_gap"] = first["bf16"], first["deepseek"], first["relative_gap"]
-    if len(seeds) > 1:
-        bf = [out["seeds"][str(s)]["bf16"]["val_loss"] for s in seeds]
+    if len(rows) > 1:
+        bf = [r["bf16"]["val_loss"] for r in rows]
+        gaps = [r["relative_gap"] for r in rows]
         out["bf16_seed_spread"] = (max(bf) - min(bf)) / min(bf)
-        out["mean_relative_gap"] = statistics.mean(out["seeds"][str(s)]["relative_gap"] for s in seeds)
+        out["mean_relative_gap"] = statistics.mean(gaps)
         from core.cuda.results import mean_interval
-        _, lo, hi = mean_interval(out["seeds"][str(s)]["relative_gap"] for s in seeds)
+        _, lo, hi = mean_interval(gaps)
         out["gap_interval_95"] = [lo, hi]
         print(f"  bf16 seed-to-seed spread {out['bf16_seed_spread']:.2%}; mean FP8 gap {out['mean_relative_gap']:+.2%}"
-              f" (95% interval {lo:+.2%} .. {hi:+.2%}); {out['wall_s']:.0f} s for {len(seeds)} seeds", flush=True)
+              f" (95% interval {lo:+.2%} .. {hi:+.2%}) over {len(rows)} seeds; {out['wall_s']:.0f} s for "
+              f"{len(jobs)} run here", flush=True)
         if control:
-            gaps = [out["seeds"][str(s)]["relative_gap"] for s in seeds]
-            reps = [out["seeds"][str(s)]["repeat_gap"] for s in seeds]
+            reps = [r["repeat_gap"] for r in rows]
             print(f"  per-seed gap standard deviation: FP8 vs bf16 {statistics.stdev(gaps):.2%}, bf16 vs bf16 again "
                   f"{statistics.stdev(reps):.2%} (mean {statistics.fmean(reps):+.2%})", flush=True)
     if emulated:
-        tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=seeds[0], lr=lr)
+        tc = _tcfg(B, T, "fp32", dev, steps=steps).replace(seed=int(min(out["seeds"], key=int)), lr=lr)
         out["emulated"] = {"fp32": _loss_run(mcfg, tc),
                            "deepseek": _loss_run(mcfg, tc.replace(precision="deepseek"), emulate=True)}
         e = out["emulated"]
@@ -646,7 +660,8 @@ def main(argv=None) -> int:
                 res["fp8step"] = fp8step(dev, args.smoke, peak_tflops)
             elif sec == "lossgap":
                 res["lossgap"] = lossgap(dev, args.smoke, args.loss_steps, tuple(args.loss_seeds), args.loss_emulated,
-                                         args.loss_lr, args.loss_procs, args.loss_batch, args.loss_control)
+                                         args.loss_lr, args.loss_procs, args.loss_batch, args.loss_control,
+                                         res.get("lossgap") if args.update else None)
             elif sec == "decode":
                 res["decode"] = decode(dev, args.smoke)
             elif sec == "profile":
