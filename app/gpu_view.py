@@ -175,7 +175,9 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
     lg = r["lossgap"]
     if lg:
         gap = (pd.DataFrame([{"seed": k, "bf16_val_loss": v["bf16"], "fp8_val_loss": v["fp8"],
-                              "relative_gap": lg["seed_gaps"][k]} for k, v in lg["seed_losses"].items()])
+                              "relative_gap": lg["seed_gaps"][k],
+                              **({"bf16_again_val_loss": v["bf16_again"]} if "bf16_again" in v else {})}
+                             for k, v in lg["seed_losses"].items()])
                if lg.get("seed_losses") else pd.DataFrame([lg]))  # one row per seed: the chart's points
         n = max(1, len(lg.get("seed_losses") or {}))
         with st.container(width=min(1100, 440 + 80 * n)):  # a pair of points per seed: full width only for many

@@ -95,8 +95,11 @@ def test_fp8_speedup_bars_draw_the_committed_ratios():
 def test_fp8_loss_gap_shows_both_losses_and_the_verdict():
     row = results.lossgap_row(RES)
     fig = charts.fp8_loss_gap(row, gpu_view.TARGET_LOSS_GAP)
-    bf, f8 = fig.data
-    ys = list(bf.y) + list(f8.y)
+    bf, f8, *again = fig.data
+    ys = [y for t in fig.data for y in t.y]
+    assert len(again) == bool(row["repeat_gaps"])  # the control's repeats, where the file has them
+    if again:
+        assert [a / b - 1 for a, b in zip(again[0].y, bf.y)] == pytest.approx(list(row["repeat_gaps"].values()))
     assert bf.y[0] == row["bf16_val_loss"] and f8.y[0] == row["fp8_val_loss"]  # the first seed's pair first
     assert len(bf.y) == len(f8.y) == max(1, len(row["seed_gaps"]))
     assert row["recipe"] in f8.name

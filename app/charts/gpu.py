@@ -63,7 +63,8 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
 
 def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, one pair per seed, with the
-    band of losses within `target` (relative) of each bf16 point shaded. row: `core.cuda.results.lossgap_row`."""
+    band of losses within `target` (relative) of each bf16 point shaded, and hollow circles for a repeat of each bf16
+    run where the results hold that control. row: `core.cuda.results.lossgap_row`."""
     seeds = row.get("seed_losses") or {0: {"bf16": row["bf16_val_loss"], "fp8": row["fp8_val_loss"]}}
     secs = {"bf16": row["bf16_seconds"], "fp8": row["fp8_seconds"]}
     xs = [f"seed {k}" for k in seeds]
@@ -80,6 +81,11 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
                         cliponaxis=False,
                         hovertemplate="%{x}, " + name + ": %{y:.4f} nats/byte after " + f"{row['steps']} steps"
                                       f"<extra></extra>")
+    again = [v.get("bf16_again") for v in seeds.values()]
+    if all(a is not None for a in again):  # the control: the same bf16 run once more (GPU runs are not reproducible)
+        fig.add_scatter(x=xs, y=again, mode="markers", name="bf16 again (same seed and batches)",
+                        marker=dict(size=11, color="rgba(0,0,0,0)", line=dict(width=2, color=palette.FORMATS["bf16"])),
+                        hovertemplate="%{x}, bf16 run again: %{y:.4f} nats/byte<extra></extra>")
     n = len(seeds)
     gap = row["gap"]
     verdict = gap_verdict(row, target)

@@ -82,7 +82,8 @@ def lossgap_row(res: dict) -> dict | None:
     several seeds also `seed_gaps` {seed: gap}, `bf16_seed_spread` (the noise floor: relative distance between the
     bf16 runs of different seeds), `mean_relative_gap` (None when one seed was run) and `gap_interval` (lo, hi): the
     95% interval of that mean (`mean_interval`; None for one seed); `gap` is the one to show: the mean, or the single
-    run's. Runs with a control (each seed's bf16 run repeated) add `repeat_gaps` {seed: second bf16 / first - 1}
+    run's. Runs with a control (each seed's bf16 run repeated) add the repeat's loss to `seed_losses` ("bf16_again"),
+    `repeat_gaps` {seed: second bf16 / first - 1}
     and the standard deviations across seeds `gap_sd` (FP8 vs bf16) and `repeat_gap_sd` (bf16 vs bf16); else
     `repeat_gaps` is {} and both are None."""
     r = res.get("lossgap")
@@ -97,7 +98,8 @@ def lossgap_row(res: dict) -> dict | None:
             "bf16_seconds": r["bf16"]["seconds"], "fp8_seconds": r["deepseek"]["seconds"],
             "relative_gap": r["relative_gap"],
             "seed_gaps": {int(k): v["relative_gap"] for k, v in seeds.items()},
-            "seed_losses": {int(k): {"bf16": v["bf16"]["val_loss"], "fp8": v["deepseek"]["val_loss"]}
+            "seed_losses": {int(k): {"bf16": v["bf16"]["val_loss"], "fp8": v["deepseek"]["val_loss"],
+                                     **({"bf16_again": v["bf16_repeat"]["val_loss"]} if "bf16_repeat" in v else {})}
                             for k, v in seeds.items()}, "lr": r.get("lr"),
             "bf16_seed_spread": r.get("bf16_seed_spread"), "mean_relative_gap": r.get("mean_relative_gap"),
             # the gap to show and judge: the mean over the seeds when there are several, else the one run's
