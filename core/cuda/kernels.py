@@ -9,10 +9,13 @@ benchmark records (`status`). Importing this module needs no triton.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 
-__all__ = ["ENV_VAR", "enabled", "why", "Kernels"]
+import torch
+
+__all__ = ["ENV_VAR", "enabled", "why", "on_device", "Kernels"]
 
 ENV_VAR = "EVA_CUDA_TRITON"
 
@@ -25,6 +28,12 @@ def enabled() -> bool:
 def why(e: Exception) -> str:
     """A failure in one line, for status records."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def on_device(t: torch.Tensor):
+    """The context a Triton launch on `t` runs in: t's CUDA device (a launch goes to the current device, which need
+    not be t's), or none for a CPU tensor (TRITON_INTERPRET=1)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 class Kernels:

@@ -19,11 +19,11 @@ torch path); runs under TRITON_INTERPRET=1 on CPU tensors (the CPU tests).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from core.cuda.kernels import on_device
 
 __all__ = ["adamw_step"]
 
@@ -57,10 +57,6 @@ def _adamw_kernel(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, scale_ptr, n, decay, step_s
     tl.store(p_ptr + offs, w.to(p_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def adamw_step(p: torch.Tensor, grad: torch.Tensor, master: torch.Tensor | None, exp_avg: torch.Tensor,
                exp_avg_sq: torch.Tensor, scale: torch.Tensor | None, *, lr: float, beta1: float, beta2: float,
                eps: float, weight_decay: float, step: int) -> torch.Tensor:
@@ -77,7 +73,7 @@ def adamw_step(p: torch.Tensor, grad: torch.Tensor, master: torch.Tensor | None,
         return p
     bc1 = 1.0 - beta1 ** step
     bc2_sqrt = (1.0 - beta2 ** step) ** 0.5
-    with _launch(p):
+    with on_device(p):
         _adamw_kernel[(triton.cdiv(n, BLOCK),)](
             p, grad, master if master is not None else p, exp_avg, exp_avg_sq, scale if scale is not None else p, n,
             1.0 - lr * weight_decay, lr / bc1, beta1, beta2, eps, bc2_sqrt, HAS_MASTER=master is not None,

@@ -44,12 +44,12 @@ This module imports triton; core.cuda.fp8_linear imports it only when a CUDA ten
 """
 from __future__ import annotations
 
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
+from core.cuda.kernels import on_device
 from core.fp8 import AMAX_FLOOR
 
 __all__ = ["BLOCK", "TILE_SUB", "TILE_WARPS", "TILE_STAGES", "BLOCK_SUB", "BLOCK_WARPS", "BLOCK_STAGES",
@@ -211,7 +211,7 @@ def _quantize(kernel, x, transposed, out_dtype, recip_scale, knobs, shapes, oute
     r, c = x.shape
     rp, cp = _ceil(r), _ceil(c)
     if rp and cp:  # else an empty operand: empty outputs
-        with torch.cuda.device(dev) if x.is_cuda else contextlib.nullcontext():
+        with on_device(x):
             kernel[(rp // BLOCK, cp // BLOCK)](
                 x, *(out if transposed else out * 2), r, c, rp, cp, x.stride(0), x.stride(1), TRANSPOSED=transposed,
                 RECIP=x.is_cuda if recip_scale is None else recip_scale, FLOOR=AMAX_FLOOR, FMAX=_FMAX, B=BLOCK,

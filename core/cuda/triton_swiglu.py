@@ -19,11 +19,11 @@ TRITON_INTERPRET=1 on CPU tensors (the CPU tests).
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
+
+from core.cuda.kernels import on_device
 
 __all__ = ["swiglu_packed"]
 
@@ -78,10 +78,6 @@ def _bwd_kernel(gu_ptr, w_ptr, dh_ptr, d_ptr, dw_ptr, S, I: tl.constexpr, stride
         tl.store(dw_ptr + rs, acc.to(dw_ptr.dtype.element_ty), mask=row)
 
 
-def _launch(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _rows(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up with unit stride along its last dim (the kernels' layout; a GEMM output already has it)."""
     return gate_up if gate_up.stride(-1) == 1 else gate_up.contiguous()
@@ -94,7 +90,7 @@ def swiglu_forward(gate_up: torch.Tensor, weight: torch.Tensor | None) -> torch.
     h = torch.empty((s, i), dtype=gu.dtype, device=gu.device)
     if s and i:
         w = weight.reshape(-1).contiguous() if weight is not None else gu
-        with _launch(gu):
+        with on_device(gu):
             _fwd_kernel[(triton.cdiv(s, BLOCK_S),)](gu, w, h, s, i, gu.stride(0), h.stride(0),
                                                    HAS_W=weight is not None, BS=BLOCK_S, BI=BLOCK_I, num_warps=4)
     return h
@@ -108,7 +104,7 @@ def swiglu_backward(gate_up: torch.Tensor, weight: torch.Tensor | None, dh: torc
     dw = torch.empty_like(weight) if (weight is not None and need_dw) else None
     if s and i:
         w = weight.reshape(-1).contiguous() if weight is not None else gu
-        with _launch(gu):
+        with on_device(gu):
             _bwd_kernel[(triton.cdiv(s, BLOCK_S),)](gu, w, dh, d, dw if dw is not None else d, s, i, gu.stride(0),
                                                    dh.stride(0), d.stride(0), HAS_W=weight is not None,
                                                    NEED_DW=dw is not None, BS=BLOCK_S, BI=BLOCK_I, num_warps=4)
