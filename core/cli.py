@@ -98,7 +98,7 @@ def _arg_parser() -> argparse.ArgumentParser:
         kw = {"default": f.default, "help": f.metadata.get("help", "")}
         if f.name == "betas":
             ap.add_argument(flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), **kw)
-        elif f.name in ("mtp", "compile"):
+        elif f.name in ("mtp", "compile", "fp8_experts"):
             ap.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif f.name in ("alpha", "max_time_s"):
             ap.add_argument(flag, type=float, **kw)

@@ -145,6 +145,9 @@ class TrainConfig:
     precision: str = _h(f"one of {PRECISIONS}", default="fp32")
     fp8_switches: tuple[str, ...] | None = _h("FP8 recipe switches that are on (core.fp8.SWITCHES; the others off); "
                                               "None: the recipe as named", default=None)
+    fp8_experts: bool = _h("CUDA FP8 GEMM path: the routed experts' GEMMs in FP8 too, one FP8 GEMM per expert "
+                           "(slower with many small experts; off: bf16 grouped GEMMs). The emulated recipes always "
+                           "quantize the experts", default=False)
     attention: str = _h(f"one of {ATTENTION_TYPES}", default="mla")
     kv_heads: int | None = _h("K/V heads for attention=gqa (default heads // 2)", default=None)
     ffn: str = _h(f"one of {FFNS}", default="moe")
@@ -252,6 +255,11 @@ class TrainConfig:
             raise TrainConfigError("mtp_lambda", "must be > 0 when mtp is on (turn mtp off to train without MTP)")
         if self.kv_heads is not None:
             integer("kv_heads", 1)
+        if not isinstance(self.fp8_experts, bool):
+            raise TrainConfigError("fp8_experts", f"must be true or false, got {self.fp8_experts!r}")
+        if self.fp8_experts and self.precision not in RECIPES:
+            raise TrainConfigError("fp8_experts", f"runs the experts in FP8 and needs an FP8 --precision, got "
+                                                  f"precision={self.precision!r}")
         if not isinstance(self.compile, bool):
             raise TrainConfigError("compile", f"must be true or false, got {self.compile!r}")
         if self.compile and self.precision not in ("fp32", "bf16"):
@@ -317,7 +325,7 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
         model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
     if gpu_fp8(cfg):
         from core.cuda.fp8_linear import convert_model
-        convert_model(model, cfg.fp8_recipe)
+        convert_model(model, cfg.fp8_recipe, experts=cfg.fp8_experts)
     elif cfg.fp8_recipe is not None:
         from core.fp8 import convert_to_fp8
         convert_to_fp8(model, cfg.fp8_recipe)

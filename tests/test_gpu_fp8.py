@@ -134,6 +134,60 @@ def test_convert_model_keeps_the_high_precision_exceptions():
     assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
 
 
+def _experts_case(device="cpu", seed=11):
+    """Routed experts of a small MoE (hidden 256, 8 experts of width 128, top-2) with inputs that leave expert 7
+    without tokens, and an output gradient."""
+    from core.moe import Experts
+    cfg = PRESETS["tiny"].replace(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8,
+                                  num_experts_per_tok=2, n_group=1, topk_group=1)
+    torch.manual_seed(seed)
+    ex = Experts(cfg).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(150, 256, generator=gen).to(device)
+    idx = torch.randint(0, 7, (150, 2), generator=gen).to(device)  # expert 7 gets no token
+    idx[:, 1] = (idx[:, 0] + 1 + torch.randint(0, 5, (150,), generator=gen).to(device)) % 7  # two distinct experts
+    w = torch.rand(150, 2, generator=gen).to(device)
+    dy = torch.randn(150, 256, generator=gen).to(device)
+    return ex, x, idx, w, dy
+
+
+def _experts_grads(ex, x, idx, w, dy):
+    xs = x.detach().clone().requires_grad_(True)
+    y = ex(xs, idx, w)
+    y.backward(dy)
+    out = (y.detach(), xs.grad, ex.gate_up_proj.grad.clone(), ex.down_proj.grad.clone())
+    ex.zero_grad(set_to_none=True)
+    return out
+
+
+def test_fp8_experts_match_the_emulated_recipe_and_leave_idle_experts_alone():
+    """ExpertsFP8 (one fp8_linear per expert) against core.fp8's emulation of the same recipe on the whole sorted
+    operand: Fprop and Dgrad use per-row tiles and the same weight blocks, so output and dx agree to fp32
+    rounding; Wgrad's token tiles start at each expert's segment here, at the operand's row 0 there, so dW agrees to
+    FP8 precision. An expert without tokens gets a zero gradient."""
+    ex, x, idx, w, dy = _experts_case()
+    exact = _experts_grads(ex, x, idx, w, dy)
+    ex.fp8 = g.ExpertsFP8()
+    ours = _experts_grads(ex, x, idx, w, dy)
+    ex.fp8 = fp8.FP8Ops(fp8.RECIPES["deepseek-gemm"])
+    emulated = _experts_grads(ex, x, idx, w, dy)
+    for name, a, b, c in zip(("y", "dx", "d gate_up", "d down"), ours, emulated, exact):
+        assert 1e-6 < fp8.calc_diff(a, c) < 4e-3, name  # FP8 error against fp32: present and small
+        assert fp8.calc_diff(a, b) < (1e-9 if name in ("y", "dx") else 4e-3), name
+    assert not ours[2][7].any() and not ours[3][7].any() and ours[2][:7].abs().sum(dim=(1, 2)).all()
+
+
+def test_fp8_experts_are_opt_in_on_the_gpu_path():
+    model = DeepSeekV3(PRESETS["mini"])
+    from core.moe import Experts
+    assert g.convert_model(model)["experts"] == "bf16 grouped GEMM"
+    assert all(m.fp8 is None for m in model.modules() if isinstance(m, Experts))
+    assert g.convert_model(DeepSeekV3(PRESETS["mini"]), experts=True)["experts"] == "FP8, one GEMM per expert"
+    from core.train import TrainConfig, TrainConfigError
+    with pytest.raises(TrainConfigError, match="^fp8_experts: runs the experts in FP8 and needs an FP8 --precision"):
+        TrainConfig(precision="bf16", fp8_experts=True)
+
+
 # ---------------------------------------------------------------------------------------------- on the GPU
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,k,n", [(256, 1024, 512), (200, 384, 320), (128, 256, 2048)])
@@ -286,3 +340,20 @@ def test_gpu_fused_quantizer_defaults_are_bit_identical_at_training_sizes(shape)
                                      ((wq, ws), w_ref), ((wtq, wts), (w_ref[0].t().contiguous(),
                                                                        w_ref[1].t().contiguous()))):
         assert torch.equal(_bits(a), _bits(a_ref)) and torch.equal(sa, sa_ref)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_experts_match_the_cpu_path_and_train():
+    grads = []
+    for dev in ("cpu", "cuda"):  # the same experts and inputs; the GPU's GEMMs are cuBLAS's blockwise FP8
+        ex, *case = _experts_case(dev)
+        ex.fp8 = g.ExpertsFP8()
+        grads.append(_experts_grads(ex, *case))
+    for cpu, gpu in zip(*grads):
+        assert fp8.calc_diff(gpu.cpu(), cpu) < 1e-5
+    from core.train import TrainConfig, TrainRun
+    run = TrainRun("mini", TrainConfig(precision="deepseek", fp8_experts=True, device="cuda", steps=8, batch_size=4,
+                                       seq_len=64, eval_every=0, warmup=2, lr=3e-3, dataset="synthetic"))
+    assert any(isinstance(getattr(m, "fp8", None), g.ExpertsFP8) for m in run.model.modules())
+    losses = [r["loss"] for r in run.run()]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0]

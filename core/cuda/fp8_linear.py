@@ -32,7 +32,7 @@ from core.fp8.training import _skipped
 from core.gemm import Linear
 
 __all__ = ["BLOCK", "quant_tile", "quant_block", "quant_tile_both", "quant_block_both", "fp8_gemm", "reference_gemm",
-           "fp8_linear", "FP8LinearGPU", "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
+           "fp8_linear", "FP8LinearGPU", "ExpertsFP8", "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
@@ -354,10 +354,47 @@ def gpu_recipe_issues(recipe: str | FP8Recipe) -> list[str]:
     return [f"{f}={getattr(r, f)!r} (GPU path: {ok})" for f, ok in GPU_SWITCHES.items() if getattr(r, f) not in ok]
 
 
-def convert_model(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip=DEFAULT_SKIP) -> dict:
+class ExpertsFP8:
+    """The `core.moe.Experts.fp8` hook that runs the routed experts' GEMMs in FP8: each expert's segment of the
+    sorted token rows through `fp8_linear` with that expert's weight (one FP8 Fprop, Dgrad and Wgrad per expert, as
+    the Linear layers). Every segment's 1x128 tiles of x^T and dy^T for Wgrad start at the segment's first row, as
+    in DeepSeek's grouped FP8 GEMMs, which align each expert's rows to the GEMM's 128-row blocks (the CPU emulation,
+    core.fp8.FP8Ops, tiles the whole sorted operand instead; Fprop and Dgrad tiles are per row and agree).
+    The SwiGLU between the GEMMs and the combine stay as in bf16 (the V3 recipe's other switches are emulated only).
+    Cost: a few kernel launches per expert and GEMM, so it is host-bound with many small experts."""
+
+    def combine_grad(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def combine(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def swiglu(self, gate_up: torch.Tensor, weights: torch.Tensor):
+        from core.layers import swiglu_packed  # (h [S, I], nothing to recompute from)
+        return swiglu_packed(gate_up, weights), None
+
+    def gemm(self, a: torch.Tensor, w: torch.Tensor, sizes: list[int], mm=None, name: str = "",
+             x_recompute=None) -> torch.Tensor:
+        """a [S, K] sorted by expert (segment e has sizes[e] rows), w [E, N, K] -> [S, N]. `mm` (the bf16 grouped
+        GEMM) is not used. An expert without tokens gets a zero weight gradient (unbind's backward)."""
+        outs = [fp8_linear(_pad16(a_e), w_e)[:n] for a_e, w_e, n in zip(a.split(sizes), w.unbind(0), sizes) if n]
+        return torch.cat(outs) if outs else a.new_zeros(0, w.shape[1])
+
+
+def _pad16(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with zero rows appended up to a multiple of 16: cuBLAS's blockwise FP8 GEMM refuses other row counts
+    (CUBLAS_STATUS_NOT_SUPPORTED on an H200 for an expert's segment of arbitrary size); zero rows add nothing to
+    Wgrad and their outputs are dropped."""
+    m = x.shape[0]
+    return x if m % 16 == 0 else F.pad(x, (0, 0, 0, _ceil(m, 16) - m))
+
+
+def convert_model(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip=DEFAULT_SKIP,
+                  experts: bool = False) -> dict:
     """Swap every stock Linear not matched by `skip` (core.fp8.DEFAULT_SKIP: embedding, head, router, norms stay
-    high precision, V3 §3.3.1) for an FP8LinearGPU, in place. Routed experts (3-D weights, grouped GEMM) keep
-    their bf16 grouped GEMM. Returns {"linears": converted count, "experts": "bf16 grouped GEMM"}.
+    high precision, V3 §3.3.1) for an FP8LinearGPU, in place. Routed experts (3-D weights) keep their bf16 grouped
+    GEMM, or with `experts` run one FP8 GEMM per expert (`ExpertsFP8`). Returns {"linears": converted count,
+    "experts": what the routed experts run}.
     ValueError naming the recipe switch when the recipe needs something this path does not implement."""
     issues = gpu_recipe_issues(recipe)
     if issues:
@@ -368,4 +405,9 @@ def convert_model(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip=D
     for name, lin in targets:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, FP8LinearGPU.from_linear(lin))
-    return {"linears": len(targets), "experts": "bf16 grouped GEMM"}
+    if experts:
+        from core.moe import Experts
+        for m in model.modules():
+            if isinstance(m, Experts):
+                m.fp8 = ExpertsFP8()
+    return {"linears": len(targets), "experts": "FP8, one GEMM per expert" if experts else "bf16 grouped GEMM"}
