@@ -393,21 +393,21 @@ FP8STEP = (("920M", 1), ("dense-2B", 1), ("dense-2B", 2))
 
 
 def fp8step(dev, smoke, peak_tflops, experts: bool = False) -> dict:
-    """FP8 vs bf16 step of the FP8STEP configs; experts=True instead times the MoE config with its routed experts in
+    """FP8 vs bf16 step of the FP8STEP configs; experts=True also times the MoE config with its routed experts in
     FP8 too (`--fp8-experts`: one FP8 GEMM per expert)."""
     out = {}
-    for name, mult in (FP8STEP if not experts else (("920M", 1),)):
+    for name, mult, fp8_experts in [(n, m, False) for n, m in FP8STEP] + [("920M", 1, True)] * experts:
         mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
         B *= mult
-        key = (name if mult == 1 else f"{name} {B}x{T}") + (" FP8 experts" if experts else "")
+        key = (name if mult == 1 else f"{name} {B}x{T}") + (" FP8 experts" if fp8_experts else "")
         steps, warm = (3, 1) if smoke else (10, 4)
         batches = _batches(steps, B, T, dev, mcfg.vocab_size)
         bf, bf_step = _ours(mcfg, _tcfg(B, T, "bf16", dev))
-        f8, f8_step = _ours(mcfg, _tcfg(B, T, "deepseek", dev).replace(fp8_experts=experts))
+        f8, f8_step = _ours(mcfg, _tcfg(B, T, "deepseek", dev).replace(fp8_experts=fp8_experts))
         med, losses = interleaved({"bf16": bf_step, "fp8": f8_step}, batches, warm)
         flops = step_flops(bf.model_config, B, T)
         out[key] = {"config": name, "params": bf.model.num_parameters(), "batch": B, "seq_len": T,
-                    "fp8_experts": experts,
+                    "fp8_experts": fp8_experts,
                     "fp8_linears": sum(type(m).__name__ == "FP8LinearGPU" for m in f8.model.modules()),
                     **{k: {"step_ms": t * 1e3, "tokens_per_s": B * T / t, "mfu": flops / t / 1e12 / peak_tflops,
                            "last_loss": losses[k][-1]} for k, t in med.items()},
@@ -603,7 +603,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compiled-blocks", action="store_true",
                     help="train: also time the engine with its decoder blocks compiled (core.compile, --compile)")
     ap.add_argument("--fp8-experts", action="store_true",
-                    help="fp8step: time the 920M config with its routed experts in FP8 too (one GEMM per expert)")
+                    help="fp8step: also time the 920M config with its routed experts in FP8 (one GEMM per expert)")
     ap.add_argument("--loss-steps", type=int, default=300, help="steps of the FP8-vs-bf16 loss-gap runs")
     ap.add_argument("--loss-lr", type=float, default=1e-3, help="peak learning rate of the loss-gap runs")
     ap.add_argument("--loss-seeds", type=int, nargs="+", default=[0, 1], help="seeds of the loss-gap runs")

@@ -354,6 +354,13 @@ class Experts(nn.Module):
         tok = torch.div(perm, top_k, rounding_mode="floor").clamp_(max=n_tokens - 1)  # token of each sorted slot
         pos = slot_positions(perm, flat.numel(), top_k)  # [T, K] sorted row of each slot
         xs = dispatch(hidden_states, tok, pos).to(dtype)  # [S, H]
+        real = None
+        if granule > 1 and self.fp8 is not None:
+            # FP8: pad rows zero both ways, as DeepSeek's zero-padded expert alignment: a pad row's copied token (and,
+            # backward, its copied gradient) would enter the amax of Wgrad's token tiles and change how the
+            # segment's real rows are quantized
+            real = (perm < flat.numel()).unsqueeze(-1).to(dtype)  # [S', 1]
+            xs = xs * real
         ws = slot_weights.index_select(0, perm).to(dtype).unsqueeze(-1)  # [S, 1]
 
         if self.resolved_impl() == "grouped_mm":
@@ -373,7 +380,7 @@ class Experts(nn.Module):
             gu = fp8.gemm(fp8.combine_grad(xs), w_gu, sizes, mm, "expert_up")  # [S, 2I]
             h, recompute = fp8.swiglu(gu, ws)  # [S, I]
             out = fp8.combine(fp8.gemm(h, w_d, sizes, mm, "expert_down", x_recompute=recompute))  # [S, H]
-            return combine(out, tok, pos).to(hidden_states.dtype)
+            return combine(out if real is None else out * real, tok, pos).to(hidden_states.dtype)
         if fp8 is not None:
             xs, w_gu = fp8.quant_act(xs), fp8.quant_weight(w_gu)
         gu = mm(xs, w_gu)  # [S, 2I]
@@ -384,7 +391,7 @@ class Experts(nn.Module):
             h, w_d = fp8.quant_act(h), fp8.quant_weight(w_d)
         out = mm(h, w_d)  # [S, H]
         if fp8 is not None:
-            out = fp8.quant_grad(out)
+            out = fp8.quant_grad(out if real is None else out * real)
         return combine(out, tok, pos).to(hidden_states.dtype)  # the K slots of every token summed (fp32 for bf16)
 
     def extra_repr(self) -> str:

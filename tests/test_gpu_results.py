@@ -51,3 +51,12 @@ def test_mean_interval_is_the_student_t_interval():
     stats = pytest.importorskip("scipy.stats")
     for df, t in enumerate(results.T_975, start=1):
         assert t == pytest.approx(stats.t.ppf(0.975, df), abs=6e-4)
+
+
+def test_a_step_with_fp8_experts_is_labelled_apart_from_the_same_config_without():
+    """`--fp8-experts` times the 920M config a second time; its row must not read like the first."""
+    step = {"config": "920M", "params": 9, "batch": 8, "seq_len": 2048, "fp8_speedup": 0.8,
+            "bf16": {"step_ms": 100.0}, "fp8": {"step_ms": 125.0}}
+    rows = results.fp8_rows({"fp8step": {"920M": step, "920M FP8 experts": {**step, "fp8_experts": True}}})
+    assert [r["what"] for r in rows] == ["training step 920M, 8×2048 tokens",
+                                         "training step 920M, 8×2048 tokens, routed experts in FP8 too"]

@@ -60,6 +60,8 @@ def fp8_rows(res: dict) -> list[dict]:
     for name, r in res.get("fp8step", {}).items():
         what = f"training step {r.get('config', name)}, {r['batch']}×{r['seq_len']} tokens" if "batch" in r else \
             f"training step {name}"
+        if r.get("fp8_experts"):  # `--fp8-experts`: the routed experts' GEMMs in FP8 too, one GEMM per expert
+            what += ", routed experts in FP8 too"
         rows.append({"what": what, "kind": "step", "m": None, "k": None, "n": None,
                      "params": r.get("params"), "bf16_ms": r["bf16"]["step_ms"],
                      "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None,
