@@ -39,7 +39,7 @@ def _load(path: str, mtime_ns: int) -> dict:
         res = results.load_gpu_results(path)
         if res is None:
             return {"missing": True}
-        return {"label": results.label(res), "fp8": results.fp8_rows(res),
+        return {"label": results.label(res), "fp8": results.fp8_rows(res), "scaling": results.scaling_rows(res),
                 "lossgap": results.lossgap_row(res), "decode": results.decode_rows(res)}
     except ValueError as e:
         return {"error": str(e)}
@@ -172,6 +172,9 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
         if g.notna().any():
             big = lin.loc[(lin["m"] * lin["k"] * lin["n"]).astype(float).idxmax()]
             st.markdown(_fp8_limits(big, lin))
+    if r.get("scaling"):
+        st.markdown(scaling_text(r["scaling"]))
+        st.dataframe(scaling_frame(r["scaling"]), hide_index=True)
     lg = r["lossgap"]
     if lg:
         gap = (pd.DataFrame([{"seed": k, "bf16_val_loss": v["bf16"], "fp8_val_loss": v["fp8"],
@@ -188,6 +191,43 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
                             "the run-to-run noise of GPU training.")
         if lg.get("repeat_gaps"):
             st.markdown(_noise_text(lg))
+
+
+_SCALING_NAMES = {"tensor": "per tensor", "row": "per row", "block": "1×128 tiles × 128×128 blocks (V3 Fprop, Dgrad)",
+                  "tile": "1×128 tiles × 1×128 tiles (V3 Wgrad)"}
+
+
+def scaling_frame(rows: list[dict]) -> pd.DataFrame:
+    """`core.cuda.results.scaling_rows` as a table: one row per scaling, one TFLOP/s column per operand pair
+    ("refused" where cuBLAS refused it)."""
+    df = pd.DataFrame(rows)
+    df["pair"] = df["a"].str.upper() + " × " + df["b"].str.upper()
+    df["value"] = [f"{t:,.0f}" if t == t and t is not None else "refused" for t in df["tflops"]]
+    out = df.pivot(index="scaling", columns="pair", values="value").reindex(
+        [k for k in _SCALING_NAMES if k in set(df["scaling"])])
+    out.index = [_SCALING_NAMES[k] for k in out.index]
+    return out.rename_axis(f"scaling (TFLOP/s at {int(df['n'].iloc[0]):,}³)").reset_index()
+
+
+def scaling_text(rows: list[dict]) -> str:
+    """What finer scaling costs the FP8 GEMM, and which scalings E5M2 operands can use, from the measured rows."""
+    e4 = {r["scaling"]: r["tflops"] for r in rows if r["a"] == r["b"] == "e4m3" and r["tflops"]}
+    text = f"**What the scaling costs the GEMM** ({rows[0]['n']:,}³, the FP8 GEMM alone)."
+    if "tensor" in e4:
+        parts = [f"{_SCALING_NAMES[k]} {v:,.0f} TFLOP/s" + (f" ({100 * v / e4['tensor']:.0f}% of per tensor)"
+                                                             if k != "tensor" else "") for k, v in e4.items()]
+        text += " E4M3 × E4M3: " + "; ".join(parts) + ". Finer scales cost the tensor cores some speed: V3's " \
+                                                       "fine-grained quantization buys accuracy with it (§3.3.2)."
+    e5 = [r for r in rows if "e5m2" in (r["a"], r["b"])]
+    ran = sorted({_SCALING_NAMES[r["scaling"]] for r in e5 if r["tflops"]})
+    refused = sorted({_SCALING_NAMES[r["scaling"]] for r in e5 if not r["tflops"]} - set(ran))
+    if e5 and refused:
+        both = [r for r in e5 if r["a"] == r["b"]]
+        text += (f" With an E5M2 operand only {', '.join(ran) or 'no scaling'} ran here"
+                 + (" (and no scaling with two)" if both and not any(r["tflops"] for r in both) else "") + "; "
+                 f"{', '.join(refused)} were refused: fine-grained scaling takes E4M3 gradients, which is what V3 "
+                 f"uses for every operand (§3.3.2), and what Eva's GPU path runs.")
+    return text
 
 
 def _noise_text(lg: dict) -> str:

@@ -8,6 +8,9 @@
 
 Sections (results keys):
   peak       bf16 matmul TFLOP/s at 8192^3 (the MFU denominator) and the FP8 blockwise GEMM at the same size
+  scaling    the FP8 GEMM alone at 8192^3 under each scaling torch's scaled_mm offers (per tensor, per row, V3's 1x128
+             tiles x 128x128 blocks, 1x128 x 1x128 tiles as in Wgrad) and operand formats (E4M3, E5M2): TFLOP/s, or
+             the error when cuBLAS refuses the combination
   gemm       FP8 linear layer (core.cuda.fp8_linear: quantize + 1x128/128x128 GEMMs, Fprop+Dgrad+Wgrad) vs bf16
              F.linear, forward+backward, at large shapes; plus the GEMM alone, the layer on the compiled one-layout
              quantizers (EVA_CUDA_TRITON=0) and the quantizers per call (fused cast-transpose vs compiled)
@@ -17,8 +20,9 @@ Sections (results keys):
   train      a training step (bf16, fp32 masters, one-pass AdamW, MTP off) of the engine vs transformers'
              DeepseekV3ForCausalLM (bf16, grouped_mm experts, SDPA, fused AdamW) on the same batches, interleaved;
              tokens/s, MFU, peak memory; configs "920M" and "100M"
-  fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M" and "dense-2B" (hidden 4096,
-             at two batch sizes)
+  fp8step    the engine's step in FP8 (recipe "deepseek" on the GPU GEMMs) vs bf16: "920M", "dense-2B" (hidden 4096,
+             at two batch sizes) and "V3-dense" (V3's dense-layer shapes, 4 layers); --fp8-experts adds "920M" with
+             its routed experts in FP8 too
   lossgap    300 steps on pydoc, bf16 vs FP8, same seed and batches: validation loss of each and the relative gap,
              per seed (--loss-seeds, run --loss-procs at a time); the mean gap and its 95% interval over the seeds;
              --loss-batch sets the batch; --loss-control repeats each bf16 run (the noise without FP8); with
@@ -58,7 +62,7 @@ from core.layers import fused_swiglu_status  # noqa: E402
 from core.optim import fused_adamw_status  # noqa: E402
 from core.train import TrainConfig, TrainRun  # noqa: E402
 
-SECTIONS = ("peak", "gemm", "quant", "train", "fp8step", "lossgap", "decode", "profile")
+SECTIONS = ("peak", "scaling", "gemm", "quant", "train", "fp8step", "lossgap", "decode", "profile")
 
 
 def _model(hidden, layers, heads, q_rank, kv_rank, experts, top_k, moe_i, groups, dense_i=None, dense_layers=0,
@@ -77,11 +81,14 @@ CONFIGS = {
     "920M": (_model(1024, 8, 16, 384, 256, 64, 6, 512, 8), 8, 2048),
     "100M": (_model(512, 6, 8, 192, 128, 32, 4, 256, 4), 16, 1024),
     "dense-2B": (_model(4096, 8, 32, 1536, 512, 0, 1, 1, 1, dense_i=14336, dense_layers=8), 4, 2048),
+    # V3's own dense-layer shapes (hidden 7168, 128 heads, FFN 18432, its first 3 layers), 4 layers: 2.79B
+    "V3-dense": (_model(7168, 4, 128, 1536, 512, 0, 1, 1, 1, dense_i=18432, dense_layers=4), 4, 2048),
 }
 SMOKE = {
     "920M": (_model(128, 2, 2, 128, 128, 8, 2, 64, 2, vocab=512), 2, 128),
     "100M": (_model(128, 2, 2, 128, 128, 8, 2, 64, 2, vocab=512), 2, 128),
     "dense-2B": (_model(256, 2, 2, 128, 128, 0, 1, 1, 1, dense_i=256, dense_layers=2, vocab=512), 2, 128),
+    "V3-dense": (_model(256, 2, 2, 128, 128, 0, 1, 1, 1, dense_i=384, dense_layers=2, vocab=512), 2, 128),
 }
 
 
@@ -125,6 +132,51 @@ def peak(dev, smoke) -> dict:
     t8 = timed(lambda: g.fp8_gemm(aq, as_, bq, bs, "block"), 3 if smoke else 10, 3)
     out.update(fp8_blockwise_tflops=2 * n ** 3 / t8 / 1e12, fp8_over_bf16=t / t8)
     return out
+
+
+#: scaled_mm's scalings: name -> (what it is, the recipe that uses it)
+SCALINGS = {"tensor": "one scale per tensor (per-tensor current scaling)",
+            "row": "one scale per row of A and per column of B",
+            "block": "1x128 tiles of A x 128x128 blocks of B (V3's Fprop and Dgrad)",
+            "tile": "1x128 tiles of A x 1x128 tiles of B (V3's Wgrad)"}
+
+
+def scaling(dev, smoke) -> list[dict]:
+    """The FP8 GEMM alone at n^3 for each scaling and pair of operand formats: TFLOP/s, or cuBLAS's refusal."""
+    if dev.type != "cuda":
+        print("  skipped: needs CUDA (torch's scaled_mm)", flush=True)
+        return []
+    n = 512 if smoke else 8192
+    st = F.ScalingType
+    fmts = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+    rows = []
+    for (an, ad), (bn, bd) in [(a, b) for a in fmts.items() for b in fmts.items()]:
+        a = torch.randn(n, n, device=dev).to(ad)
+        b = torch.randn(n, n, device=dev).to(bd)
+        for name, what in SCALINGS.items():
+            row = {"scaling": name, "what": what, "a": an, "b": bn, "n": n}
+            if name == "tensor":
+                one = torch.ones((), device=dev)
+                fn = (lambda: F.scaled_mm(a, b.t(), one, st.TensorWise, one, st.TensorWise,  # noqa: E731
+                                          output_dtype=torch.bfloat16))
+            elif name == "row":
+                sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
+                fn = (lambda: F.scaled_mm(a, b.t(), sa, st.RowWise, sb, st.RowWise,  # noqa: E731
+                                          output_dtype=torch.bfloat16))
+            else:
+                sa = torch.ones(n, n // 128, device=dev)
+                sb = torch.ones((n // 128 if name == "block" else n), n // 128, device=dev)
+                fn = lambda: g.fp8_gemm(a, sa, b, sb, name)  # noqa: E731
+            try:
+                t = timed(fn, 3 if smoke else 10, 3)
+                row["tflops"] = 2 * n ** 3 / t / 1e12
+            except (RuntimeError, ValueError) as e:  # cuBLAS / torch refuse this combination: say which way
+                row["error"] = str(e).splitlines()[0][:200]
+            rows.append(row)
+            print(f"  {an} x {bn} {name}: " + (f"{row['tflops']:.0f} TFLOP/s" if "tflops" in row else row["error"]),
+                  flush=True)
+        del a, b
+    return rows
 
 
 def gemm(dev, smoke) -> list[dict]:
@@ -389,7 +441,7 @@ def train(dev, smoke, peak_tflops, compiled_blocks: bool = False) -> dict:
 
 #: fp8step's configs and batch sizes: the dense-2B config at two batches, because the optimizer and the weight
 #: quantizers cost the same per step at any batch while the GEMMs grow with it
-FP8STEP = (("920M", 1), ("dense-2B", 1), ("dense-2B", 2))
+FP8STEP = (("920M", 1), ("dense-2B", 1), ("dense-2B", 2), ("V3-dense", 1))
 
 
 def fp8step(dev, smoke, peak_tflops, experts: bool = False) -> dict:
@@ -657,6 +709,8 @@ def main(argv=None) -> int:
                       flush=True)
             if sec == "gemm":
                 res["gemm"] = gemm(dev, args.smoke)
+            elif sec == "scaling":
+                res["scaling"] = scaling(dev, args.smoke)
             elif sec == "quant":
                 res["quant"] = quant(dev, args.smoke)
             elif sec == "train":

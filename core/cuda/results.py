@@ -2,7 +2,7 @@
 
     res = load_gpu_results()            # None when the file is absent
     label(res)                          # "NVIDIA H200 · torch 2.11.0+cu130 · CUDA 13.0 · transformers 5.17.0 · 2026-12-01"
-    fp8_rows(res), decode_rows(res), train_rows(res)   # flat rows
+    fp8_rows(res), scaling_rows(res), decode_rows(res), train_rows(res)   # flat rows
     lossgap_row(res)                    # one dict (or None) (lists of dicts) for tables and charts
     gap_verdict(lossgap_row(res), 0.01) # "within" / "outside" / "unresolved" / "one run": the loss gap vs a target
 
@@ -67,6 +67,13 @@ def fp8_rows(res: dict) -> list[dict]:
                      "fp8_ms": r["fp8"]["step_ms"], "speedup": r["fp8_speedup"], "gemm_only_speedup": None,
                      "fused_quantizers": None, "unfused_speedup": None})
     return rows
+
+
+def scaling_rows(res: dict) -> list[dict]:
+    """The FP8 GEMM alone under each scaling and pair of operand formats (bench section "scaling"): scaling,
+    what it is, formats a and b, TFLOP/s (None where cuBLAS refused the combination) and the refusal."""
+    return [{"scaling": r["scaling"], "what": r["what"], "a": r["a"], "b": r["b"], "n": r["n"],
+             "tflops": r.get("tflops"), "error": r.get("error")} for r in res.get("scaling", [])]
 
 
 def decode_rows(res: dict) -> list[dict]:
