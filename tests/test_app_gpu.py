@@ -229,3 +229,18 @@ def test_a_ratio_next_to_its_target_shows_on_which_side_it_lies():
     shown = " ".join(values + [m.value for m in at.markdown])
     for _, row in df[df["target"].notna()].iterrows():
         assert gpu_view.ratio_text(row["speedup"], row["target"]) in shown
+
+
+def test_scaling_table_and_text_read_the_measured_rows():
+    """The FP8 page's scaling table: one row per scaling, TFLOP/s per operand pair, "refused" where cuBLAS refused;
+    the text's percentages and its E5M2 sentence come from those rows."""
+    from app import gpu_view
+    rows = [{"scaling": s, "what": "", "a": a, "b": b, "n": 8192, "tflops": t, "error": None if t else "no"}
+            for s, a, b, t in [("tensor", "e4m3", "e4m3", 1400.0), ("block", "e4m3", "e4m3", 1260.0),
+                               ("tensor", "e4m3", "e5m2", 1390.0), ("block", "e4m3", "e5m2", None)]]
+    df = gpu_view.scaling_frame(rows)
+    assert list(df.iloc[:, 0]) == ["per tensor", "1×128 tiles × 128×128 blocks (V3 Fprop, Dgrad)"]
+    assert list(df["E4M3 × E5M2"]) == ["1,390", "refused"] and list(df["E4M3 × E4M3"]) == ["1,400", "1,260"]
+    text = gpu_view.scaling_text(rows)
+    assert "1,260 TFLOP/s (90% of per tensor)" in text
+    assert "With an E5M2 operand only per tensor ran here" in text and "128×128 blocks (V3 Fprop, Dgrad) were refused" in text
