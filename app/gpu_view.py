@@ -141,6 +141,7 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
     if r is None:
         return
     _heading("FP8 vs bf16", r)
+    st.markdown(gpu_recipes_text())
     if not r["fp8"] and not r["lossgap"]:
         st.info("The results file holds no FP8 measurements (sections `gemm`, `fp8step`, `lossgap`).",
                 icon=":material/info:")
@@ -195,6 +196,22 @@ def fp8_section(lesson: bool = False, path: str | None = None) -> None:
 
 _SCALING_NAMES = {"tensor": "per tensor", "row": "per row", "block": "1×128 tiles × 128×128 blocks (V3 Fprop, Dgrad)",
                   "tile": "1×128 tiles × 1×128 tiles (V3 Wgrad)"}
+
+
+def gpu_recipes_text() -> str:
+    """Which FP8 recipes run real FP8 GEMMs on a GPU and what keeps the others emulated
+    (`core.cuda.fp8_linear.gpu_recipe_issues`, the one list of the switches the GPU path implements)."""
+    from core.cuda.fp8_linear import gpu_recipe_issues
+    from core.fp8 import RECIPES
+    real = [n for n in RECIPES if not gpu_recipe_issues(n)]
+    other = {n: [i.split("=")[0] for i in gpu_recipe_issues(n)] for n in RECIPES if n not in real}
+    return (f"**What runs on the GPU.** With `--device cuda`, recipe {', '.join(f'`{n}`' for n in real)} runs real FP8 "
+            "GEMMs (Fprop, Dgrad and Wgrad, E4M3, 1×128 tiles and 128×128 blocks, fp32 master weights) for every "
+            "Linear but the embedding, output head and router, which stay high precision (V3 §3.3.1); "
+            "`--fp8-experts` puts the routed experts' GEMMs in FP8 too (one GEMM per expert: host-bound with many "
+            "small experts, docs/performance.md), otherwise they stay bf16 grouped GEMMs. The other recipes run emulated (fake quantization) on "
+            "the GPU, for the switches the GPU path lacks: "
+            + "; ".join(f"`{n}` ({', '.join(v)})" for n, v in other.items()) + ".")
 
 
 def scaling_frame(rows: list[dict]) -> pd.DataFrame:

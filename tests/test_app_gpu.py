@@ -244,3 +244,11 @@ def test_scaling_table_and_text_read_the_measured_rows():
     text = gpu_view.scaling_text(rows)
     assert "1,260 TFLOP/s (90% of per tensor)" in text
     assert "With an E5M2 operand only per tensor ran here" in text and "128×128 blocks (V3 Fprop, Dgrad) were refused" in text
+
+
+def test_the_fp8_section_says_which_recipes_run_on_the_gpu():
+    """From core.cuda.fp8_linear's switch list: the GPU recipe by name, and each emulated one with its reasons."""
+    from app import gpu_view
+    text = gpu_view.gpu_recipes_text()
+    assert "recipe `deepseek-gemm` runs real FP8 GEMMs" in text
+    assert "`hybrid` (grad_fmt)" in text and "`deepseek-v3` (wgrad_tiling," in text
