@@ -61,6 +61,9 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
     return layout(fig, title, sub, "Speed-up of FP8 over bf16 (×)", None, height=140 + 46 * n, width_chars=85)
 
 
+_LABELLED_SEEDS = 12  # more seeds than this: no value labels (they overlap), the hover has them
+
+
 def fp8_loss_gap(row: dict, target: float) -> go.Figure:
     """Validation loss of the bf16 and FP8 runs (same seed, batches, steps) as points, one pair per seed, with the
     band of losses within `target` (relative) of each bf16 point shaded, and hollow circles for a repeat of each bf16
@@ -75,7 +78,7 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
                       fillcolor=palette.FORMATS["bf16"], opacity=0.12, line_width=0)
     for key, name in (("bf16", "bf16"), ("fp8", f"FP8 ({row.get('recipe', 'deepseek-gemm')} recipe)")):
         ys = [v[key] for v in seeds.values()]
-        fig.add_scatter(x=xs, y=ys, mode="markers+text", name=name,
+        fig.add_scatter(x=xs, y=ys, mode="markers+text" if len(seeds) <= _LABELLED_SEEDS else "markers", name=name,
                         marker=dict(size=16, color=palette.FORMATS[key], symbol="circle" if key == "bf16" else "diamond"),
                         text=[f"{y:.3f}" for y in ys], textposition="middle right" if key == "fp8" else "middle left",
                         cliponaxis=False,
@@ -98,10 +101,12 @@ def fp8_loss_gap(row: dict, target: float) -> go.Figure:
                           "(no noise estimate)"}[verdict]
     title = (f"FP8 ends {100 * gap:+.2f}% from bf16 in validation loss after {row['steps']} steps"
              + (f", mean of {n} seeds{span}" if n > 1 else "") + f": {verdict}")
-    per_seed = ", ".join(f"{100 * g:+.1f}%" for g in (row.get("seed_gaps") or {}).values())
+    gaps = list((row.get("seed_gaps") or {}).values())
+    per_seed = (f"gap per seed {', '.join(f'{100 * g:+.1f}%' for g in gaps)}" if n <= _LABELLED_SEEDS else
+                f"gaps per seed {100 * min(gaps):+.1f}% … {100 * max(gaps):+.1f}% (hover a point for its value)")
     sub = (f"config {row['config']}, batch {row['batch']} × {row['seq_len']} tokens"
            + (f", lr {row['lr']:g}" if row.get("lr") else "") + "; per seed FP8 and bf16 saw the same batches"
-           + (f"; gap per seed {per_seed}" if n > 1 else "")
+           + (f"; {per_seed}" if n > 1 else "")
            + f"; shaded: within {100 * target:g}% of bf16; one FP8 run {secs['fp8']:.0f} s vs bf16 {secs['bf16']:.0f} s")
     ys = [v for d in seeds.values() for v in d.values()]
     lo, hi = min(ys), max(max(ys), max(d["bf16"] for d in seeds.values()) * (1 + target))
