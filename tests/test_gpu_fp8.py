@@ -379,3 +379,43 @@ def test_fp8_expert_pad_rows_leave_every_token_tile_alone(monkeypatch, hook):
         runs.append(_experts_grads(ex, *case))
     for name, a, b in zip(("y", "dx", "d gate_up", "d down"), *runs):
         assert fp8.calc_diff(a, b) < 1e-12, name
+
+
+_FRESH = r"""
+import json, sys
+import torch
+from core import fp8
+from core.cuda import fp8_linear as g
+if sys.argv[1] == "layouts-first":
+    for b in ("block", "tile"):
+        g._LAYOUT[b] = g._find_layout(b, torch.device("cuda"))
+gen = torch.Generator().manual_seed(8)
+x, w = torch.randn(4, 256, 1024, generator=gen), torch.randn(768, 1024, generator=gen) * 0.03
+dy = torch.randn(4, 256, 768, generator=gen)
+grads = {}
+for dev in ("cuda", "cpu"):  # CUDA first: the first FP8 work of this process
+    xd, wd = x.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
+    y = g.fp8_linear(xd, wd)
+    y.backward(dy.to(dev))
+    grads[dev] = [t.detach().cpu() for t in (y, xd.grad, wd.grad)]
+print(json.dumps({n: [bool(a.isnan().any()), fp8.calc_diff(a, b)]
+                  for n, a, b in zip(("y", "dx", "dw"), grads["cuda"], grads["cpu"])}))
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["as-is", "layouts-first"])
+def test_gpu_fp8_linear_is_right_as_the_first_fp8_work_of_a_process(variant):
+    """The Linear check of test_gpu_fp8_linear_matches_the_cpu_path in a fresh process, where the FP8 layer is the
+    first FP8 work: run alone in a new process that test once gave NaN columns on the H200 while it passed after the
+    file's earlier GPU tests ("layouts-first" finds the scale layouts before anything else, to tell causes apart)."""
+    import json
+    import os
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", _FRESH, variant], cwd=root, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": root})
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, (has_nan, diff) in res.items():
+        assert not has_nan and diff < 1e-5, (variant, res)

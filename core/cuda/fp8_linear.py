@@ -255,6 +255,15 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch.bfloa
 _FP32_OUT: dict[str, bool] = {}  # b_scaling -> whether an fp32 output ran (else bf16 output, upcast)
 
 
+def _ensure_layouts(device) -> None:
+    """Find both scale layouts (`_find_layout`) once, before a layer quantizes its first operands: the probes
+    allocate, run candidate GEMMs (some refused by cuBLAS) and free, so they run before any real operand exists rather
+    than between a layer's quantization and its GEMM, or in the middle of the first backward (the tile layout)."""
+    for b_scaling in ("block", "tile"):
+        if b_scaling not in _LAYOUT:
+            _LAYOUT[b_scaling] = _find_layout(b_scaling, device)
+
+
 def scale_layouts() -> dict:
     """The scale layouts verified on this process's GPU (empty before the first GPU GEMM)."""
     return {"layouts": {k: "/".join(v) for k, v in _LAYOUT.items()}, "fp32_output": dict(_FP32_OUT)}
@@ -286,6 +295,8 @@ class _FP8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, grad_enabled: bool) -> torch.Tensor:
         k, n = x.shape[-1], weight.shape[0]
+        if x.is_cuda:
+            _ensure_layouts(x.device)
         x2 = x.reshape(-1, k)
         # forward runs under no_grad, where needs_input_grad still reports requires_grad: the caller's mode decides
         need_dx, need_dw = ctx.needs_input_grad[:2] if grad_enabled else (False, False)
