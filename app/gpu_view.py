@@ -4,6 +4,7 @@ target each one was measured against (met or missed, shown either way), a chart 
 
     gpu_view.fp8_section(lesson)    # FP8 vs bf16 linear layers and training steps, validation-loss gap
     gpu_view.mla_section(lesson)    # absorbed vs naive decode, batch 1 and 8, 4k-32k context
+    gpu_view.train_section(lesson)  # the bf16 training step against transformers, eager and compiled, MFU
 
 A missing or malformed results file gives a message, never a traceback."""
 from __future__ import annotations
@@ -29,6 +30,7 @@ TARGET_FP8_LINEAR = 1.4   # FP8 linear layer forward + backward vs bf16
 TARGET_FP8_STEP = 1.3     # FP8 training step vs the bf16 step
 TARGET_LOSS_GAP = 0.01    # FP8 validation loss within 1% of bf16
 TARGET_DECODE = 3.0       # absorbed vs naive decode tokens/s at the longest context, batch 8
+TARGET_TRAIN = 1.5        # bf16 training step vs transformers on the 920M config
 
 
 @st.cache_data(max_entries=4, show_spinner=False)
@@ -40,7 +42,8 @@ def _load(path: str, mtime_ns: int) -> dict:
         if res is None:
             return {"missing": True}
         return {"label": results.label(res), "fp8": results.fp8_rows(res), "scaling": results.scaling_rows(res),
-                "lossgap": results.lossgap_row(res), "decode": results.decode_rows(res)}
+                "lossgap": results.lossgap_row(res), "decode": results.decode_rows(res),
+                "train": results.train_rows(res)}
     except ValueError as e:
         return {"error": str(e)}
     except (KeyError, TypeError, AttributeError) as e:  # valid JSON with a field missing or of the wrong type
@@ -308,3 +311,31 @@ def mla_section(lesson: bool = False, path: str | None = None) -> None:
         f"{b_hi} the naive step time grows with its cache ({first['naive_ms']:.1f} → {last['naive_ms']:.1f} ms, "
         f"{human_bytes(last['naive_cache_bytes'])} read at ~{bw:,.0f} GB/s) while the absorbed one stays at "
         f"{many['absorbed_ms'].min():.2f}–{many['absorbed_ms'].max():.2f} ms.")
+
+
+def train_section(lesson: bool = False, path: str | None = None) -> None:
+    """The engine's bf16 training step on a GPU against transformers' DeepseekV3ForCausalLM: tokens/s, the ratio
+    (eager and with compiled decoder blocks) and MFU per config; issue #14's target on the largest config."""
+    r = _results(path)
+    if r is None:
+        return
+    _heading("training step vs transformers", r)
+    if not r["train"]:
+        st.info("The results file holds no training-step measurements (section `train`).", icon=":material/info:")
+        return
+    df = pd.DataFrame(r["train"])
+    big = df.loc[df["params"].idxmax()]
+    shape = f"{int(big['batch'])}×{int(big['seq_len'])} tokens a step" if big.get("batch") else "its bench batch"
+    with ui.cards():
+        for label, ratio, mfu in (("eager", big["speedup"], big["eva_mfu"]),
+                                  ("compiled blocks", big["compiled_speedup"], big["compiled_mfu"])):
+            if ratio is None or ratio != ratio:
+                continue
+            ui.number_with_formula(f"Eva vs transformers, {big['config']}, {label}", ratio_text(ratio, TARGET_TRAIN),
+                                   r"\text{tok/s}_{\text{Eva}} / \text{tok/s}_{\text{transformers}}",
+                                   paper=f"≥ {TARGET_TRAIN:g}× — {_verdict(ratio, TARGET_TRAIN)}", paper_label="Target",
+                                   detail=f"MFU {100 * mfu:.1f}% of the bf16 matmul peak measured in the run; {shape}")
+    ui.chart(ui.fig(charts.train_throughput_bars, df, TARGET_TRAIN), df, "gpu training vs transformers",
+             key="gpu_train", lesson=lesson,
+             notice="Both engines train the same DeepSeek-V3 architecture on the same batches, timed in turn in one "
+                    "process; docs/performance.md profiles where each step's time goes.")

@@ -2,7 +2,7 @@
 router biases grow, then compare the runs of this session. The lab's logic lives in app/lab/."""
 import streamlit as st
 
-from app import shell, sidebar, texts, ui
+from app import gpu_view, shell, sidebar, texts, ui
 from app.lab import knobs, session, views
 from app.lab import manager as runs
 from app.compute.common import config_json
@@ -165,3 +165,5 @@ ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS,
 # ---------------------------------------------------------------- before: what will train
 if cfg is not None and not own_active:
     views.preview_section(mcfg, cfg, expanded=not hist and run is None and other is None, lesson=sh.lesson)
+
+gpu_view.train_section(sh.lesson)  # the engine on a GPU: the measured step against transformers

@@ -252,3 +252,31 @@ def test_the_fp8_section_says_which_recipes_run_on_the_gpu():
     text = gpu_view.gpu_recipes_text()
     assert "recipe `deepseek-gemm` runs real FP8 GEMMs" in text
     assert "`hybrid` (grad_fmt)" in text and "`deepseek-v3` (wgrad_tiling," in text
+
+
+def test_training_section_reads_eager_and_compiled_ratios_from_the_results():
+    """The training page's GPU section: the largest config's eager and compiled ratios against the 1.5× target, and
+    a chart of every config's tokens/s (compiled bars only where measured)."""
+    import pandas as pd
+    from app.charts import gpu as charts
+    from app import gpu_view
+    rows = [{"config": "big", "params": 900, "batch": 8, "seq_len": 2048, "eva_tokens_per_s": 150e3,
+             "transformers_tokens_per_s": 100e3, "speedup": 1.5, "eva_mfu": 0.2, "compiled_tokens_per_s": 170e3,
+             "compiled_speedup": 1.7, "compiled_mfu": 0.25},
+            {"config": "small", "params": 100, "batch": 16, "seq_len": 1024, "eva_tokens_per_s": 110e3,
+             "transformers_tokens_per_s": 100e3, "speedup": 1.1, "eva_mfu": 0.1, "compiled_tokens_per_s": None,
+             "compiled_speedup": None, "compiled_mfu": None}]
+    fig = charts.train_throughput_bars(pd.DataFrame(rows), gpu_view.TARGET_TRAIN)
+    assert "big config 1.70× as fast as" in fig.layout.title.text.replace("<br>", " ")
+    assert [t.name for t in fig.data] == ["transformers (bf16, grouped_mm experts)", "Eva, eager",
+                                          "Eva, compiled blocks (--compile)"]
+    assert list(fig.data[2].text) == ["", "170k · 1.70×"]  # sorted by size: small first, then big
+
+
+def test_training_section_on_the_committed_results(tmp_path):
+    from core.cuda import results
+    res = results.load_gpu_results()
+    rows = results.train_rows(res)
+    assert rows and all(r["speedup"] > 0 and 0 < r["eva_mfu"] < 1 for r in rows)
+    big = max(rows, key=lambda r: r["params"])
+    assert big["compiled_speedup"] == res["train"][big["config"]]["compiled_speedup_vs_transformers"]

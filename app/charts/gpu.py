@@ -1,5 +1,5 @@
 """Measured GPU figures (docs/gpu_results.json, read by `core.cuda.results`): FP8 vs bf16 speed-ups, the FP8
-validation-loss gap, absorbed vs naive MLA decode. Pure builders: rows in, plotly figure out."""
+validation-loss gap, absorbed vs naive MLA decode, the training step against transformers. Pure builders: rows in, plotly figure out."""
 from __future__ import annotations
 
 import numpy as np
@@ -152,4 +152,36 @@ def decode_throughput(df: pd.DataFrame) -> go.Figure:
            height=440, width_chars=85)
     for i in range(2, len(batches) + 1):
         fig.update_xaxes(title_text="Context (tokens per sequence, log scale)", row=1, col=i)
+    return fig
+
+
+def train_throughput_bars(df: pd.DataFrame, target: float) -> go.Figure:
+    """Training tokens/s per config: Eva eager, Eva with compiled decoder blocks (where measured) and transformers'
+    DeepseekV3ForCausalLM, as grouped horizontal bars; each Eva bar's label gives its ratio to transformers.
+
+    df: `core.cuda.results.train_rows`; target: the ratio issue #14 asks of the largest config."""
+    d = df.sort_values("params").reset_index(drop=True)
+    labels = [f"{r['config']} ({r['params'] / 1e6:,.0f}M params)" for _, r in d.iterrows()]
+    fig = go.Figure()
+    series = [("transformers_tokens_per_s", None, "transformers (bf16, grouped_mm experts)", _O["grey"]),
+              ("eva_tokens_per_s", "speedup", "Eva, eager", palette.FORMATS["bf16"]),
+              ("compiled_tokens_per_s", "compiled_speedup", "Eva, compiled blocks (--compile)", _O["vermillion"])]
+    for col, ratio, name, color in series:
+        if d[col].isna().all():
+            continue
+        fig.add_bar(y=labels, x=d[col], name=name, orientation="h", marker_color=color,
+                    text=[f"{t / 1e3:,.0f}k" + (f" · {x:.2f}×" if ratio else "") if t == t else ""
+                          for t, x in zip(d[col], d[ratio] if ratio else d[col])],
+                    textposition="outside", cliponaxis=False,
+                    hovertemplate="%{y}: %{x:,.0f} tokens/s<extra>" + name + "</extra>")
+    best = d.iloc[-1]
+    reached = max(x for x in (best["speedup"], best["compiled_speedup"]) if x == x and x is not None)
+    title = (f"Eva trains the {best['config']} config {reached:.2f}× as fast as transformers"
+             f" ({'meets' if reached >= target else 'misses'} the {target:g}× target)")
+    layout(fig, title, "tokens/s of each engine on the same batches, interleaved in one process "
+                       "(× = Eva / transformers)", "training tokens per second (bf16, AdamW)", None, height=340)
+    top = float(np.nanmax(d[["transformers_tokens_per_s", "eva_tokens_per_s", "compiled_tokens_per_s"]]
+                          .astype(float).to_numpy()))
+    fig.update_layout(barmode="group", yaxis=dict(autorange="reversed"))
+    fig.update_xaxes(range=[0, top * 1.3])  # room for the labels outside the longest bar
     return fig

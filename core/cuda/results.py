@@ -161,8 +161,16 @@ def gap_verdict(row: dict, target: float) -> str:
 
 
 def train_rows(res: dict) -> list[dict]:
-    """Training step vs transformers per config: tokens/s of each, the ratio and Eva's MFU."""
-    return [{"config": name, "params": r["params"], "eva_tokens_per_s": r["ours"]["tokens_per_s"],
-             "transformers_tokens_per_s": r["transformers"]["tokens_per_s"],
-             "speedup": r["speedup_vs_transformers"], "eva_mfu": r["ours"]["mfu"]}
-            for name, r in res.get("train", {}).items()]
+    """Training step vs transformers per config: tokens/s of each, the ratio and Eva's MFU; with the engine's
+    decoder blocks compiled too where the run measured it (`--compiled-blocks`; else None), and the batch."""
+    rows = []
+    for name, r in res.get("train", {}).items():
+        comp = r.get("ours_compiled")
+        rows.append({"config": name, "params": r["params"], "batch": r.get("batch"), "seq_len": r.get("seq_len"),
+                     "eva_tokens_per_s": r["ours"]["tokens_per_s"],
+                     "transformers_tokens_per_s": r["transformers"]["tokens_per_s"],
+                     "speedup": r["speedup_vs_transformers"], "eva_mfu": r["ours"]["mfu"],
+                     "compiled_tokens_per_s": comp["tokens_per_s"] if comp else None,
+                     "compiled_speedup": r.get("compiled_speedup_vs_transformers") if comp else None,
+                     "compiled_mfu": comp["mfu"] if comp else None})
+    return rows
