@@ -448,7 +448,10 @@ def fp8step(dev, smoke, peak_tflops, experts: bool = False) -> dict:
     """FP8 vs bf16 step of the FP8STEP configs; experts=True also times the MoE config with its routed experts in
     FP8 too (`--fp8-experts`: one FP8 GEMM per expert)."""
     out = {}
-    for name, mult, fp8_experts in [(n, m, False) for n, m in FP8STEP] + [("920M", 1, True)] * experts:
+    if experts and dev.type != "cuda":
+        print("  --fp8-experts: skipped, the FP8 experts are a CUDA path (TrainConfig.fp8_experts)", flush=True)
+    for name, mult, fp8_experts in [(n, m, False) for n, m in FP8STEP] + [("920M", 1, True)] * (
+            experts and dev.type == "cuda"):
         mcfg, B, T = (SMOKE if smoke else CONFIGS)[name]
         B *= mult
         key = (name if mult == 1 else f"{name} {B}x{T}") + (" FP8 experts" if fp8_experts else "")

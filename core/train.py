@@ -260,6 +260,11 @@ class TrainConfig:
         if self.fp8_experts and self.precision not in RECIPES:
             raise TrainConfigError("fp8_experts", f"runs the experts in FP8 and needs an FP8 --precision, got "
                                                   f"precision={self.precision!r}")
+        if self.fp8_experts and not gpu_fp8(self):  # else it would be silently ignored
+            raise TrainConfigError("fp8_experts", "puts the routed experts on the CUDA FP8 GEMM path, which needs "
+                                                  "--device cuda (or auto on a GPU) and a recipe that path runs "
+                                                  "(deepseek-gemm); elsewhere the emulated recipe already quantizes "
+                                                  f"the experts (device={self.device!r}, precision={self.precision!r})")
         if not isinstance(self.compile, bool):
             raise TrainConfigError("compile", f"must be true or false, got {self.compile!r}")
         if self.compile and self.precision not in ("fp32", "bf16"):

@@ -186,6 +186,11 @@ def test_fp8_experts_are_opt_in_on_the_gpu_path():
     from core.train import TrainConfig, TrainConfigError
     with pytest.raises(TrainConfigError, match="^fp8_experts: runs the experts in FP8 and needs an FP8 --precision"):
         TrainConfig(precision="bf16", fp8_experts=True)
+    for kw in ({"device": "cpu"}, {"device": "cuda", "precision": "deepseek-v3"}):  # no GPU FP8 path: not ignored
+        if kw["device"] == "cuda" and not torch.cuda.is_available():
+            continue  # (device=cuda itself is refused without a GPU)
+        with pytest.raises(TrainConfigError, match="^fp8_experts: puts the routed experts on the CUDA FP8 GEMM path"):
+            TrainConfig(**{"precision": "deepseek", **kw}, fp8_experts=True)
 
 
 # ---------------------------------------------------------------------------------------------- on the GPU
