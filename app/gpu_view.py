@@ -313,9 +313,10 @@ def mla_section(lesson: bool = False, path: str | None = None) -> None:
         f"{many['absorbed_ms'].min():.2f}–{many['absorbed_ms'].max():.2f} ms.")
 
 
-def train_section(lesson: bool = False, path: str | None = None) -> None:
+def train_section(lesson: bool = False, path: str | None = None, chart_on_request: bool = False) -> None:
     """The engine's bf16 training step on a GPU against transformers' DeepseekV3ForCausalLM: tokens/s, the ratio
-    (eager and with compiled decoder blocks) and MFU per config; issue #14's target on the largest config."""
+    (eager and with compiled decoder blocks) and MFU per config; issue #14's target on the largest config.
+    chart_on_request: the chart only once its toggle is on (a page whose first view must not load plotly)."""
     r = _results(path)
     if r is None:
         return
@@ -335,6 +336,8 @@ def train_section(lesson: bool = False, path: str | None = None) -> None:
                                    r"\text{tok/s}_{\text{Eva}} / \text{tok/s}_{\text{transformers}}",
                                    paper=f"≥ {TARGET_TRAIN:g}× — {_verdict(ratio, TARGET_TRAIN)}", paper_label="Target",
                                    detail=f"MFU {100 * mfu:.1f}% of the bf16 matmul peak measured in the run; {shape}")
+    if chart_on_request and not st.toggle("Tokens/s of every measured config (chart and CSV)", key="gpu_train_chart"):
+        return
     ui.chart(ui.fig(charts.train_throughput_bars, df, TARGET_TRAIN), df, "gpu training vs transformers",
              key="gpu_train", lesson=lesson,
              notice="Both engines train the same DeepSeek-V3 architecture on the same batches, timed in turn in one "

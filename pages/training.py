@@ -166,4 +166,6 @@ ui.explanation("How the lab trains", texts.TRAIN_EXPLAIN, texts.TRAIN_EQUATIONS,
 if cfg is not None and not own_active:
     views.preview_section(mcfg, cfg, expanded=not hist and run is None and other is None, lesson=sh.lesson)
 
-gpu_view.train_section(sh.lesson)  # the engine on a GPU: the measured step against transformers
+# the engine on a GPU: the measured step against transformers (its chart on request: a page opened from a link
+# draws its loss curve first, without loading plotly)
+gpu_view.train_section(sh.lesson, chart_on_request=True)

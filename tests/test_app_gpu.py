@@ -173,7 +173,7 @@ def _section(which: str, path: str) -> None:
     getattr(v, which)(path=path)
 
 
-@pytest.mark.parametrize("which", ["fp8_section", "mla_section"])
+@pytest.mark.parametrize("which", ["fp8_section", "mla_section", "train_section"])
 def test_missing_and_malformed_files_give_a_message(tmp_path, which):
     missing = AppTest.from_function(_section, args=(which, str(tmp_path / "none.json")), default_timeout=HANG_S).run()
     assert not missing.exception and "is not there" in missing.info[0].value
@@ -191,7 +191,8 @@ def test_missing_and_malformed_files_give_a_message(tmp_path, which):
 def test_a_results_file_without_the_section_says_so(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"meta": RES["meta"]}))
-    for which, what in (("fp8_section", "no FP8 measurements"), ("mla_section", "no decode measurements")):
+    for which, what in (("fp8_section", "no FP8 measurements"), ("mla_section", "no decode measurements"),
+                        ("train_section", "no training-step measurements")):
         at = AppTest.from_function(_section, args=(which, str(path)), default_timeout=HANG_S).run()
         assert not at.exception and what in at.info[0].value
         assert any(results.label(RES) in c.value for c in at.caption)
@@ -280,3 +281,18 @@ def test_training_section_on_the_committed_results(tmp_path):
     assert rows and all(r["speedup"] > 0 and 0 < r["eva_mfu"] < 1 for r in rows)
     big = max(rows, key=lambda r: r["params"])
     assert big["compiled_speedup"] == res["train"][big["config"]]["compiled_speedup_vs_transformers"]
+
+
+def test_training_page_shows_the_measured_step_and_its_chart_on_request():
+    """The Training page's GPU section: the heading, its label and the ratio cards at once; the plotly chart only
+    when its toggle is on (a page opened from a link draws its loss curve without loading plotly)."""
+    at = open_page("pages/training.py")
+    assert not at.exception, [e.value for e in at.exception]
+    assert "Measured on a GPU: training step vs transformers" in [s.value for s in at.subheader]
+    assert any(results.label(RES) in c.value for c in at.caption)
+    big = max(results.train_rows(RES), key=lambda r: r["params"])
+    assert any(m.label == f"Eva vs transformers, {big['config']}, eager" for m in at.metric)
+    assert not any(k.startswith("chart_gpu") for k in (getattr(c, "key", "") or "" for c in at.get("plotly_chart")))
+    at.toggle(key="gpu_train_chart").set_value(True).run()
+    titles = [s["layout"]["title"]["text"].replace("<br>", " ") for s in _specs(at)]
+    assert any(t.startswith(f"Eva trains the {big['config']} config") for t in titles), titles
