@@ -266,16 +266,25 @@ def _noise_text(lg: dict) -> str:
     return text + "."
 
 
-def mla_section(lesson: bool = False, path: str | None = None) -> None:
-    """Absorbed vs naive MLA decode on the GPU: tokens/s and cache bytes per context and batch."""
+def _section_rows(path: str | None, title: str, key: str, what: str) -> list[dict] | None:
+    """The heading and label of a one-section view and its rows (`_load`'s `key`), or None after saying why there
+    are none (no results file, or none of `what` in it: bench section `key`)."""
     r = _results(path)
     if r is None:
+        return None
+    _heading(title, r)
+    if not r[key]:
+        st.info(f"The results file holds no {what} (section `{key}`).", icon=":material/info:")
+        return None
+    return r[key]
+
+
+def mla_section(lesson: bool = False, path: str | None = None) -> None:
+    """Absorbed vs naive MLA decode on the GPU: tokens/s and cache bytes per context and batch."""
+    rows = _section_rows(path, "absorbed vs naive decode", "decode", "decode measurements")
+    if rows is None:
         return
-    _heading("absorbed vs naive decode", r)
-    if not r["decode"]:
-        st.info("The results file holds no decode measurements (section `decode`).", icon=":material/info:")
-        return
-    df = pd.DataFrame(r["decode"])
+    df = pd.DataFrame(rows)
     v3 = ModelConfig()  # the bench's decode layer: ModelConfig() defaults, DeepSeek-V3's dimensions
     longest = df[df["context"] == df["context"].max()].set_index("batch")
     b_hi, b_lo = int(longest.index.max()), int(longest.index.min())
@@ -317,14 +326,10 @@ def train_section(lesson: bool = False, path: str | None = None, chart_on_reques
     """The engine's bf16 training step on a GPU against transformers' DeepseekV3ForCausalLM: tokens/s, the ratio
     (eager and with compiled decoder blocks) and MFU per config; issue #14's target on the largest config.
     chart_on_request: the chart only once its toggle is on (a page whose first view must not load plotly)."""
-    r = _results(path)
-    if r is None:
+    rows = _section_rows(path, "training step vs transformers", "train", "training-step measurements")
+    if rows is None:
         return
-    _heading("training step vs transformers", r)
-    if not r["train"]:
-        st.info("The results file holds no training-step measurements (section `train`).", icon=":material/info:")
-        return
-    df = pd.DataFrame(r["train"])
+    df = pd.DataFrame(rows)
     big = df.loc[df["params"].idxmax()]
     shape = f"{int(big['batch'])}×{int(big['seq_len'])} tokens a step" if big.get("batch") else "its bench batch"
     with ui.cards():

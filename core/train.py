@@ -63,6 +63,7 @@ from core.fp8 import RECIPE_ALIASES, RECIPES, FP8Recipe, get_recipe, with_switch
 from core.model import DeepSeekV3
 from core.moe import MoE, load_metrics, router_z_loss, sequence_balance_loss, update_bias
 from core.optim import AdamW
+from core.rng import seeded
 
 __all__ = [
     "TrainConfig", "TrainConfigError", "TrainingDiverged", "TrainRun", "train", "build_model", "resolve_model_config",
@@ -324,8 +325,9 @@ def build_model(mcfg: ModelConfig, cfg: TrainConfig) -> DeepSeekV3:
     """A freshly initialised model (from `torch.manual_seed(cfg.seed)`, on the CPU so every device starts from
     the same weights), moved to `cfg.device` and converted for `cfg.precision`. On CUDA an FP8 recipe that the GPU
     path implements runs real FP8 GEMMs on bf16 working weights (fp32 masters in the optimizer)."""
-    torch.manual_seed(cfg.seed)
-    model = DeepSeekV3(mcfg).to(resolve_device(cfg.device))
+    with seeded(cfg.seed):  # (the global generator, held against other threads of this process)
+        model = DeepSeekV3(mcfg)
+    model = model.to(resolve_device(cfg.device))
     if cfg.precision == "bf16" or gpu_fp8(cfg):
         model.to(torch.bfloat16)  # routers stay fp32 (core.moe.Router._apply)
     if gpu_fp8(cfg):

@@ -106,11 +106,13 @@ def _modules(small_json: str, seed: int):
 
     from core.attention import MLA, GroupedQueryAttention
 
+    from core.rng import seeded
+
     small = cfg_of(small_json)
-    torch.manual_seed(seed)
-    mla = MLA(small).eval()
-    torch.manual_seed(seed + 1)
-    mha = GroupedQueryAttention(small.replace(attention_type="mha")).eval()
+    with seeded(seed):  # (the global generator, which other sessions' threads also seed)
+        mla = MLA(small).eval()
+    with seeded(seed + 1):
+        mha = GroupedQueryAttention(small.replace(attention_type="mha")).eval()
     return small, mla, mha
 
 

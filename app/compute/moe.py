@@ -54,12 +54,12 @@ def _router_setup(key: tuple, seed: int, skew: float):
     from core import data
     from core.config import PRESETS
     from core.moe import Router
+    from core.rng import seeded
 
     torch = torch_setup()
     cfg = PRESETS["tiny"].replace(hidden_size=MOE_HIDDEN, routed_scaling_factor=1.0, **dict(key))
-    torch.manual_seed(seed)
-    router = Router(cfg).eval()
-    with torch.no_grad():
+    with seeded(seed), torch.no_grad():  # (the global generator, which other sessions' threads also seed)
+        router = Router(cfg).eval()
         router.weight.normal_(0.0, 1.0 / math.sqrt(MOE_HIDDEN))
     g = torch.Generator().manual_seed(seed + 3)
     emb = torch.nn.functional.normalize(torch.randn(data.VOCAB_SIZE, MOE_HIDDEN, generator=g), dim=-1)

@@ -12,6 +12,7 @@ from core.data import get_dataset
 from core.fp8.recipe import FP8Recipe, get_recipe, operand_specs, swiglu_cache_spec
 from core.fp8.training import convert_to_fp8, get_fp8_stats, site_of
 from core.model import DeepSeekV3
+from core.rng import seeded
 
 __all__ = ["ROLE_OPERANDS", "tensor_errors"]
 
@@ -42,8 +43,8 @@ def tensor_errors(recipe: str | FP8Recipe, model: ModelConfig | str = "mini", la
         layer = next((i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)), 0)
     if not 0 <= layer < cfg.num_hidden_layers:
         raise ValueError(f"layer: expected 0..{cfg.num_hidden_layers - 1}, got {layer!r}")
-    torch.manual_seed(seed)
-    net = convert_to_fp8(DeepSeekV3(cfg), r)
+    with seeded(seed):  # (the global generator: the app calls this from a session's thread)
+        net = convert_to_fp8(DeepSeekV3(cfg), r)
     x, y, _ = get_dataset(dataset, seed).batch(batch_size, seq_len, torch.Generator().manual_seed(seed))
     out = net(x)
     logits = out if torch.is_tensor(out) else out.logits
