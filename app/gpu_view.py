@@ -203,11 +203,12 @@ _SCALING_NAMES = {"tensor": "per tensor", "row": "per row", "block": "1×128 til
 
 def gpu_recipes_text() -> str:
     """Which FP8 recipes run real FP8 GEMMs on a GPU and what keeps the others emulated
-    (`core.cuda.fp8_linear.gpu_recipe_issues`, the one list of the switches the GPU path implements)."""
-    from core.cuda.fp8_linear import gpu_recipe_issues
+    (`core.cuda.fp8_linear.gpu_recipe_gaps`, from the one list of the switches the GPU path implements)."""
+    from core.cuda.fp8_linear import gpu_recipe_gaps
     from core.fp8 import RECIPES
-    real = [n for n in RECIPES if not gpu_recipe_issues(n)]
-    other = {n: [i.split("=")[0] for i in gpu_recipe_issues(n)] for n in RECIPES if n not in real}
+    gaps = {n: gpu_recipe_gaps(n) for n in RECIPES}
+    real = [n for n, v in gaps.items() if not v]
+    other = {n: v for n, v in gaps.items() if v}
     return (f"**What runs on the GPU.** With `--device cuda`, recipe {', '.join(f'`{n}`' for n in real)} runs real FP8 "
             "GEMMs (Fprop, Dgrad and Wgrad, E4M3, 1×128 tiles and 128×128 blocks, fp32 master weights) for every "
             "Linear but the embedding, output head and router, which stay high precision (V3 §3.3.1); "

@@ -209,7 +209,7 @@ def slot_positions(perm: torch.Tensor, n_slots: int, top_k: int) -> torch.Tensor
     """
     pos = torch.empty(n_slots, dtype=torch.long, device=perm.device)
     rows = torch.arange(perm.numel(), device=perm.device)
-    if perm.numel() != n_slots:  # padded (CPU only): drop the pad entries first
+    if perm.numel() != n_slots:  # padded: drop the pad entries first
         real = perm < n_slots
         perm, rows = perm[real], rows[real]
     pos[perm] = rows
@@ -291,7 +291,8 @@ class Experts(nn.Module):
     forward, the per-token sum deterministic on every device and in fp32 for bf16, see `token_sum`). When the
     expert GEMMs run on oneDNN (CPU bf16/fp16, and fp32 on core.gemm's oneDNN backend) each segment is padded to
     a multiple of 32 rows (pad rows carry routing weight 0) so that oneDNN sees a bounded set of GEMM shapes
-    (`core.gemm.segment_granule`).
+    (`core.gemm.segment_granule`); an FP8 hook with a `granule` attribute (core.cuda.fp8_linear.ExpertsFP8: cuBLAS's
+    FP8 GEMM takes row counts in multiples of 16) gets at least that.
     `impl`:
       "grouped_mm" (default): two grouped GEMMs (`core.gemm.grouped_linear`: oneDNN per segment for fp32 on the
                    oneDNN backend, else `torch._grouped_mm` with int32 offsets = cumsum(bincount)). Falls back to
@@ -346,7 +347,7 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.num_experts)
         dtype = self.gate_up_proj.dtype
         slot_weights = top_k_weights.reshape(-1)
-        granule = segment_granule(dtype, hidden_states.device)
+        granule = max(segment_granule(dtype, hidden_states.device), getattr(self.fp8, "granule", 1))
         if granule > 1:
             # pad rows point at an extra zero weight (and at the last token): they add exactly 0 to outputs and grads
             perm, counts = _pad_segments(perm, counts, granule, fill=flat.numel())

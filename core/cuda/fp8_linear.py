@@ -32,7 +32,7 @@ from core.fp8.training import _skipped
 from core.gemm import Linear
 
 __all__ = ["BLOCK", "quant_tile", "quant_block", "quant_tile_both", "quant_block_both", "fp8_gemm", "reference_gemm",
-           "fp8_linear", "FP8LinearGPU", "ExpertsFP8", "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
+           "fp8_linear", "FP8LinearGPU", "ExpertsFP8", "gpu_recipe_gaps", "gpu_recipe_issues", "convert_model", "compile_status", "scale_layouts"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
@@ -236,8 +236,7 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_scaling: str = "block", out_dtype=torch.bfloa
     along K ("tile"). On CUDA one cuBLAS blockwise FP8 GEMM (`F.scaled_mm`); elsewhere `reference_gemm`."""
     if not a_q.is_cuda:
         return reference_gemm(a_q, a_s, b_q, b_s, b_scaling, out_dtype)
-    if b_scaling not in _LAYOUT:
-        _LAYOUT[b_scaling] = _find_layout(b_scaling, a_q.device)
+    _ensure_layouts(a_q.device)
     if out_dtype == torch.float32 and _FP32_OUT.get(b_scaling) is False:
         return _scaled_mm(a_q, a_s, b_q, b_s, b_scaling, torch.bfloat16, _LAYOUT[b_scaling]).float()
     try:
@@ -359,10 +358,16 @@ GPU_SWITCHES = {"act_fmt": ("e4m3",), "weight_fmt": ("e4m3",), "grad_fmt": ("e4m
                 "accumulation": ("fp32",)}
 
 
+def gpu_recipe_gaps(recipe: str | FP8Recipe) -> list[str]:
+    """The switches (FP8Recipe fields) of `recipe` the GPU FP8 GEMMs do not implement ([]: it runs there)."""
+    r = get_recipe(recipe)
+    return [f for f, ok in GPU_SWITCHES.items() if getattr(r, f) not in ok]
+
+
 def gpu_recipe_issues(recipe: str | FP8Recipe) -> list[str]:
     """Why `recipe` cannot run on the GPU FP8 GEMMs ([] when it can: of core.fp8.RECIPES only "deepseek-gemm")."""
     r = get_recipe(recipe)
-    return [f"{f}={getattr(r, f)!r} (GPU path: {ok})" for f, ok in GPU_SWITCHES.items() if getattr(r, f) not in ok]
+    return [f"{f}={getattr(r, f)!r} (GPU path: {GPU_SWITCHES[f]})" for f in gpu_recipe_gaps(r)]
 
 
 class ExpertsFP8:
@@ -373,6 +378,10 @@ class ExpertsFP8:
     core.fp8.FP8Ops, tiles the whole sorted operand instead; Fprop and Dgrad tiles are per row and agree).
     The SwiGLU between the GEMMs and the combine stay as in bf16 (the V3 recipe's other switches are emulated only).
     Cost: a few kernel launches per expert and GEMM, so it is host-bound with many small experts."""
+
+    #: the experts pad every segment to a multiple of this many (zero) rows (core.moe.Experts): cuBLAS's blockwise
+    #: FP8 GEMM refuses other row counts (CUBLAS_STATUS_NOT_SUPPORTED on an H200 for a segment of arbitrary size)
+    granule = 16
 
     def combine_grad(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -388,16 +397,8 @@ class ExpertsFP8:
              x_recompute=None) -> torch.Tensor:
         """a [S, K] sorted by expert (segment e has sizes[e] rows), w [E, N, K] -> [S, N]. `mm` (the bf16 grouped
         GEMM) is not used. An expert without tokens gets a zero weight gradient (unbind's backward)."""
-        outs = [fp8_linear(_pad16(a_e), w_e)[:n] for a_e, w_e, n in zip(a.split(sizes), w.unbind(0), sizes) if n]
+        outs = [fp8_linear(a_e, w_e) for a_e, w_e, n in zip(a.split(sizes), w.unbind(0), sizes) if n]
         return torch.cat(outs) if outs else a.new_zeros(0, w.shape[1])
-
-
-def _pad16(x: torch.Tensor) -> torch.Tensor:
-    """x [M, K] with zero rows appended up to a multiple of 16: cuBLAS's blockwise FP8 GEMM refuses other row counts
-    (CUBLAS_STATUS_NOT_SUPPORTED on an H200 for an expert's segment of arbitrary size); zero rows add nothing to
-    Wgrad and their outputs are dropped."""
-    m = x.shape[0]
-    return x if m % 16 == 0 else F.pad(x, (0, 0, 0, _ceil(m, 16) - m))
 
 
 def convert_model(model: nn.Module, recipe: str | FP8Recipe = "deepseek", skip=DEFAULT_SKIP,
