@@ -6,6 +6,12 @@ called by core.layers) and the one-pass AdamW (core.cuda.triton_adamw, called by
 time both paths in one process. A `Kernels` imports its module on the first call (callers ask only for CUDA
 tensors); a failed import or kernel build switches it off for the rest of the process and keeps the reason for the
 benchmark records (`status`). Importing this module needs no triton.
+
+One compiler for every process: Triton turns its PTX into machine code with the ptxas named by TRITON_PTXAS_PATH,
+else its own bundled one. torch's inductor points TRITON_PTXAS_PATH at the ptxas torch ships (torch/bin/ptxas) on
+its first compile, so the same kernel was built by a different ptxas depending on whether a torch.compile ran first
+in the process, and built wrong by one of them (triton_quant.FUSED_TRANSPOSE_DTYPES). Each kernel module calls
+`use_torch_ptxas` when imported, before any of its kernels is built: the choice inductor makes, made first.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import os
 
 import torch
 
-__all__ = ["ENV_VAR", "enabled", "why", "on_device", "Kernels"]
+__all__ = ["ENV_VAR", "enabled", "why", "use_torch_ptxas", "on_device", "Kernels"]
 
 ENV_VAR = "EVA_CUDA_TRITON"
 
@@ -28,6 +34,17 @@ def enabled() -> bool:
 def why(e: Exception) -> str:
     """A failure in one line, for status records."""
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+def use_torch_ptxas() -> str | None:
+    """Point TRITON_PTXAS_PATH at torch's own ptxas (torch/bin/ptxas, what inductor sets on its first compile) when
+    it is unset and that file exists; returns the path Triton will use from here on (None: Triton's bundled one).
+    Mirrors torch._inductor.runtime.compile_tasks._set_triton_ptxas_path (private, so not called)."""
+    if os.environ.get("TRITON_PTXAS_PATH") is None:
+        ptxas = os.path.join(os.path.dirname(torch.__file__), "bin", "ptxas")
+        if os.path.isfile(ptxas) and os.access(ptxas, os.X_OK):
+            os.environ["TRITON_PTXAS_PATH"] = ptxas
+    return os.environ.get("TRITON_PTXAS_PATH")
 
 
 def on_device(t: torch.Tensor):
@@ -45,6 +62,7 @@ class Kernels:
         self.module = None
         self.error: str | None = None
         self.ran: set[str] = set()
+        self.ptxas: str | None = None
 
     def load(self):
         """The module when its kernels may run, else None."""
@@ -52,7 +70,8 @@ class Kernels:
             return None
         if self.module is None:
             try:
-                self.module = importlib.import_module(self.name)
+                self.module = importlib.import_module(self.name)  # calls use_torch_ptxas()
+                self.ptxas = os.environ.get("TRITON_PTXAS_PATH")
             except Exception as e:  # noqa: BLE001 - no (working) triton: the callers' other paths still run
                 self.error = f"import: {why(e)}"
                 return None
@@ -73,4 +92,4 @@ class Kernels:
         return out
 
     def status(self) -> dict:
-        return {"enabled": enabled(), "ran": sorted(self.ran), "error": self.error}
+        return {"enabled": enabled(), "ran": sorted(self.ran), "error": self.error, "ptxas": self.ptxas}

@@ -49,11 +49,13 @@ import torch
 import triton
 import triton.language as tl
 
-from core.cuda.kernels import on_device
+from core.cuda.kernels import on_device, use_torch_ptxas
 from core.fp8 import AMAX_FLOOR
 
+use_torch_ptxas()  # this module's kernels are built by the ptxas inductor would pick (core.cuda.kernels)
+
 __all__ = ["BLOCK", "TILE_SUB", "TILE_WARPS", "TILE_STAGES", "BLOCK_SUB", "BLOCK_WARPS", "BLOCK_STAGES",
-           "quant_tile_dual", "quant_block_dual"]
+           "FUSED_TRANSPOSE_DTYPES", "quant_tile_dual", "quant_block_dual"]
 
 BLOCK = 128
 _FP8 = torch.float8_e4m3fn
@@ -67,6 +69,13 @@ _FMAX = float(torch.finfo(_FP8).max)  # 448
 # its outputs at large weights did not all agree across settings in that sweep, so it is not the default)
 TILE_SUB, TILE_WARPS, TILE_STAGES = 32, 4, 1
 BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES = 128, 16, 1
+#: Weight dtypes whose W^T the block kernel writes in its own pass on a GPU; for other dtypes W^T is a transposed copy
+#: of q (one byte an element; training quantizes bf16 working weights, so this costs training nothing). Built by
+#: Triton's bundled ptxas (12.8, torch 2.11's Triton 3.6) for an H200, the kernel wrote 3/8 of W^T's bytes wrong for
+#: every fp32 weight tried (130x129 to 18432x7168; W itself and every bf16 weight right), the ptxas bug class of
+#: triton-lang/triton#11111 (an FP8 tile stored in two layouts); torch's own ptxas (13.0) built it right. Kernels now
+#: build with torch's ptxas where it ships one (core.cuda.kernels.use_torch_ptxas); this gate covers the rest.
+FUSED_TRANSPOSE_DTYPES = (torch.bfloat16,)
 SUBS = (8, 16, 32, 64, 128)
 WARPS = (1, 2, 4, 8, 16, 32)
 
@@ -248,13 +257,18 @@ def quant_block_dual(w: torch.Tensor, transposed: bool = True, out_dtype: torch.
     """128x128 block quantization of a weight w [N, K], and of W^T (the Dgrad operand) when `transposed`.
 
     Returns (q [Np, Kp], s [Np/128, Kp/128]) or (q, s, qt [Kp, Np], st [Kp/128, Np/128]), all contiguous.
-    Equal to `_quant_block_eager(w)`, its q.t().contiguous() and s.t().contiguous().
+    Equal to `_quant_block_eager(w)`, its q.t().contiguous() and s.t().contiguous(). On a GPU the kernel writes W^T
+    itself for bf16 weights only; for others W^T is copied from q (FUSED_TRANSPOSE_DTYPES says why).
     sub / num_warps / num_stages: launch knobs (default BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES), same outputs."""
     _check_2d(w, "quant_block_dual", "w [N, K]")
     knobs = (BLOCK_SUB if sub is None else sub, BLOCK_WARPS if num_warps is None else num_warps,
              BLOCK_STAGES if num_stages is None else num_stages)
     _check_knobs("quant_block_dual", *knobs)
     np_, kp = _ceil(w.shape[0]), _ceil(w.shape[1])
-    return _quantize(_block_dual_kernel, w.detach(), transposed, out_dtype, recip_scale, knobs,
-                     [(np_, kp), (np_ // BLOCK, kp // BLOCK), (kp, np_), (kp // BLOCK, np_ // BLOCK)],
-                     outer_major=False)
+    fused_t = transposed and (w.dtype in FUSED_TRANSPOSE_DTYPES or not w.is_cuda)
+    out = _quantize(_block_dual_kernel, w.detach(), fused_t, out_dtype, recip_scale, knobs,
+                    [(np_, kp), (np_ // BLOCK, kp // BLOCK), (kp, np_), (kp // BLOCK, np_ // BLOCK)],
+                    outer_major=False)
+    if transposed and not fused_t:  # W^T by a copy of the one-byte q: see FUSED_TRANSPOSE_DTYPES
+        out = out + (out[0].t().contiguous(), out[1].t().contiguous())
+    return out

@@ -23,7 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from core.cuda.kernels import on_device
+from core.cuda.kernels import on_device, use_torch_ptxas
+
+use_torch_ptxas()  # this module's kernels are built by the ptxas inductor would pick (core.cuda.kernels)
 
 __all__ = ["swiglu_packed"]
 
