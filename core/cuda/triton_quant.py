@@ -66,7 +66,8 @@ _FMAX = float(torch.finfo(_FP8).max)  # 448
 #: num_stages: software-pipelining depth of the chunk loops (tl.range; 1 = none).
 # Defaults from the H200 sweep (bench/gpu_bench.py --only quant; docs/performance.md): x in chunks of 32 rows at 4
 # warps; a weight block in one shot at 16 warps (an fp32 block, read once: the chunked two-pass form was slower, and
-# its outputs at large weights did not all agree across settings in that sweep, so it is not the default)
+# its outputs at large weights did not all agree across settings in that sweep, so it is not the default; the fp32
+# weights' W^T of both forms were later found miscompiled, 3/8 vs 1/4 of it wrong: FUSED_TRANSPOSE_DTYPES)
 TILE_SUB, TILE_WARPS, TILE_STAGES = 32, 4, 1
 BLOCK_SUB, BLOCK_WARPS, BLOCK_STAGES = 128, 16, 1
 #: Weight dtypes whose W^T the block kernel writes in its own pass on a GPU; for other dtypes W^T is a transposed copy
