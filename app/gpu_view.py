@@ -19,7 +19,7 @@ from app import ui
 from app.charts import gpu as charts
 from core.config import ModelConfig
 from core.cuda import results
-from core.units import human_bytes, tokens
+from core.units import human_bytes, ratio_text, tokens
 
 RESULTS_PATH = results.DEFAULT_PATH
 _SHOWN_PATH = "docs/gpu_results.json"
@@ -73,13 +73,6 @@ def _heading(title: str, r: dict) -> None:
     st.subheader(f"Measured on a GPU: {title}")
     st.caption(f"**{r['label']}** · measured by `bench/gpu_bench.py` (each reference and contender timed in the same "
                f"process), committed in `{_SHOWN_PATH}`; method and profiles in `docs/performance.md`.")
-
-
-def ratio_text(value: float, target: float) -> str:
-    """A ratio as shown beside its target: two decimals, three where two would round onto the target and so hide
-    on which side it lies (1.399× against a 1.4× target is not "1.40×")."""
-    text = f"{value:.2f}×"
-    return f"{value:.3f}×" if float(text[:-1]) == target and value != target else text
 
 
 def _verdict(value: float, target: float, *, above: bool = True) -> str:

@@ -1,10 +1,10 @@
-"""Number formatting for labels, metric cards and the CLI: bytes (binary units), counts, tokens, FLOPs.
+"""Number formatting for labels, metric cards and the CLI: bytes (binary units), counts, tokens, FLOPs, ratios.
 
 The one place these strings are made; app/ and pages/ import from here.
 """
 from __future__ import annotations
 
-__all__ = ["BYTE_UNITS", "byte_unit", "human_bytes", "human_count", "tokens", "flops"]
+__all__ = ["BYTE_UNITS", "byte_unit", "human_bytes", "human_count", "tokens", "flops", "ratio_text"]
 
 BYTE_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
 
@@ -50,3 +50,9 @@ def flops(x: float) -> str:
             return f"{x / div:.2f} {name}"
     return f"{x:.0f} FLOP"
 
+
+def ratio_text(value: float, target: float | None = None) -> str:
+    """A ratio as shown beside its target: two decimals, three where two would round onto the target and so hide
+    on which side it lies (1.399× against a 1.4× target is not "1.40×"). No target (None or NaN): two decimals."""
+    text = f"{value:.2f}×"
+    return f"{value:.3f}×" if float(text[:-1]) == target and value != target else text

@@ -76,15 +76,13 @@ def test_fp8_frame_puts_targets_on_the_largest_shape_and_config():
 
 
 def test_a_ratio_just_under_its_target_never_reads_as_met():
-    """Two decimals would print 1.399× as "1.40×" beside a 1.4× target the page calls missed: labels keep the
-    third decimal exactly where rounding would cross the row's target, on the bars and in the title."""
-    assert charts._ratio_text(1.399, 1.4) == "1.399×" and charts._ratio_text(1.2, 1.3) == "1.20×"
-    assert charts._ratio_text(1.296, 1.3) == "1.296×" and charts._ratio_text(1.3, 1.3) == "1.30×"
-    assert charts._ratio_text(1.396, float("nan")) == "1.40×"  # no target on the row: two decimals
+    """Two decimals would print 1.399× as "1.40×" beside a 1.4× target the page calls missed: the chart's bars and
+    title use the cards' rule (`ratio_text`, test below), and rows without a target keep two decimals."""
+    assert gpu_view.ratio_text(1.396, float("nan")) == "1.40×"  # no target on the row: two decimals
     df = gpu_view.fp8_frame(results.fp8_rows(RES))
     row = df.loc[df["target"] == gpu_view.TARGET_FP8_LINEAR].iloc[0]
     fig = charts.fp8_speedup_bars(df)
-    label = charts._ratio_text(row["speedup"], row["target"])
+    label = gpu_view.ratio_text(row["speedup"], row["target"])
     assert label in fig.data[0].text
     if row["speedup"] == df["speedup"].max():
         assert f"at best {label}" in fig.layout.title.text.replace("<br>", " ")

@@ -10,7 +10,7 @@ from plotly.subplots import make_subplots
 from app import palette
 from app.charts.layout import hline, layout, vline
 from core.cuda.results import gap_verdict
-from core.units import human_bytes, tokens
+from core.units import human_bytes, ratio_text, tokens
 
 _O = palette.OKABE_ITO
 
@@ -19,14 +19,6 @@ def _row_label(r) -> str:
     if r["kind"] == "linear":
         return f"linear {int(r['m']):,}×{int(r['k']):,}→{int(r['n']):,}"
     return r["what"]
-
-
-def _ratio_text(v: float, target: float | None = None) -> str:
-    """v as "1.23×"; with three decimals where two would round it onto the other side of its row's target
-    (1.399 against 1.4 reads "1.399×", not a "1.40×" that looks met)."""
-    two = round(v, 2)
-    crosses = target is not None and not np.isnan(target) and (v >= target) != (two >= target)
-    return f"{v:.3f}×" if crosses else f"{v:.2f}×"
 
 
 def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
@@ -39,7 +31,7 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
     fig = go.Figure()
     fig.add_bar(y=labels, x=d["speedup"], orientation="h", name="FP8 layer / step (quantize + GEMMs + transposes)",
                 marker_color=palette.FORMATS["fp8"],
-                text=[_ratio_text(v, t) for v, t in zip(d["speedup"], d["target"].astype(float))],
+                text=[ratio_text(v, t) for v, t in zip(d["speedup"], d["target"].astype(float))],
                 textposition="outside", cliponaxis=False,
                 customdata=np.stack([d["bf16_ms"], d["fp8_ms"]], axis=1),
                 hovertemplate="%{y}: FP8 %{x:.2f}× bf16<br>bf16 %{customdata[0]:.2f} ms · FP8 %{customdata[1]:.2f} ms"
@@ -59,7 +51,7 @@ def fp8_speedup_bars(df: pd.DataFrame) -> go.Figure:
     vline(fig, 1.0, "bf16 (1×)", color=_O["grey"], dash="dash")
     n, fast = len(d), int((d["speedup"] > 1).sum())
     ib = int(d["speedup"].astype(float).idxmax())
-    best, best_text = float(d["speedup"][ib]), _ratio_text(float(d["speedup"][ib]), float(d["target"][ib]))
+    best, best_text = float(d["speedup"][ib]), ratio_text(float(d["speedup"][ib]), float(d["target"][ib]))
     gbest = float(g.max()) if g.notna().any() else None
     if fast == n:
         title = f"FP8 is faster than bf16 in all {n} measurements (up to {best_text})"
